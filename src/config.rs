@@ -1,0 +1,377 @@
+//! Mount settings: command-line flags over an optional config file (`--config FILE`, YAML).
+//!
+//! Every key is listed in docs/CONFIGURATION.md. Unknown keys are errors, not warnings: a
+//! misspelt setting silently ignored is a setting that silently does not apply.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+
+use crate::yaml::{self, Node};
+
+/// FUSE session settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FuseSettings {
+    /// Worker threads reading kernel requests.
+    pub threads: usize,
+    /// Use FUSE passthrough for local files when the kernel offers it.
+    pub passthrough: bool,
+    /// How long the kernel caches names and attributes.
+    pub cache_ttl: Duration,
+}
+
+impl Default for FuseSettings {
+    fn default() -> Self {
+        FuseSettings {
+            threads: 4,
+            passthrough: true,
+            cache_ttl: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Everything `syncfs mount` needs, resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MountConfig {
+    /// Where the sync root appears.
+    pub mountpoint: PathBuf,
+    /// This node's private state.
+    pub state_dir: PathBuf,
+    /// This node's name.
+    pub node: String,
+    /// Let other users (and containers) use the mount; the kernel still checks permissions.
+    pub allow_other: bool,
+    /// FUSE settings.
+    pub fuse: FuseSettings,
+    /// A policy file to seed a new sync root with, instead of the built-in default.
+    pub policies_seed: Option<PathBuf>,
+    /// The log filter (`SYNCFS_LOG` wins).
+    pub log: String,
+    /// NATS servers (`--nats`, `nats.url`).
+    pub nats_urls: Vec<String>,
+    /// The durable tier's remote (`--git-remote`, `git.remote`).
+    pub git_remote: Option<String>,
+}
+
+/// Values read from a config file; `None` where the file is silent.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct FileConfig {
+    /// `node`
+    pub node: Option<String>,
+    /// `state`
+    pub state: Option<PathBuf>,
+    /// `allow_other`
+    pub allow_other: Option<bool>,
+    /// `log`
+    pub log: Option<String>,
+    /// `policies_seed`
+    pub policies_seed: Option<PathBuf>,
+    /// `fuse.threads`
+    pub threads: Option<usize>,
+    /// `fuse.passthrough`
+    pub passthrough: Option<bool>,
+    /// `fuse.cache_ttl_ms`
+    pub cache_ttl_ms: Option<u64>,
+    /// `nats.url`
+    pub nats_urls: Vec<String>,
+    /// `git.remote`
+    pub git_remote: Option<String>,
+}
+
+fn at(file: &Path, node: &Node, reason: impl std::fmt::Display) -> anyhow::Error {
+    anyhow!("{}:{}:{}: {reason}", file.display(), node.line, node.col)
+}
+
+fn string(file: &Path, node: &Node, key: &str) -> anyhow::Result<String> {
+    node.as_str()
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .ok_or_else(|| at(file, node, format!("`{key}` must be a non-empty string")))
+}
+
+fn boolean(file: &Path, node: &Node, key: &str) -> anyhow::Result<bool> {
+    node.as_bool()
+        .ok_or_else(|| at(file, node, format!("`{key}` must be true or false")))
+}
+
+fn number(file: &Path, node: &Node, key: &str) -> anyhow::Result<u64> {
+    node.as_u64()
+        .ok_or_else(|| at(file, node, format!("`{key}` must be a whole number")))
+}
+
+fn entries<'a>(file: &Path, node: &'a Node, what: &str) -> anyhow::Result<&'a [(Node, Node)]> {
+    node.as_map()
+        .ok_or_else(|| at(file, node, format!("{what} must be a mapping")))
+}
+
+impl FileConfig {
+    /// Reads and checks a config file.
+    pub fn load(file: &Path) -> anyhow::Result<FileConfig> {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read config file {}", file.display()))?;
+        FileConfig::parse(&text, file)
+    }
+
+    /// Parses config text; `file` names it in errors.
+    pub fn parse(text: &str, file: &Path) -> anyhow::Result<FileConfig> {
+        let mut cfg = FileConfig::default();
+        let Some(root) = yaml::parse(text)
+            .map_err(|e| anyhow!("{}:{}:{}: invalid YAML: {}", file.display(), e.line, e.col, e.message))?
+        else {
+            return Ok(cfg);
+        };
+        let base = file.parent().unwrap_or(Path::new("."));
+        for (key, value) in entries(file, &root, "the config file")? {
+            match key.as_str().unwrap_or("") {
+                "node" => cfg.node = Some(string(file, value, "node")?),
+                "state" => cfg.state = Some(base.join(string(file, value, "state")?)),
+                "allow_other" => cfg.allow_other = Some(boolean(file, value, "allow_other")?),
+                "log" => cfg.log = Some(string(file, value, "log")?),
+                "policies_seed" => {
+                    cfg.policies_seed = Some(base.join(string(file, value, "policies_seed")?))
+                }
+                "fuse" => {
+                    for (k, v) in entries(file, value, "`fuse`")? {
+                        match k.as_str().unwrap_or("") {
+                            "threads" => {
+                                let n = number(file, v, "fuse.threads")?;
+                                if !(1..=64).contains(&n) {
+                                    return Err(at(file, v, "`fuse.threads` must be between 1 and 64"));
+                                }
+                                cfg.threads = Some(n as usize);
+                            }
+                            "passthrough" => cfg.passthrough = Some(boolean(file, v, "fuse.passthrough")?),
+                            "cache_ttl_ms" => cfg.cache_ttl_ms = Some(number(file, v, "fuse.cache_ttl_ms")?),
+                            other => {
+                                return Err(at(file, k, format!(
+                                    "unknown key `fuse.{other}` (expected threads, passthrough, cache_ttl_ms)"
+                                )))
+                            }
+                        }
+                    }
+                }
+                "nats" => {
+                    for (k, v) in entries(file, value, "`nats`")? {
+                        match k.as_str().unwrap_or("") {
+                            "url" => match v.as_seq() {
+                                Some(items) => {
+                                    for item in items {
+                                        cfg.nats_urls.push(string(file, item, "nats.url")?);
+                                    }
+                                }
+                                None => cfg.nats_urls.push(string(file, v, "nats.url")?),
+                            },
+                            other => {
+                                return Err(at(file, k, format!("unknown key `nats.{other}` (expected url)")))
+                            }
+                        }
+                    }
+                }
+                "git" => {
+                    for (k, v) in entries(file, value, "`git`")? {
+                        match k.as_str().unwrap_or("") {
+                            "remote" => cfg.git_remote = Some(string(file, v, "git.remote")?),
+                            other => {
+                                return Err(at(file, k, format!("unknown key `git.{other}` (expected remote)")))
+                            }
+                        }
+                    }
+                }
+                other => {
+                    return Err(at(
+                        file,
+                        key,
+                        format!(
+                            "unknown key `{other}` (expected node, state, allow_other, log, \
+                             policies_seed, fuse, nats, git)"
+                        ),
+                    ))
+                }
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+/// Flags given on the command line for `mount`.
+#[derive(Debug, Default, Clone)]
+pub struct MountFlags {
+    /// `MOUNTPOINT`
+    pub mountpoint: PathBuf,
+    /// `--state`
+    pub state: Option<PathBuf>,
+    /// `--config`
+    pub config: Option<PathBuf>,
+    /// `--nats` (repeatable)
+    pub nats: Vec<String>,
+    /// `--git-remote`
+    pub git_remote: Option<String>,
+    /// `--node`
+    pub node: Option<String>,
+    /// `-o allow_other`
+    pub allow_other: bool,
+}
+
+impl MountConfig {
+    /// Resolves flags over the config file over defaults.
+    pub fn resolve(flags: &MountFlags) -> anyhow::Result<MountConfig> {
+        let file = match &flags.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        let mountpoint = absolute(&flags.mountpoint)?;
+        let state_dir = match flags.state.clone().or(file.state.clone()) {
+            Some(dir) => absolute(&dir)?,
+            None => default_state_dir(&mountpoint)?,
+        };
+        let nats_urls = if flags.nats.is_empty() {
+            file.nats_urls.clone()
+        } else {
+            flags.nats.clone()
+        };
+        let git_remote = flags.git_remote.clone().or(file.git_remote.clone());
+        // These tiers arrive in later releases; a setting for them must not be ignored quietly.
+        if !nats_urls.is_empty() {
+            bail!("--nats / nats.url: the NATS tiers (nats-kv, nats-stream, object-store) are not available yet in this build");
+        }
+        if git_remote.is_some() {
+            bail!("--git-remote / git.remote: the git tier is not available yet in this build");
+        }
+        let defaults = FuseSettings::default();
+        Ok(MountConfig {
+            mountpoint,
+            state_dir,
+            node: flags.node.clone().or(file.node.clone()).unwrap_or_else(hostname),
+            allow_other: flags.allow_other || file.allow_other.unwrap_or(false),
+            fuse: FuseSettings {
+                threads: file.threads.unwrap_or(defaults.threads),
+                passthrough: file.passthrough.unwrap_or(defaults.passthrough),
+                cache_ttl: file
+                    .cache_ttl_ms
+                    .map(Duration::from_millis)
+                    .unwrap_or(defaults.cache_ttl),
+            },
+            policies_seed: file.policies_seed.clone(),
+            log: file.log.clone().unwrap_or_else(|| "info".into()),
+            nats_urls,
+            git_remote,
+        })
+    }
+}
+
+/// Makes a path absolute without resolving symlinks or requiring it to exist.
+pub fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
+    std::path::absolute(path).with_context(|| format!("cannot make {} absolute", path.display()))
+}
+
+/// The machine's host name, the default node id.
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: buffer of the given length; gethostname NUL-terminates within it on success.
+    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0 {
+        let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+        if let Ok(name) = std::str::from_utf8(&buf[..end]) {
+            if !name.is_empty() {
+                return name.to_string();
+            }
+        }
+    }
+    "localhost".into()
+}
+
+/// `$XDG_STATE_HOME/syncfs/<mount point, escaped>`, or `~/.local/state/syncfs/...`.
+pub fn default_state_dir(mountpoint: &Path) -> anyhow::Result<PathBuf> {
+    let base = match std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let home = std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| anyhow!("neither XDG_STATE_HOME nor HOME is set; pass --state DIR"))?;
+            PathBuf::from(home).join(".local/state")
+        }
+    };
+    Ok(base.join("syncfs").join(escape_path(mountpoint)))
+}
+
+/// A path as one file name: `/` becomes `-`, anything but `[A-Za-z0-9._]` becomes `_xx`.
+pub fn escape_path(path: &Path) -> String {
+    let text = path.to_string_lossy();
+    let trimmed = text.trim_matches('/');
+    if trimmed.is_empty() {
+        return "-".into();
+    }
+    let mut out = String::new();
+    for byte in trimmed.bytes() {
+        match byte {
+            b'/' => out.push('-'),
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'.' => out.push(byte as char),
+            b'_' => out.push_str("__"),
+            other => out.push_str(&format!("_{other:02x}")),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaping_is_injective_on_common_cases() {
+        assert_eq!(escape_path(Path::new("/mnt/sync")), "mnt-sync");
+        assert_eq!(escape_path(Path::new("/mnt/a-b")), "mnt-a_2db");
+        assert_eq!(escape_path(Path::new("/mnt/a_b")), "mnt-a__b");
+        assert_ne!(escape_path(Path::new("/a/b")), escape_path(Path::new("/a-b")));
+        assert_eq!(escape_path(Path::new("/")), "-");
+    }
+
+    #[test]
+    fn config_keys_parse_and_unknown_keys_fail_with_lines() {
+        let cfg = FileConfig::parse(
+            "node: n1\nallow_other: true\nfuse:\n  threads: 2\n  passthrough: false\n  cache_ttl_ms: 50\n",
+            Path::new("/etc/syncfs.yml"),
+        )
+        .unwrap();
+        assert_eq!(cfg.node.as_deref(), Some("n1"));
+        assert_eq!(cfg.allow_other, Some(true));
+        assert_eq!((cfg.threads, cfg.passthrough, cfg.cache_ttl_ms), (Some(2), Some(false), Some(50)));
+
+        let e = FileConfig::parse("node: n1\nfuse:\n  thread: 2\n", Path::new("c.yml")).unwrap_err();
+        assert!(e.to_string().starts_with("c.yml:3:3: unknown key `fuse.thread`"), "{e}");
+        let e = FileConfig::parse("allow_other: sure\n", Path::new("c.yml")).unwrap_err();
+        assert!(e.to_string().starts_with("c.yml:1:14:"), "{e}");
+        let e = FileConfig::parse("fuse:\n  threads: 0\n", Path::new("c.yml")).unwrap_err();
+        assert!(e.to_string().contains("between 1 and 64"), "{e}");
+    }
+
+    #[test]
+    fn relative_paths_in_the_file_are_relative_to_it() {
+        let cfg = FileConfig::parse("state: st\npolicies_seed: p.yml\n", Path::new("/etc/syncfs/c.yml")).unwrap();
+        assert_eq!(cfg.state, Some(PathBuf::from("/etc/syncfs/st")));
+        assert_eq!(cfg.policies_seed, Some(PathBuf::from("/etc/syncfs/p.yml")));
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.yml");
+        std::fs::write(&file, "node: from-file\nstate: st\n").unwrap();
+        let flags = MountFlags {
+            mountpoint: "/mnt/x".into(),
+            config: Some(file.clone()),
+            node: Some("from-flag".into()),
+            ..Default::default()
+        };
+        let cfg = MountConfig::resolve(&flags).unwrap();
+        assert_eq!(cfg.node, "from-flag");
+        assert_eq!(cfg.state_dir, dir.path().join("st"));
+        let refused = MountFlags {
+            mountpoint: "/mnt/x".into(),
+            nats: vec!["nats://x".into()],
+            state: Some("/tmp/s".into()),
+            ..Default::default()
+        };
+        assert!(MountConfig::resolve(&refused).unwrap_err().to_string().contains("not available yet"));
+    }
+}

@@ -1,0 +1,543 @@
+//! Open files: reads, writes, and the commit of staged writes at flush, fsync and release.
+
+use std::ffi::{CString, OsStr};
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::handle::{Frozen, Handle, HandleIo, Stage};
+use super::tree::{self, Ident};
+use super::{Attr, Caller, Core, FsError, FsOp, Ino, Kind, Opened};
+use crate::op::Op;
+use crate::policy::{PolicyTable, POLICY_FILE};
+use crate::tier::Target;
+
+/// The largest file the core reads whole to validate.
+const MAX_VALIDATED_SIZE: u64 = 1 << 20;
+
+impl Core {
+    fn handle(&self, fh: u64) -> Result<Arc<Handle>, FsError> {
+        self.handles
+            .lock()
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::UnknownHandle(fh))
+    }
+
+    /// Opens the tree's file of a node, checked to be the node's backing inode.
+    fn open_tree_file(&self, ino: Ino, flags: i32) -> Result<File, FsError> {
+        for _ in 0..3 {
+            let Some((dir, name, ident)) = self.locate(ino)? else {
+                return Err(FsError::os(libc::ENOENT));
+            };
+            let file = File::from(tree::open_at(dir.as_fd(), &name, flags, 0)?);
+            if Ident::of(&tree::fstat(file.as_fd())?) == ident {
+                return Ok(file);
+            }
+        }
+        Err(FsError::os(libc::ESTALE))
+    }
+
+    /// `open` of a regular file.
+    pub fn open(self: &Arc<Self>, ino: Ino, flags: i32) -> FsOp<Opened> {
+        let result = (|| {
+            if self.kind(ino)? != Kind::File {
+                return Err(FsError::os(libc::EINVAL));
+            }
+            let target = self.target_of(ino)?;
+            self.open_handle(ino, flags, &target, None)
+        })();
+        Op::Ready(result)
+    }
+
+    /// Creates a handle on `ino`. `created` is the file `create` just opened, if any.
+    fn open_handle(
+        &self,
+        ino: Ino,
+        flags: i32,
+        target: &Target,
+        created: Option<File>,
+    ) -> Result<Opened, FsError> {
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let append = flags & libc::O_APPEND != 0;
+        let truncate = writable && flags & libc::O_TRUNC != 0;
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+
+        if !self.is_staged(target) {
+            let existing = self.inodes.lock().get(ino).and_then(|n| n.file.clone());
+            let file = match (existing, created) {
+                (Some(file), _) => file,
+                (None, Some(file)) => Arc::new(file),
+                // Always read-write: the kernel checked the caller's access, and passthrough
+                // needs one backing file per inode that serves every later open.
+                (None, None) => Arc::new(self.open_tree_file(ino, libc::O_RDWR)?),
+            };
+            if truncate {
+                file.set_len(0)?;
+            }
+            let file = {
+                let mut table = self.inodes.lock();
+                let node = table.get_mut(ino).ok_or(FsError::UnknownInode(ino))?;
+                let file = node.file.get_or_insert(file).clone();
+                node.opens += 1;
+                file
+            };
+            self.handles.lock().insert(
+                fh,
+                Arc::new(Handle {
+                    ino,
+                    io: HandleIo::Direct(file.clone()),
+                    append,
+                    writable,
+                }),
+            );
+            return Ok(Opened {
+                fh,
+                passthrough: self.config.passthrough.then_some(file),
+                keep_cache: true,
+                needs_flush: false,
+            });
+        }
+
+        let existing = self.inodes.lock().get(ino).and_then(|n| n.stage.clone());
+        let stage = match existing {
+            Some(stage) => {
+                if truncate {
+                    stage.set_len(0)?;
+                }
+                stage
+            }
+            None => {
+                let base = None;
+                let fresh = if truncate {
+                    Stage::empty(self.spool.clone(), base)?
+                } else {
+                    let file = match created {
+                        Some(file) => file,
+                        None => self.open_tree_file(ino, libc::O_RDONLY)?,
+                    };
+                    Stage::on(Arc::new(file), self.spool.clone(), base)
+                };
+                let mut table = self.inodes.lock();
+                let node = table.get_mut(ino).ok_or(FsError::UnknownInode(ino))?;
+                match &node.stage {
+                    Some(stage) => {
+                        // Another open won the race; ours was never written.
+                        fresh.discard();
+                        stage.clone()
+                    }
+                    None => {
+                        let stage = Arc::new(fresh);
+                        node.stage = Some(stage.clone());
+                        stage
+                    }
+                }
+            }
+        };
+        {
+            let mut table = self.inodes.lock();
+            let node = table.get_mut(ino).ok_or(FsError::UnknownInode(ino))?;
+            node.stage.get_or_insert_with(|| stage.clone());
+            node.opens += 1;
+        }
+        self.handles.lock().insert(
+            fh,
+            Arc::new(Handle {
+                ino,
+                io: HandleIo::Staged(stage),
+                append,
+                writable,
+            }),
+        );
+        Ok(Opened {
+            fh,
+            passthrough: None,
+            keep_cache: false,
+            needs_flush: true,
+        })
+    }
+
+    /// `create`: makes (or, without `O_EXCL`, opens) a regular file and opens it. With
+    /// `O_EXCL` the tier makes the name exclusive across the cluster first.
+    pub fn create(
+        self: &Arc<Self>,
+        caller: Caller,
+        parent: Ino,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+    ) -> FsOp<(Attr, Opened)> {
+        let target = match self.target_in(parent, name) {
+            Ok(t) => t,
+            Err(e) => return Op::err(e),
+        };
+        let exclusive = flags & libc::O_EXCL != 0;
+        let this = self.clone();
+        let name = name.to_os_string();
+        self.tier(&target)
+            .create(&target, Kind::File, exclusive)
+            .err_into()
+            .and_then(move |_rev| {
+                let dir = this.dir_fd(parent)?;
+                let cname = tree::cname(&name)?;
+                let parent_st = tree::fstat(dir.as_fd())?;
+                let (file, ino) = {
+                    let mut table = this.inodes.lock();
+                    let (fd, created) = match tree::open_at(
+                        dir.as_fd(),
+                        &cname,
+                        libc::O_CREAT | libc::O_EXCL | libc::O_RDWR,
+                        (mode & 0o7777) as libc::mode_t,
+                    ) {
+                        Ok(fd) => (fd, true),
+                        Err(e) if e.raw_os_error() == Some(libc::EEXIST) && !exclusive => {
+                            (tree::open_at(dir.as_fd(), &cname, libc::O_RDWR, 0)?, false)
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
+                    let file = File::from(fd);
+                    if created {
+                        this.own(&file, &parent_st, caller)?;
+                    }
+                    let st = tree::fstat(file.as_fd())?;
+                    let ino = table.lookup(parent, &name, Ident::of(&st), Kind::File);
+                    (file, ino)
+                };
+                let opened = match this.open_handle(ino, flags, &target, Some(file)) {
+                    Ok(o) => o,
+                    Err(e) => {
+                        this.forget(ino, 1);
+                        return Err(e);
+                    }
+                };
+                Ok((this.getattr(ino)?, opened))
+            })
+    }
+
+    /// Reads up to `size` bytes at `offset`.
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+        let file = self.handle(fh)?.read_file();
+        let mut buf = vec![0u8; size as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            match file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    /// Writes `data` at `offset` (at the end for `O_APPEND` handles).
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, FsError> {
+        let handle = self.handle(fh)?;
+        match &handle.io {
+            HandleIo::Direct(file) => {
+                let offset = if handle.append {
+                    file.metadata()?.len()
+                } else {
+                    offset
+                };
+                file.write_all_at(data, offset)?;
+            }
+            HandleIo::Staged(stage) => {
+                if handle.append {
+                    stage.append(data)?;
+                } else {
+                    stage.write_at(data, offset)?;
+                }
+            }
+        }
+        Ok(data.len() as u32)
+    }
+
+    /// `fallocate` (in-place files only; a staged file's shadow is not the stored file).
+    pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Result<(), FsError> {
+        let handle = self.handle(fh)?;
+        match &handle.io {
+            HandleIo::Direct(file) => {
+                // SAFETY: valid fd; plain integer arguments.
+                let ret = unsafe {
+                    libc::fallocate(
+                        std::os::fd::AsRawFd::as_raw_fd(file.as_ref()),
+                        mode,
+                        offset as libc::off_t,
+                        length as libc::off_t,
+                    )
+                };
+                if ret < 0 {
+                    return Err(std::io::Error::last_os_error().into());
+                }
+                Ok(())
+            }
+            HandleIo::Staged(_) => Err(FsError::os(libc::EOPNOTSUPP)),
+        }
+    }
+
+    /// `flush` (every close): commits what a writable handle of a staged file wrote.
+    pub fn flush(self: &Arc<Self>, fh: u64) -> FsOp<()> {
+        match self.handle(fh) {
+            Err(e) => Op::err(e),
+            Ok(handle) => match &handle.io {
+                HandleIo::Staged(stage) if handle.writable => {
+                    self.commit(handle.ino, stage.clone(), false)
+                }
+                _ => Op::ok(()),
+            },
+        }
+    }
+
+    /// `fsync`: commits a staged file durably, or syncs an in-place file to disk.
+    pub fn fsync(self: &Arc<Self>, fh: u64, datasync: bool) -> FsOp<()> {
+        let handle = match self.handle(fh) {
+            Ok(h) => h,
+            Err(e) => return Op::err(e),
+        };
+        match &handle.io {
+            HandleIo::Staged(stage) => self.commit(handle.ino, stage.clone(), true),
+            HandleIo::Direct(file) => {
+                let file = file.clone();
+                Op::pending(async move {
+                    tokio::task::spawn_blocking(move || {
+                        if datasync {
+                            file.sync_data()
+                        } else {
+                            file.sync_all()
+                        }
+                    })
+                    .await
+                    .map_err(|e| FsError::Io(std::io::Error::other(e)))??;
+                    Ok(())
+                })
+            }
+        }
+    }
+
+    /// `release`: the last close of a handle. Commits writes that no flush committed (shared
+    /// mappings write back late); errors here reach no program, so they are only logged.
+    pub fn release(self: &Arc<Self>, fh: u64) -> FsOp<()> {
+        let Some(handle) = self.handles.lock().remove(&fh) else {
+            return Op::err(FsError::UnknownHandle(fh));
+        };
+        let ino = handle.ino;
+        let this = self.clone();
+        let finish = move |()| {
+            this.finish_release(ino);
+            Ok(())
+        };
+        match &handle.io {
+            HandleIo::Staged(stage) if handle.writable && stage.needs_commit() => {
+                let this = self.clone();
+                let commit = self.commit(ino, stage.clone(), false);
+                Op::pending(async move {
+                    if let Err(e) = commit.into_future().await {
+                        tracing::warn!(ino, error = %e, "commit at release failed; the stored file is unchanged");
+                    }
+                    this.finish_release(ino);
+                    Ok(())
+                })
+            }
+            _ => Op::Ready(Ok(())).and_then(finish),
+        }
+    }
+
+    fn finish_release(&self, ino: Ino) {
+        let mut table = self.inodes.lock();
+        let Some(node) = table.get_mut(ino) else {
+            return;
+        };
+        node.opens = node.opens.saturating_sub(1);
+        let mut refused = false;
+        if node.opens == 0 {
+            node.file = None;
+            if let Some(stage) = node.stage.take() {
+                refused = stage.is_refused();
+                stage.discard();
+            }
+        }
+        table.maybe_drop(ino);
+        drop(table);
+        if refused {
+            // The kernel's page cache may still hold the refused content.
+            self.invalidate_inode(ino);
+        }
+    }
+
+    /// Changes a file's size. A staged file changed without an open writer commits at once.
+    pub(super) fn resize(self: &Arc<Self>, ino: Ino, size: u64, fh: Option<u64>) -> FsOp<()> {
+        let result = (|| {
+            match self.kind(ino)? {
+                Kind::File => {}
+                Kind::Dir => return Err(FsError::os(libc::EISDIR)),
+                _ => return Err(FsError::os(libc::EINVAL)),
+            }
+            let handle = fh.and_then(|fh| self.handle(fh).ok());
+            if let Some(HandleIo::Direct(file)) = handle.as_ref().map(|h| &h.io) {
+                file.set_len(size)?;
+                return Ok(None);
+            }
+            let target = self.target_of(ino)?;
+            if !self.is_staged(&target) {
+                let file = self.inodes.lock().get(ino).and_then(|n| n.file.clone());
+                match file {
+                    Some(file) => file.set_len(size)?,
+                    None => self.open_tree_file(ino, libc::O_WRONLY)?.set_len(size)?,
+                }
+                return Ok(None);
+            }
+            let existing = self.inodes.lock().get(ino).and_then(|n| n.stage.clone());
+            match existing {
+                Some(stage) => {
+                    stage.set_len(size)?;
+                    // A writer's close commits it; a truncate by path commits now.
+                    Ok(fh.is_none().then_some((stage, false)))
+                }
+                None => {
+                    let file = self.open_tree_file(ino, libc::O_RDONLY)?;
+                    let stage = Arc::new(Stage::on(Arc::new(file), self.spool.clone(), None));
+                    stage.set_len(size)?;
+                    Ok(Some((stage, true)))
+                }
+            }
+        })();
+        match result {
+            Err(e) => Op::err(e),
+            Ok(None) => Op::ok(()),
+            Ok(Some((stage, transient))) => {
+                let commit = self.commit(ino, stage.clone(), false);
+                Op::pending(async move {
+                    let result = commit.into_future().await;
+                    if transient {
+                        stage.discard();
+                    }
+                    result
+                })
+            }
+        }
+    }
+
+    /// Commits a stage: freeze, validate, hand to the tier, install into the tree.
+    fn commit(self: &Arc<Self>, ino: Ino, stage: Arc<Stage>, durable: bool) -> FsOp<()> {
+        let this = self.clone();
+        Op::pending(async move {
+            let _order = stage.commit_lock.lock().await;
+            let Some(frozen) = stage.freeze() else {
+                if !durable {
+                    return Ok(());
+                }
+                // Nothing new, but an earlier flush may have installed without syncing.
+                let t = this.clone();
+                return blocking(move || Ok(t.open_tree_file(ino, libc::O_RDONLY)?.sync_all()?)).await;
+            };
+            let result = this.commit_frozen(ino, &stage, &frozen, durable).await;
+            if let Ok(target) = this.target_of(ino) {
+                this.count(target.policy.tier, result.is_ok());
+            }
+            if result.is_err() {
+                stage.thaw(frozen);
+            }
+            result
+        })
+    }
+
+    async fn commit_frozen(
+        self: &Arc<Self>,
+        ino: Ino,
+        stage: &Stage,
+        frozen: &Frozen,
+        durable: bool,
+    ) -> Result<(), FsError> {
+        let target = self.target_of(ino)?;
+        let (t, check, file) = (self.clone(), target.clone(), frozen.file.clone());
+        blocking(move || t.validate(&check, &file)).await?;
+        self.tier(&target)
+            .commit(&target, frozen.file.clone(), stage.base.clone())
+            .into_future()
+            .await?;
+        let (t, file, name) = (self.clone(), frozen.file.clone(), frozen.name.clone());
+        blocking(move || t.install(ino, &file, &name, durable)).await
+    }
+
+    fn count(&self, tier: crate::policy::TierKind, ok: bool) {
+        if let Some(c) = self.counters.get(&tier) {
+            let counter = if ok { &c.commits } else { &c.refused };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Checks content the core validates. The only such path so far is the policy file: it
+    /// must parse and name only tiers this build has, or the next mount would refuse it.
+    fn validate(&self, target: &Target, file: &File) -> Result<(), FsError> {
+        if target.path != Path::new(POLICY_FILE) {
+            return Ok(());
+        }
+        let invalid = |reason: String| FsError::InvalidContent {
+            path: target.path.clone(),
+            reason,
+        };
+        let len = file.metadata()?.len();
+        if len > MAX_VALIDATED_SIZE {
+            return Err(invalid(format!("larger than {MAX_VALIDATED_SIZE} bytes")));
+        }
+        let mut bytes = vec![0u8; len as usize];
+        file.read_exact_at(&mut bytes, 0)?;
+        let text = String::from_utf8(bytes).map_err(|_| invalid("not UTF-8 text".into()))?;
+        let at = |e: crate::policy::PolicyError| invalid(format!("line {}, column {}: {}", e.line, e.col, e.reason));
+        let table = PolicyTable::parse(&text, Path::new(POLICY_FILE)).map_err(at)?;
+        table.check_available(Path::new(POLICY_FILE)).map_err(at)
+    }
+
+    /// Validates the content of `name` in `parent` before it is renamed onto `to`.
+    pub(super) fn validate_name(&self, parent: Ino, name: &OsStr, to: &Target) -> Result<(), FsError> {
+        let dir = self.dir_fd(parent)?;
+        let file = File::from(tree::open_at(dir.as_fd(), &tree::cname(name)?, libc::O_RDONLY, 0)?);
+        self.validate(to, &file)
+    }
+
+    /// Replaces the tree's file of `ino` with a committed shadow: same owner, mode and user
+    /// attributes, then an atomic rename. With `durable`, data and the rename reach the disk.
+    fn install(&self, ino: Ino, shadow: &File, spool_name: &CString, durable: bool) -> Result<(), FsError> {
+        let old = self.node_fd(ino)?;
+        let st = tree::fstat(old.as_fd())?;
+        tree::chown_fd(shadow.as_fd(), Some(st.st_uid), Some(st.st_gid))?;
+        tree::chmod_fd(shadow.as_fd(), st.st_mode & 0o7777)?;
+        for name in tree::list_xattr(old.as_fd())? {
+            if !name.as_encoded_bytes().starts_with(b"user.") {
+                continue;
+            }
+            let cname = tree::cname(&name)?;
+            if let Some(value) = tree::get_xattr(old.as_fd(), &cname)? {
+                tree::set_xattr(shadow.as_fd(), &cname, &value, 0)?;
+            }
+        }
+        if durable {
+            shadow.sync_all()?;
+        }
+        let (dir, name, _) = self.locate(ino)?.ok_or(FsError::os(libc::ENOENT))?;
+        {
+            let mut table = self.inodes.lock();
+            tree::rename_at(self.spool.dir().as_fd(), spool_name, dir.as_fd(), &name, 0)?;
+            table.set_ident(ino, Ident::of(&tree::fstat(shadow.as_fd())?));
+        }
+        if durable {
+            File::from(tree::open_at(dir.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?)
+                .sync_all()?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs blocking file work off the runtime's worker threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, FsError> + Send + 'static,
+) -> Result<T, FsError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| FsError::Io(std::io::Error::other(e)))?
+}

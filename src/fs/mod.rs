@@ -1,0 +1,908 @@
+//! The filesystem core: inodes, open files, and routing of each operation to its tier.
+//!
+//! The core knows nothing of FUSE. Each kernel request becomes one call here; the adapter in
+//! `crate::fuse` only converts arguments and replies. That keeps every rule testable without
+//! a kernel and leaves one place where a path's policy is resolved.
+//!
+//! # Where things live
+//!
+//! Every path has a local copy in the node's *materialized tree* (`--state/tree`), and all
+//! reads and listings are served from it. For an operation that changes a path, the core:
+//! 1. resolves the path's policy and the tier that owns it;
+//! 2. asks the tier first ([`crate::tier::Tier`]), so a refusal leaves everything unchanged;
+//! 3. applies the change to the tree and to the inode table, under the table's lock, so that
+//!    the table always matches the tree.
+//!
+//! Calls that may wait on a tier return an [`Op`]; the rest return a `Result` at once.
+//! Locking: the inode table lock is never held across a tier call or an `.await`, and never
+//! taken while the directory-fd cache lock is held.
+
+pub mod error;
+pub mod handle;
+pub mod inode;
+mod io;
+pub mod tree;
+mod xattr;
+
+use std::collections::HashMap;
+use std::ffi::{CString, OsStr};
+use std::fs::File;
+use std::num::NonZeroUsize;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use lru::LruCache;
+use parking_lot::Mutex;
+
+pub use error::FsError;
+pub use inode::{Ino, ROOT};
+pub use tree::SetTime;
+
+use crate::op::Op;
+use crate::policy::{PolicyTable, TierKind, POLICY_FILE};
+use crate::tier::{Target, Tier, Tiers, WriteMode};
+use handle::{DirHandle, Handle, Spool};
+use inode::InodeTable;
+use tree::Ident;
+
+/// An operation of the core: ready now, or a future for the runtime.
+pub type FsOp<T> = Op<T, FsError>;
+
+/// File types the tree can hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Dir,
+    /// A symbolic link.
+    Symlink,
+    /// A named pipe.
+    Fifo,
+    /// A unix socket.
+    Socket,
+    /// A character device.
+    CharDevice,
+    /// A block device.
+    BlockDevice,
+}
+
+impl Kind {
+    /// The kind of a `st_mode`.
+    pub fn from_mode(mode: u32) -> Kind {
+        match mode & libc::S_IFMT {
+            libc::S_IFDIR => Kind::Dir,
+            libc::S_IFLNK => Kind::Symlink,
+            libc::S_IFIFO => Kind::Fifo,
+            libc::S_IFSOCK => Kind::Socket,
+            libc::S_IFCHR => Kind::CharDevice,
+            libc::S_IFBLK => Kind::BlockDevice,
+            _ => Kind::File,
+        }
+    }
+
+    /// The kind of a directory entry's `d_type`, if known.
+    pub fn from_d_type(d_type: u8) -> Option<Kind> {
+        Some(match d_type {
+            libc::DT_REG => Kind::File,
+            libc::DT_DIR => Kind::Dir,
+            libc::DT_LNK => Kind::Symlink,
+            libc::DT_FIFO => Kind::Fifo,
+            libc::DT_SOCK => Kind::Socket,
+            libc::DT_CHR => Kind::CharDevice,
+            libc::DT_BLK => Kind::BlockDevice,
+            _ => return None,
+        })
+    }
+}
+
+/// File attributes as the kernel sees them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attr {
+    /// Node id (also reported as `st_ino`).
+    pub ino: Ino,
+    /// Size in bytes.
+    pub size: u64,
+    /// 512-byte blocks allocated.
+    pub blocks: u64,
+    /// Last access.
+    pub atime: SystemTime,
+    /// Last modification.
+    pub mtime: SystemTime,
+    /// Last status change.
+    pub ctime: SystemTime,
+    /// File type.
+    pub kind: Kind,
+    /// Permission bits, including setuid, setgid and sticky.
+    pub perm: u16,
+    /// Hard links.
+    pub nlink: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Device number, for device files.
+    pub rdev: u32,
+    /// Preferred I/O size.
+    pub blksize: u32,
+}
+
+fn system_time(secs: i64, nanos: i64) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::new(secs as u64, nanos as u32)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + Duration::from_nanos(nanos as u64)
+    }
+}
+
+impl Attr {
+    /// Attributes of node `ino` from the backing file's stat.
+    pub fn from_stat(ino: Ino, st: &libc::stat) -> Attr {
+        Attr {
+            ino,
+            size: st.st_size as u64,
+            blocks: st.st_blocks as u64,
+            atime: system_time(st.st_atime, st.st_atime_nsec),
+            mtime: system_time(st.st_mtime, st.st_mtime_nsec),
+            ctime: system_time(st.st_ctime, st.st_ctime_nsec),
+            kind: Kind::from_mode(st.st_mode),
+            perm: (st.st_mode & 0o7777) as u16,
+            nlink: st.st_nlink as u32,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            rdev: st.st_rdev as u32,
+            blksize: st.st_blksize as u32,
+        }
+    }
+}
+
+/// Who asked: the calling process's credentials, from the FUSE request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+    /// Process id.
+    pub pid: u32,
+}
+
+/// The attribute changes of one `setattr`.
+#[derive(Debug, Clone, Copy)]
+pub struct SetAttr {
+    /// New permission bits.
+    pub mode: Option<u32>,
+    /// New owner.
+    pub uid: Option<u32>,
+    /// New group.
+    pub gid: Option<u32>,
+    /// New size.
+    pub size: Option<u64>,
+    /// New access time.
+    pub atime: SetTime,
+    /// New modification time.
+    pub mtime: SetTime,
+}
+
+/// A file opened by [`Core::open`] or [`Core::create`].
+#[derive(Debug)]
+pub struct Opened {
+    /// The handle to pass back on later calls.
+    pub fh: u64,
+    /// A file the kernel may do this handle's reads and writes on directly (FUSE passthrough):
+    /// set for in-place files when passthrough is enabled.
+    pub passthrough: Option<Arc<File>>,
+    /// The kernel may keep cached pages across opens (nothing changes the file behind it).
+    pub keep_cache: bool,
+    /// Close must reach the core (a staged file commits at flush).
+    pub needs_flush: bool,
+}
+
+/// Kernel caches the core asks to drop when content changes behind them.
+pub trait KernelCache: Send + Sync {
+    /// Drops cached attributes and pages of an inode.
+    fn invalidate_inode(&self, ino: Ino);
+    /// Drops a cached name in a directory.
+    fn invalidate_entry(&self, parent: Ino, name: &OsStr);
+}
+
+/// Settings of the core.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// Offer in-place files to the kernel for passthrough I/O.
+    pub passthrough: bool,
+    /// How many directory fds to keep open.
+    pub dir_fd_cache: usize,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        CoreConfig {
+            passthrough: false,
+            dir_fd_cache: 1024,
+        }
+    }
+}
+
+/// Counters for `syncfs status`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Staged commits that succeeded.
+    pub commits: AtomicU64,
+    /// Staged commits that were refused or failed.
+    pub refused: AtomicU64,
+}
+
+/// Space usage of the tree's filesystem.
+#[derive(Debug, Clone, Copy)]
+pub struct StatFs {
+    /// Total blocks.
+    pub blocks: u64,
+    /// Free blocks.
+    pub bfree: u64,
+    /// Free blocks for unprivileged users.
+    pub bavail: u64,
+    /// Total inodes.
+    pub files: u64,
+    /// Free inodes.
+    pub ffree: u64,
+    /// Block size.
+    pub bsize: u32,
+    /// Longest name.
+    pub namelen: u32,
+    /// Fragment size.
+    pub frsize: u32,
+}
+
+/// The filesystem core of one mount.
+pub struct Core {
+    root: Arc<OwnedFd>,
+    spool: Arc<Spool>,
+    policies: Arc<PolicyTable>,
+    tiers: Tiers,
+    inodes: Mutex<InodeTable>,
+    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
+    next_fh: AtomicU64,
+    dir_fds: Mutex<LruCache<Ino, Arc<OwnedFd>>>,
+    config: CoreConfig,
+    kernel: OnceLock<Arc<dyn KernelCache>>,
+    status: OnceLock<Box<dyn Fn() -> Vec<u8> + Send + Sync>>,
+    /// Commit counters, by tier.
+    pub counters: HashMap<TierKind, Counters>,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core").field("tiers", &self.tiers).finish_non_exhaustive()
+    }
+}
+
+/// A path relative to the sync root as a C string, for `openat2`.
+fn c_path(path: &Path) -> Result<CString, FsError> {
+    Ok(tree::cname(path.as_os_str())?)
+}
+
+impl Core {
+    /// A core serving the tree at `tree_dir`, with shadows in `spool_dir` (same filesystem).
+    /// Every tier the policy table names must be in `tiers`.
+    pub fn new(
+        tree_dir: &Path,
+        spool_dir: &Path,
+        policies: Arc<PolicyTable>,
+        tiers: Tiers,
+        config: CoreConfig,
+    ) -> Result<Core, FsError> {
+        let open_dir = |p: &Path| -> Result<OwnedFd, FsError> {
+            let c = tree::cname(p.as_os_str())?;
+            // SAFETY: valid C string.
+            let fd = unsafe {
+                libc::open(
+                    c.as_ptr(),
+                    libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+                )
+            };
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+            // SAFETY: a new fd we own.
+            Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+        };
+        let root = open_dir(tree_dir)?;
+        let spool_fd = open_dir(spool_dir)?;
+        let root_st = tree::fstat(root.as_fd())?;
+        let spool_st = tree::fstat(spool_fd.as_fd())?;
+        if root_st.st_dev != spool_st.st_dev {
+            return Err(FsError::Io(std::io::Error::other(format!(
+                "{} and {} must be on the same filesystem",
+                tree_dir.display(),
+                spool_dir.display()
+            ))));
+        }
+        for policy in policies.policies() {
+            if tiers.get(policy.tier).is_none() {
+                return Err(FsError::Io(std::io::Error::other(format!(
+                    "tier {} is not available",
+                    policy.tier
+                ))));
+            }
+        }
+        let counters = tiers.kinds().into_iter().map(|k| (k, Counters::default())).collect();
+        let cache = NonZeroUsize::new(config.dir_fd_cache.max(1)).expect("at least one");
+        Ok(Core {
+            root: Arc::new(root),
+            spool: Arc::new(Spool::open(spool_fd)?),
+            policies,
+            tiers,
+            inodes: Mutex::new(InodeTable::new(Ident::of(&root_st))),
+            handles: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            dir_fds: Mutex::new(LruCache::new(cache)),
+            config,
+            kernel: OnceLock::new(),
+            status: OnceLock::new(),
+            counters,
+        })
+    }
+
+    /// Connects the kernel's caches, once the mount exists.
+    pub fn set_kernel_cache(&self, cache: Arc<dyn KernelCache>) {
+        let _ = self.kernel.set(cache);
+    }
+
+    /// Sets the producer of the root's `user.syncfs.status` attribute.
+    pub fn set_status(&self, status: Box<dyn Fn() -> Vec<u8> + Send + Sync>) {
+        let _ = self.status.set(status);
+    }
+
+    /// The policy table this mount applies.
+    pub fn policies(&self) -> &Arc<PolicyTable> {
+        &self.policies
+    }
+
+    /// How many inodes and open files the core tracks (for status).
+    pub fn usage(&self) -> (usize, usize) {
+        (self.inodes.lock().len(), self.handles.lock().len())
+    }
+
+    fn invalidate_inode(&self, ino: Ino) {
+        if let Some(k) = self.kernel.get() {
+            k.invalidate_inode(ino);
+        }
+    }
+
+    // ---- resolution ---------------------------------------------------------------------
+
+    /// The policy target of a node's current path.
+    fn target_of(&self, ino: Ino) -> Result<Target, FsError> {
+        let path = {
+            let table = self.inodes.lock();
+            table.get(ino).ok_or(FsError::UnknownInode(ino))?;
+            table.path(ino).ok_or(FsError::os(libc::ENOENT))?
+        };
+        Ok(self.target(path))
+    }
+
+    /// The policy target of `name` in directory `parent`.
+    fn target_in(&self, parent: Ino, name: &OsStr) -> Result<Target, FsError> {
+        let path = {
+            let table = self.inodes.lock();
+            table.get(parent).ok_or(FsError::UnknownInode(parent))?;
+            table.path(parent).ok_or(FsError::os(libc::ENOENT))?
+        };
+        Ok(self.target(path.join(name)))
+    }
+
+    fn target(&self, path: PathBuf) -> Target {
+        let policy = self.policies.resolve(&path).clone();
+        Target { path, policy }
+    }
+
+    fn tier(&self, target: &Target) -> &Arc<dyn Tier> {
+        self.tiers
+            .get(target.policy.tier)
+            .expect("Core::new checked that every policy's tier exists")
+    }
+
+    /// Whether writes to `target` are staged (synced tiers, and files the core validates).
+    fn is_staged(&self, target: &Target) -> bool {
+        self.tier(target).write_mode() == WriteMode::Staged || validated(&target.path)
+    }
+
+    /// An `O_PATH` fd of a directory node, from the cache or resolved beneath the root.
+    fn dir_fd(&self, ino: Ino) -> Result<Arc<OwnedFd>, FsError> {
+        if ino == ROOT {
+            return Ok(self.root.clone());
+        }
+        if let Some(fd) = self.dir_fds.lock().get(&ino) {
+            return Ok(fd.clone());
+        }
+        for _ in 0..3 {
+            let (path, ident) = {
+                let table = self.inodes.lock();
+                let node = table.get(ino).ok_or(FsError::UnknownInode(ino))?;
+                if node.kind != Kind::Dir {
+                    return Err(FsError::os(libc::ENOTDIR));
+                }
+                (table.path(ino).ok_or(FsError::os(libc::ENOENT))?, node.ident)
+            };
+            let fd = tree::resolve_dir(self.root.as_fd(), &c_path(&path)?)?;
+            if Ident::of(&tree::fstat(fd.as_fd())?) == ident {
+                let fd = Arc::new(fd);
+                self.dir_fds.lock().put(ino, fd.clone());
+                return Ok(fd);
+            }
+        }
+        Err(FsError::os(libc::ESTALE))
+    }
+
+    /// The parent fd and name of a non-directory node, with the identity to expect there.
+    fn locate(&self, ino: Ino) -> Result<Option<(Arc<OwnedFd>, CString, Ident)>, FsError> {
+        let (link, ident) = {
+            let table = self.inodes.lock();
+            let node = table.get(ino).ok_or(FsError::UnknownInode(ino))?;
+            (node.links.first().cloned(), node.ident)
+        };
+        match link {
+            None => Ok(None),
+            Some((parent, name)) => Ok(Some((self.dir_fd(parent)?, tree::cname(&name)?, ident))),
+        }
+    }
+
+    /// An `O_PATH` fd of any node, checked to be the node's backing inode.
+    fn node_fd(&self, ino: Ino) -> Result<Arc<OwnedFd>, FsError> {
+        let kind = self.kind(ino)?;
+        if kind == Kind::Dir {
+            return self.dir_fd(ino);
+        }
+        for _ in 0..3 {
+            let Some((dir, name, ident)) = self.locate(ino)? else {
+                return Err(FsError::os(libc::ENOENT));
+            };
+            let fd = tree::open_path_at(dir.as_fd(), &name)?;
+            if Ident::of(&tree::fstat(fd.as_fd())?) == ident {
+                return Ok(Arc::new(fd));
+            }
+        }
+        Err(FsError::os(libc::ESTALE))
+    }
+
+    fn kind(&self, ino: Ino) -> Result<Kind, FsError> {
+        Ok(self.inodes.lock().get(ino).ok_or(FsError::UnknownInode(ino))?.kind)
+    }
+
+    /// The stat of a node's backing inode in the tree.
+    fn stat_node(&self, ino: Ino) -> Result<libc::stat, FsError> {
+        let kind = self.kind(ino)?;
+        if kind == Kind::Dir {
+            return Ok(tree::fstat(self.dir_fd(ino)?.as_fd())?);
+        }
+        for _ in 0..3 {
+            let Some((dir, name, ident)) = self.locate(ino)? else {
+                // No name left: only open handles can still reach it.
+                let file = self.inodes.lock().get(ino).and_then(|n| n.file.clone());
+                return match file {
+                    Some(file) => Ok(tree::fstat(file.as_fd())?),
+                    None => Err(FsError::os(libc::ENOENT)),
+                };
+            };
+            let st = tree::lstat_at(dir.as_fd(), &name)?;
+            if Ident::of(&st) == ident {
+                return Ok(st);
+            }
+        }
+        Err(FsError::os(libc::ESTALE))
+    }
+
+    // ---- attributes -----------------------------------------------------------------------
+
+    /// Attributes of a node. While a staged file has unsaved writes, size and times come from
+    /// its shadow, owner and mode from the tree.
+    pub fn getattr(&self, ino: Ino) -> Result<Attr, FsError> {
+        let mut st = self.stat_node(ino)?;
+        let stage = self.inodes.lock().get(ino).and_then(|n| n.stage.clone());
+        if let Some(stage) = stage {
+            if stage.owns_shadow() {
+                let shadow = tree::fstat(stage.file().as_fd())?;
+                st.st_size = shadow.st_size;
+                st.st_blocks = shadow.st_blocks;
+                st.st_mtime = shadow.st_mtime;
+                st.st_mtime_nsec = shadow.st_mtime_nsec;
+                st.st_ctime = shadow.st_ctime;
+                st.st_ctime_nsec = shadow.st_ctime_nsec;
+            }
+        }
+        Ok(Attr::from_stat(ino, &st))
+    }
+
+    /// Changes attributes. Changing the size of a staged file with no open stage commits.
+    pub fn setattr(self: &Arc<Self>, ino: Ino, set: SetAttr, fh: Option<u64>) -> FsOp<Attr> {
+        if let Err(e) = self.set_meta(ino, &set) {
+            return Op::err(e);
+        }
+        let this = self.clone();
+        let resize = match set.size {
+            None => Op::ok(()),
+            Some(size) => self.resize(ino, size, fh),
+        };
+        resize.and_then(move |()| {
+            if set.atime != SetTime::Omit || set.mtime != SetTime::Omit {
+                let fd = this.node_fd(ino)?;
+                tree::utimens_fd(fd.as_fd(), set.atime, set.mtime)?;
+            }
+            this.getattr(ino)
+        })
+    }
+
+    fn set_meta(&self, ino: Ino, set: &SetAttr) -> Result<(), FsError> {
+        if set.mode.is_none() && set.uid.is_none() && set.gid.is_none() {
+            return Ok(());
+        }
+        let fd = self.node_fd(ino)?;
+        if set.uid.is_some() || set.gid.is_some() {
+            tree::chown_fd(fd.as_fd(), set.uid, set.gid)?;
+        }
+        if let Some(mode) = set.mode {
+            if self.kind(ino)? == Kind::Symlink {
+                return Err(FsError::os(libc::EOPNOTSUPP));
+            }
+            tree::chmod_fd(fd.as_fd(), mode & 0o7777)?;
+        }
+        Ok(())
+    }
+
+    // ---- names ------------------------------------------------------------------------------
+
+    /// Looks up `name` in `parent` and takes one kernel lookup on the result.
+    pub fn lookup(&self, parent: Ino, name: &OsStr) -> Result<Attr, FsError> {
+        let dir = self.dir_fd(parent)?;
+        let cname = tree::cname(name)?;
+        // Stat and record under the table lock, so an install or rename in between cannot
+        // pair this name with a stale backing inode.
+        let mut table = self.inodes.lock();
+        let st = tree::lstat_at(dir.as_fd(), &cname)?;
+        let ino = table.lookup(parent, name, Ident::of(&st), Kind::from_mode(st.st_mode));
+        drop(table);
+        let mut attr = Attr::from_stat(ino, &st);
+        if Kind::from_mode(st.st_mode) == Kind::File {
+            // A staged file's size is its shadow's.
+            if let Ok(a) = self.getattr(ino) {
+                attr = a;
+            }
+        }
+        Ok(attr)
+    }
+
+    /// Drops `n` kernel lookups of a node.
+    pub fn forget(&self, ino: Ino, n: u64) {
+        let mut table = self.inodes.lock();
+        table.forget(ino, n);
+        if table.get(ino).is_none() {
+            drop(table);
+            self.dir_fds.lock().pop(&ino);
+        }
+    }
+
+    /// Gives a new entry the caller's ownership: the daemon creates as root. The group follows
+    /// a setgid parent, as on any local filesystem.
+    fn own(&self, fd: &impl AsFd, parent_st: &libc::stat, caller: Caller) -> Result<(), FsError> {
+        let gid = if parent_st.st_mode & libc::S_ISGID != 0 {
+            None
+        } else {
+            Some(caller.gid)
+        };
+        if caller.uid == 0 && gid.is_none_or(|g| g == 0) {
+            return Ok(());
+        }
+        tree::chown_fd(fd.as_fd(), Some(caller.uid), gid)?;
+        Ok(())
+    }
+
+    /// Creates a directory, symlink or special file after its tier agreed.
+    fn make_node(
+        self: &Arc<Self>,
+        caller: Caller,
+        parent: Ino,
+        name: &OsStr,
+        kind: Kind,
+        make: impl FnOnce(&OwnedFd, &CString) -> std::io::Result<()> + Send + 'static,
+    ) -> FsOp<Attr> {
+        let target = match self.target_in(parent, name) {
+            Ok(t) => t,
+            Err(e) => return Op::err(e),
+        };
+        if kind == Kind::Symlink || !matches!(kind, Kind::File | Kind::Dir) {
+            // Only the local tier stores inodes; synced tiers store files and directories.
+            if target.policy.tier != TierKind::Local {
+                return Op::err(FsError::Unsupported {
+                    op: if kind == Kind::Symlink { "symlink" } else { "mknod" },
+                    tier: target.policy.tier,
+                    path: target.path,
+                });
+            }
+        }
+        let this = self.clone();
+        let name = name.to_os_string();
+        self.tier(&target)
+            .create(&target, kind, true)
+            .err_into()
+            .and_then(move |_rev| {
+                let dir = this.dir_fd(parent)?;
+                let cname = tree::cname(&name)?;
+                let parent_st = tree::fstat(dir.as_fd())?;
+                let mut table = this.inodes.lock();
+                make(&dir, &cname)?;
+                let fd = tree::open_path_at(dir.as_fd(), &cname)?;
+                this.own(&fd, &parent_st, caller)?;
+                let st = tree::fstat(fd.as_fd())?;
+                let ino = table.lookup(parent, &name, Ident::of(&st), Kind::from_mode(st.st_mode));
+                Ok(Attr::from_stat(ino, &st))
+            })
+    }
+
+    /// `mkdir`.
+    pub fn mkdir(self: &Arc<Self>, caller: Caller, parent: Ino, name: &OsStr, mode: u32) -> FsOp<Attr> {
+        self.make_node(caller, parent, name, Kind::Dir, move |dir, name| {
+            tree::mkdir_at(dir.as_fd(), name, mode & 0o7777)
+        })
+    }
+
+    /// `mknod`: regular files, fifos and sockets (devices are refused).
+    pub fn mknod(
+        self: &Arc<Self>,
+        caller: Caller,
+        parent: Ino,
+        name: &OsStr,
+        mode: u32,
+        rdev: u32,
+    ) -> FsOp<Attr> {
+        let kind = Kind::from_mode(mode);
+        if matches!(kind, Kind::CharDevice | Kind::BlockDevice | Kind::Dir | Kind::Symlink) {
+            return Op::err(FsError::os(libc::EPERM));
+        }
+        self.make_node(caller, parent, name, kind, move |dir, name| {
+            tree::mknod_at(dir.as_fd(), name, mode, rdev as libc::dev_t)
+        })
+    }
+
+    /// `symlink`.
+    pub fn symlink(
+        self: &Arc<Self>,
+        caller: Caller,
+        parent: Ino,
+        name: &OsStr,
+        target: &Path,
+    ) -> FsOp<Attr> {
+        let link_target = target.as_os_str().to_os_string();
+        self.make_node(caller, parent, name, Kind::Symlink, move |dir, name| {
+            tree::symlink_at(&link_target, dir.as_fd(), name)
+        })
+    }
+
+    /// `readlink`.
+    pub fn readlink(&self, ino: Ino) -> Result<Vec<u8>, FsError> {
+        let fd = self.node_fd(ino)?;
+        Ok(tree::readlink_fd(fd.as_fd())?.as_bytes().to_vec())
+    }
+
+    /// `link`: a new name for an existing file. Only where the tier stores inodes (local), and
+    /// never for files the core stages (a staged install would split the link).
+    pub fn link(&self, ino: Ino, new_parent: Ino, new_name: &OsStr) -> Result<Attr, FsError> {
+        let from = self.target_of(ino)?;
+        let to = self.target_in(new_parent, new_name)?;
+        if from.policy.tier != to.policy.tier {
+            return Err(FsError::CrossTier {
+                op: "link",
+                from: from.path,
+                from_tier: from.policy.tier,
+                to: to.path,
+                to_tier: to.policy.tier,
+            });
+        }
+        if !self.tier(&to).supports_hard_links() || self.is_staged(&from) || self.is_staged(&to) {
+            return Err(FsError::Unsupported {
+                op: "link",
+                tier: to.policy.tier,
+                path: to.path,
+            });
+        }
+        let fd = self.node_fd(ino)?;
+        let dir = self.dir_fd(new_parent)?;
+        let cname = tree::cname(new_name)?;
+        let mut table = self.inodes.lock();
+        tree::link_fd(fd.as_fd(), dir.as_fd(), &cname)?;
+        table.add_link(ino, new_parent, new_name);
+        drop(table);
+        self.getattr(ino)
+    }
+
+    /// `unlink` and `rmdir`.
+    pub fn remove(self: &Arc<Self>, parent: Ino, name: &OsStr, is_dir: bool) -> FsOp<()> {
+        let target = match self.target_in(parent, name) {
+            Ok(t) => t,
+            Err(e) => return Op::err(e),
+        };
+        let kind = if is_dir { Kind::Dir } else { Kind::File };
+        let this = self.clone();
+        let name = name.to_os_string();
+        self.tier(&target)
+            .remove(&target, kind)
+            .err_into()
+            .and_then(move |()| {
+                let dir = this.dir_fd(parent)?;
+                let cname = tree::cname(&name)?;
+                let mut table = this.inodes.lock();
+                let st = tree::lstat_at(dir.as_fd(), &cname)?;
+                tree::unlink_at(dir.as_fd(), &cname, is_dir)?;
+                if let Some(ino) = table.by_ident(Ident::of(&st)) {
+                    table.unlink(ino, parent, &name, st.st_nlink <= 1);
+                    if is_dir {
+                        drop(table);
+                        this.dir_fds.lock().pop(&ino);
+                    }
+                }
+                Ok(())
+            })
+    }
+
+    /// `rename`, with `RENAME_NOREPLACE` and `RENAME_EXCHANGE`. Paths must stay in one tier.
+    /// A file moved onto a path the core validates is validated first (EINVAL, nothing moves).
+    pub fn rename(
+        self: &Arc<Self>,
+        parent: Ino,
+        name: &OsStr,
+        new_parent: Ino,
+        new_name: &OsStr,
+        flags: u32,
+    ) -> FsOp<()> {
+        let (from, to) = match (self.target_in(parent, name), self.target_in(new_parent, new_name)) {
+            (Ok(f), Ok(t)) => (f, t),
+            (Err(e), _) | (_, Err(e)) => return Op::err(e),
+        };
+        if from.policy.tier != to.policy.tier {
+            return Op::err(FsError::CrossTier {
+                op: "rename",
+                from: from.path,
+                from_tier: from.policy.tier,
+                to: to.path,
+                to_tier: to.policy.tier,
+            });
+        }
+        let kind = match self.kind_at(parent, name) {
+            Ok(k) => k,
+            Err(e) => return Op::err(e),
+        };
+        if kind == Kind::File && validated(&to.path) {
+            if let Err(e) = self.validate_name(parent, name, &to) {
+                return Op::err(e);
+            }
+        }
+        let this = self.clone();
+        let name = name.to_os_string();
+        let new_name = new_name.to_os_string();
+        self.tier(&from)
+            .rename(&from, &to, kind)
+            .err_into()
+            .and_then(move |()| this.rename_local(parent, &name, new_parent, &new_name, flags))
+    }
+
+    fn kind_at(&self, parent: Ino, name: &OsStr) -> Result<Kind, FsError> {
+        let dir = self.dir_fd(parent)?;
+        let st = tree::lstat_at(dir.as_fd(), &tree::cname(name)?)?;
+        Ok(Kind::from_mode(st.st_mode))
+    }
+
+    fn rename_local(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        new_parent: Ino,
+        new_name: &OsStr,
+        flags: u32,
+    ) -> Result<(), FsError> {
+        let from_dir = self.dir_fd(parent)?;
+        let to_dir = self.dir_fd(new_parent)?;
+        let (cfrom, cto) = (tree::cname(name)?, tree::cname(new_name)?);
+        let mut table = self.inodes.lock();
+        let src = tree::lstat_at(from_dir.as_fd(), &cfrom)?;
+        let dst = tree::lstat_at(to_dir.as_fd(), &cto).ok();
+        tree::rename_at(from_dir.as_fd(), &cfrom, to_dir.as_fd(), &cto, flags)?;
+        let src_ino = table.by_ident(Ident::of(&src));
+        let dst_ino = dst.as_ref().and_then(|d| table.by_ident(Ident::of(d)));
+        if flags & libc::RENAME_EXCHANGE != 0 {
+            if let Some(ino) = dst_ino {
+                table.relink(ino, new_parent, new_name, parent, name);
+            }
+        } else if let (Some(ino), Some(d)) = (dst_ino, dst.as_ref()) {
+            if Some(ino) != src_ino {
+                table.unlink(ino, new_parent, new_name, d.st_nlink <= 1);
+            }
+        }
+        if let Some(ino) = src_ino {
+            table.relink(ino, parent, name, new_parent, new_name);
+        }
+        Ok(())
+    }
+
+    // ---- directories ------------------------------------------------------------------------
+
+    /// Opens a directory: takes a snapshot of its entries.
+    pub fn opendir(&self, ino: Ino) -> Result<u64, FsError> {
+        let dir = self.dir_fd(ino)?;
+        let entries = tree::read_dir(dir.as_fd())?;
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.dirs.lock().insert(fh, Arc::new(DirHandle { ino, entries }));
+        Ok(fh)
+    }
+
+    /// The snapshot of an open directory.
+    pub fn dir_entries(&self, fh: u64) -> Result<Arc<DirHandle>, FsError> {
+        self.dirs.lock().get(&fh).cloned().ok_or(FsError::UnknownHandle(fh))
+    }
+
+    /// The node id to report for a directory entry without looking it up: the known node's,
+    /// else the backing inode number (plain readdir only; Linux uses readdirplus here).
+    pub fn entry_ino(&self, dir: Ino, entry: &tree::RawDirEntry) -> Ino {
+        let table = self.inodes.lock();
+        if entry.name == "." {
+            return dir;
+        }
+        if entry.name == ".." {
+            return table.first_link(dir).map(|(p, _)| p).unwrap_or(ROOT);
+        }
+        let dev = table.get(dir).map(|n| n.ident.dev).unwrap_or(0);
+        table
+            .by_ident(Ident { dev, ino: entry.ino })
+            .unwrap_or(entry.ino)
+    }
+
+    /// Closes a directory.
+    pub fn releasedir(&self, fh: u64) {
+        self.dirs.lock().remove(&fh);
+    }
+
+    /// Flushes a directory's entries to disk.
+    pub fn fsyncdir(&self, ino: Ino) -> FsOp<()> {
+        let dir = match self.dir_fd(ino) {
+            Ok(d) => d,
+            Err(e) => return Op::err(e),
+        };
+        Op::pending(async move {
+            tokio::task::spawn_blocking(move || {
+                let f = tree::open_at(dir.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+                File::from(f).sync_all()?;
+                Ok(())
+            })
+            .await
+            .map_err(|e| FsError::Io(std::io::Error::other(e)))?
+        })
+    }
+
+    /// Space usage of the tree's filesystem.
+    pub fn statfs(&self) -> Result<StatFs, FsError> {
+        let st = tree::statvfs(self.root.as_fd())?;
+        Ok(StatFs {
+            blocks: st.f_blocks,
+            bfree: st.f_bfree,
+            bavail: st.f_bavail,
+            files: st.f_files,
+            ffree: st.f_ffree,
+            bsize: st.f_bsize as u32,
+            namelen: st.f_namemax as u32,
+            frsize: st.f_frsize as u32,
+        })
+    }
+}
+
+/// Whether the core validates writes to this path before they replace the stored file.
+fn validated(path: &Path) -> bool {
+    path == Path::new(POLICY_FILE)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,751 @@
+//! The FUSE adapter: each kernel request becomes one call on [`Core`], and its answer a reply.
+//!
+//! Nothing here decides filesystem behaviour. The adapter converts fuser's types, answers
+//! ready operations on the fuser worker thread, and moves pending ones (which wait on a tier)
+//! into a task on the tokio runtime together with their reply object, so a FUSE thread never
+//! waits on the network. It also owns the two kernel-facing details the core must not know:
+//! passthrough backing ids (one per inode while it has passthrough handles) and the
+//! [`fuser::Notifier`] that drops the kernel's caches.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use parking_lot::Mutex;
+use tracing::Instrument;
+
+use crate::fs::{Attr, Caller, Core, FsError, FsOp, Ino, Kind, KernelCache, Opened, SetAttr, SetTime};
+use crate::op::Op;
+
+/// Settings of the adapter.
+#[derive(Debug, Clone)]
+pub struct AdapterConfig {
+    /// How long the kernel may cache names and attributes. Safe to be long: every change made
+    /// behind the kernel's back is followed by an explicit invalidation.
+    pub ttl: Duration,
+    /// Ask the kernel for FUSE passthrough of in-place files.
+    pub passthrough: bool,
+    /// Stacking depth of the tree's filesystem plus one (2 when the tree is on overlayfs).
+    pub max_stack_depth: u32,
+    /// Set once the kernel agreed to passthrough, for `syncfs status`.
+    pub passthrough_active: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[derive(Default)]
+struct Passthrough {
+    /// Backing file per inode, with the number of open handles using it.
+    by_ino: HashMap<Ino, (BackingId, usize)>,
+    /// Handles opened with passthrough.
+    handles: HashSet<u64>,
+    /// Turned off for the session after a backing open failed.
+    broken: bool,
+}
+
+/// The `fuser::Filesystem` of a syncfs mount.
+pub struct FuseAdapter {
+    core: Arc<Core>,
+    rt: tokio::runtime::Handle,
+    config: AdapterConfig,
+    /// Whether the kernel agreed to passthrough (decided in `init`).
+    passthrough_on: bool,
+    passthrough: Mutex<Passthrough>,
+}
+
+impl FuseAdapter {
+    /// An adapter over `core`, running pending operations on `rt`.
+    pub fn new(core: Arc<Core>, rt: tokio::runtime::Handle, config: AdapterConfig) -> Self {
+        FuseAdapter {
+            core,
+            rt,
+            config,
+            passthrough_on: false,
+            passthrough: Mutex::new(Passthrough::default()),
+        }
+    }
+
+    /// Answers an operation: now if ready, else from a runtime task.
+    fn answer<T: Send + 'static>(
+        &self,
+        op: FsOp<T>,
+        what: &'static str,
+        done: impl FnOnce(Result<T, Errno>) + Send + 'static,
+    ) {
+        match op {
+            Op::Ready(result) => done(result.map_err(|e| errno(what, &e))),
+            Op::Pending(future) => {
+                let span = tracing::Span::current();
+                self.rt.spawn(
+                    async move { done(future.await.map_err(|e| errno(what, &e))) }.instrument(span),
+                );
+            }
+        }
+    }
+
+    fn file_attr(&self, attr: &Attr) -> FileAttr {
+        file_attr(attr)
+    }
+
+    fn reply_open(&self, ino: Ino, opened: Opened, flags: FopenFlags, reply: ReplyOpen) {
+        if self.passthrough_backing(ino, &opened, |fd| reply.open_backing(fd)).is_some() {
+            let pt = self.passthrough.lock();
+            reply.opened_passthrough(FileHandle(opened.fh), flags, &pt.by_ino[&ino].0);
+        } else {
+            reply.opened(FileHandle(opened.fh), flags);
+        }
+    }
+
+    /// Registers (or reuses) the inode's backing file for a passthrough handle. Returns
+    /// `Some(())` when the handle is to be answered with passthrough.
+    fn passthrough_backing(
+        &self,
+        ino: Ino,
+        opened: &Opened,
+        open_backing: impl FnOnce(&std::fs::File) -> std::io::Result<BackingId>,
+    ) -> Option<()> {
+        if !self.passthrough_on {
+            return None;
+        }
+        let file = opened.passthrough.as_ref()?;
+        let mut pt = self.passthrough.lock();
+        if pt.broken {
+            return None;
+        }
+        if let Some(entry) = pt.by_ino.get_mut(&ino) {
+            entry.1 += 1;
+        } else {
+            match open_backing(file) {
+                Ok(id) => {
+                    pt.by_ino.insert(ino, (id, 1));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "FUSE passthrough refused by the kernel; serving I/O through syncfs from now on");
+                    pt.broken = true;
+                    return None;
+                }
+            }
+        }
+        pt.handles.insert(opened.fh);
+        Some(())
+    }
+
+    fn release_backing(&self, ino: Ino, fh: u64) {
+        let mut pt = self.passthrough.lock();
+        if pt.handles.remove(&fh) {
+            if let Some(entry) = pt.by_ino.get_mut(&ino) {
+                entry.1 -= 1;
+                if entry.1 == 0 {
+                    pt.by_ino.remove(&ino);
+                }
+            }
+        }
+    }
+
+    fn open_flags(opened: &Opened) -> FopenFlags {
+        let mut flags = FopenFlags::empty();
+        if opened.keep_cache {
+            flags |= FopenFlags::FOPEN_KEEP_CACHE;
+        }
+        if !opened.needs_flush {
+            flags |= FopenFlags::FOPEN_NOFLUSH;
+        }
+        flags
+    }
+}
+
+/// Converts a core error to an errno, logging it once: expected ones at debug level.
+fn errno(what: &'static str, e: &FsError) -> Errno {
+    let code = e.errno();
+    if e.is_expected() {
+        tracing::debug!(op = what, errno = code, "{e}");
+    } else {
+        tracing::warn!(op = what, errno = code, "{e}");
+    }
+    Errno::from_i32(code)
+}
+
+fn file_type(kind: Kind) -> FileType {
+    match kind {
+        Kind::File => FileType::RegularFile,
+        Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::Socket => FileType::Socket,
+        Kind::CharDevice => FileType::CharDevice,
+        Kind::BlockDevice => FileType::BlockDevice,
+    }
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.blocks,
+        atime: a.atime,
+        mtime: a.mtime,
+        ctime: a.ctime,
+        crtime: a.ctime,
+        kind: file_type(a.kind),
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        blksize: a.blksize,
+        flags: 0,
+    }
+}
+
+fn set_time(t: Option<TimeOrNow>) -> SetTime {
+    match t {
+        None => SetTime::Omit,
+        Some(TimeOrNow::Now) => SetTime::Now,
+        Some(TimeOrNow::SpecificTime(t)) => SetTime::At(t),
+    }
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+        pid: req.pid(),
+    }
+}
+
+const GEN: Generation = Generation(0);
+
+impl Filesystem for FuseAdapter {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_background(64);
+        for flag in [
+            InitFlags::FUSE_ATOMIC_O_TRUNC,
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_CACHE_SYMLINKS,
+        ] {
+            let _ = config.add_capabilities(flag);
+        }
+        if self.config.passthrough {
+            let depth = self.config.max_stack_depth;
+            self.passthrough_on = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(depth).is_ok();
+        }
+        self.config
+            .passthrough_active
+            .store(self.passthrough_on, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(passthrough = self.passthrough_on, "FUSE session initialized");
+        Ok(())
+    }
+
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _s = tracing::debug_span!("lookup", pid = req.pid(), parent = parent.0, ?name).entered();
+        match self.core.lookup(parent.0, name) {
+            Ok(attr) => reply.entry(&self.config.ttl, &self.file_attr(&attr), GEN),
+            Err(e) => reply.error(errno("lookup", &e)),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.core.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _s = tracing::debug_span!("getattr", pid = req.pid(), ino = ino.0).entered();
+        match self.core.getattr(ino.0) {
+            Ok(attr) => reply.attr(&self.config.ttl, &self.file_attr(&attr)),
+            Err(e) => reply.error(errno("getattr", &e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let _s = tracing::debug_span!("setattr", pid = req.pid(), ino = ino.0).entered();
+        let set = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: set_time(atime),
+            mtime: set_time(mtime),
+        };
+        let ttl = self.config.ttl;
+        self.answer(self.core.setattr(ino.0, set, fh.map(|f| f.0)), "setattr", move |r| match r {
+            Ok(attr) => reply.attr(&ttl, &file_attr(&attr)),
+            Err(e) => reply.error(e),
+        });
+    }
+
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _s = tracing::debug_span!("readlink", pid = req.pid(), ino = ino.0).entered();
+        match self.core.readlink(ino.0) {
+            Ok(target) => reply.data(&target),
+            Err(e) => reply.error(errno("readlink", &e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let _s = tracing::debug_span!("mknod", pid = req.pid(), parent = parent.0, ?name).entered();
+        let ttl = self.config.ttl;
+        let op = self.core.mknod(caller(req), parent.0, name, mode, rdev);
+        self.answer(op, "mknod", move |r| match r {
+            Ok(attr) => reply.entry(&ttl, &file_attr(&attr), GEN),
+            Err(e) => reply.error(e),
+        });
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let _s = tracing::debug_span!("mkdir", pid = req.pid(), parent = parent.0, ?name).entered();
+        let ttl = self.config.ttl;
+        let op = self.core.mkdir(caller(req), parent.0, name, mode);
+        self.answer(op, "mkdir", move |r| match r {
+            Ok(attr) => reply.entry(&ttl, &file_attr(&attr), GEN),
+            Err(e) => reply.error(e),
+        });
+    }
+
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _s = tracing::debug_span!("unlink", pid = req.pid(), parent = parent.0, ?name).entered();
+        self.answer(self.core.remove(parent.0, name, false), "unlink", move |r| match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        });
+    }
+
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _s = tracing::debug_span!("rmdir", pid = req.pid(), parent = parent.0, ?name).entered();
+        self.answer(self.core.remove(parent.0, name, true), "rmdir", move |r| match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        });
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let _s = tracing::debug_span!("symlink", pid = req.pid(), parent = parent.0, name = ?link_name).entered();
+        let ttl = self.config.ttl;
+        let op = self.core.symlink(caller(req), parent.0, link_name, target);
+        self.answer(op, "symlink", move |r| match r {
+            Ok(attr) => reply.entry(&ttl, &file_attr(&attr), GEN),
+            Err(e) => reply.error(e),
+        });
+    }
+
+    fn rename(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let _s = tracing::debug_span!("rename", pid = req.pid(), parent = parent.0, ?name, newparent = newparent.0, ?newname).entered();
+        let op = self.core.rename(parent.0, name, newparent.0, newname, flags.bits());
+        self.answer(op, "rename", move |r| match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        });
+    }
+
+    fn link(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let _s = tracing::debug_span!("link", pid = req.pid(), ino = ino.0, newparent = newparent.0, ?newname).entered();
+        match self.core.link(ino.0, newparent.0, newname) {
+            Ok(attr) => reply.entry(&self.config.ttl, &self.file_attr(&attr), GEN),
+            Err(e) => reply.error(errno("link", &e)),
+        }
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _s = tracing::debug_span!("open", pid = req.pid(), ino = ino.0).entered();
+        match self.core.open(ino.0, flags.0) {
+            Op::Ready(Ok(opened)) => {
+                let fopen = Self::open_flags(&opened);
+                self.reply_open(ino.0, opened, fopen, reply)
+            }
+            Op::Ready(Err(e)) => reply.error(errno("open", &e)),
+            Op::Pending(future) => {
+                // No tier opens asynchronously yet; answer without passthrough if one does.
+                self.rt.spawn(async move {
+                    match future.await {
+                        Ok(opened) => reply.opened(FileHandle(opened.fh), Self::open_flags(&opened)),
+                        Err(e) => reply.error(errno("open", &e)),
+                    }
+                });
+            }
+        }
+    }
+
+    fn read(
+        &self,
+        req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let _s = tracing::trace_span!("read", pid = req.pid(), fh = fh.0, offset, size).entered();
+        match self.core.read(fh.0, offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(errno("read", &e)),
+        }
+    }
+
+    fn write(
+        &self,
+        req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let _s = tracing::trace_span!("write", pid = req.pid(), fh = fh.0, offset, len = data.len()).entered();
+        match self.core.write(fh.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(errno("write", &e)),
+        }
+    }
+
+    fn flush(&self, req: &Request, ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        let _s = tracing::debug_span!("flush", pid = req.pid(), ino = ino.0, fh = fh.0).entered();
+        self.answer(self.core.flush(fh.0), "flush", move |r| match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        });
+    }
+
+    fn release(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let _s = tracing::debug_span!("release", pid = req.pid(), ino = ino.0, fh = fh.0).entered();
+        self.release_backing(ino.0, fh.0);
+        self.answer(self.core.release(fh.0), "release", move |r| match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        });
+    }
+
+    fn fsync(&self, req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        let _s = tracing::debug_span!("fsync", pid = req.pid(), ino = ino.0, fh = fh.0).entered();
+        self.answer(self.core.fsync(fh.0, datasync), "fsync", move |r| match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        });
+    }
+
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _s = tracing::debug_span!("opendir", pid = req.pid(), ino = ino.0).entered();
+        match self.core.opendir(ino.0) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(errno("opendir", &e)),
+        }
+    }
+
+    fn readdir(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let _s = tracing::debug_span!("readdir", pid = req.pid(), ino = ino.0, offset).entered();
+        let dir = match self.core.dir_entries(fh.0) {
+            Ok(d) => d,
+            Err(e) => return reply.error(errno("readdir", &e)),
+        };
+        for (i, entry) in dir.entries.iter().enumerate().skip(offset as usize) {
+            let kind = Kind::from_d_type(entry.d_type).unwrap_or(Kind::File);
+            let node = self.core.entry_ino(ino.0, entry);
+            if reply.add(INodeNo(node), (i + 1) as u64, file_type(kind), &entry.name) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn readdirplus(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let _s = tracing::debug_span!("readdirplus", pid = req.pid(), ino = ino.0, offset).entered();
+        let dir = match self.core.dir_entries(fh.0) {
+            Ok(d) => d,
+            Err(e) => return reply.error(errno("readdirplus", &e)),
+        };
+        let ttl = self.config.ttl;
+        for (i, entry) in dir.entries.iter().enumerate().skip(offset as usize) {
+            let next = (i + 1) as u64;
+            if entry.name == "." || entry.name == ".." {
+                // The kernel takes no lookup for these; any directory attributes will do.
+                let Ok(mut attr) = self.core.getattr(ino.0) else { continue };
+                attr.ino = self.core.entry_ino(ino.0, entry);
+                if reply.add(INodeNo(attr.ino), next, &entry.name, &Duration::ZERO, &file_attr(&attr), GEN) {
+                    break;
+                }
+                continue;
+            }
+            match self.core.lookup(ino.0, &entry.name) {
+                Ok(attr) => {
+                    if reply.add(INodeNo(attr.ino), next, &entry.name, &ttl, &file_attr(&attr), GEN) {
+                        // Not sent, so the kernel did not take this lookup.
+                        self.core.forget(attr.ino, 1);
+                        break;
+                    }
+                }
+                // Removed since the snapshot: skip it.
+                Err(_) => continue,
+            }
+        }
+        reply.ok()
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.core.releasedir(fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(&self, req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        let _s = tracing::debug_span!("fsyncdir", pid = req.pid(), ino = ino.0).entered();
+        self.answer(self.core.fsyncdir(ino.0), "fsyncdir", move |r| match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        });
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.core.statfs() {
+            Ok(s) => reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize),
+            Err(e) => reply.error(errno("statfs", &e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let _s = tracing::debug_span!("setxattr", pid = req.pid(), ino = ino.0, ?name).entered();
+        match self.core.setxattr(ino.0, name, value, flags) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("setxattr", &e)),
+        }
+    }
+
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _s = tracing::debug_span!("getxattr", pid = req.pid(), ino = ino.0, ?name).entered();
+        match self.core.getxattr(ino.0, name) {
+            Ok(value) => xattr_reply(value, size, reply),
+            Err(e) => reply.error(errno("getxattr", &e)),
+        }
+    }
+
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _s = tracing::debug_span!("listxattr", pid = req.pid(), ino = ino.0).entered();
+        match self.core.listxattr(ino.0) {
+            Ok(names) => {
+                let mut buf = Vec::new();
+                for name in names {
+                    buf.extend_from_slice(name.as_encoded_bytes());
+                    buf.push(0);
+                }
+                xattr_reply(buf, size, reply)
+            }
+            Err(e) => reply.error(errno("listxattr", &e)),
+        }
+    }
+
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _s = tracing::debug_span!("removexattr", pid = req.pid(), ino = ino.0, ?name).entered();
+        match self.core.removexattr(ino.0, name) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("removexattr", &e)),
+        }
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // Not called with default_permissions; the kernel checks modes itself.
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let _s = tracing::debug_span!("create", pid = req.pid(), parent = parent.0, ?name).entered();
+        let ttl = self.config.ttl;
+        match self.core.create(caller(req), parent.0, name, mode, flags) {
+            Op::Ready(Ok((attr, opened))) => {
+                let fopen = Self::open_flags(&opened);
+                let fh = FileHandle(opened.fh);
+                if self
+                    .passthrough_backing(attr.ino, &opened, |fd| reply.open_backing(fd))
+                    .is_some()
+                {
+                    let pt = self.passthrough.lock();
+                    let id = &pt.by_ino[&attr.ino].0;
+                    reply.created_passthrough(&ttl, &file_attr(&attr), GEN, fh, fopen, id);
+                } else {
+                    reply.created(&ttl, &file_attr(&attr), GEN, fh, fopen);
+                }
+            }
+            Op::Ready(Err(e)) => reply.error(errno("create", &e)),
+            Op::Pending(future) => {
+                let span = tracing::Span::current();
+                self.rt.spawn(
+                    async move {
+                        match future.await {
+                            Ok((attr, opened)) => {
+                                let flags = Self::open_flags(&opened);
+                                reply.created(&ttl, &file_attr(&attr), GEN, FileHandle(opened.fh), flags)
+                            }
+                            Err(e) => reply.error(errno("create", &e)),
+                        }
+                    }
+                    .instrument(span),
+                );
+            }
+        }
+    }
+
+    fn fallocate(
+        &self,
+        req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let _s = tracing::debug_span!("fallocate", pid = req.pid(), fh = fh.0).entered();
+        match self.core.fallocate(fh.0, offset, length, mode) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("fallocate", &e)),
+        }
+    }
+}
+
+fn xattr_reply(value: Vec<u8>, size: u32, reply: ReplyXattr) {
+    if size == 0 {
+        reply.size(value.len() as u32);
+    } else if value.len() > size as usize {
+        reply.error(errno("xattr", &FsError::Range { size, needed: value.len() }));
+    } else {
+        reply.data(&value);
+    }
+}
+
+/// Sends the core's invalidations to the kernel from a thread of their own: a notification
+/// written from inside a request handler can deadlock against that very request.
+pub struct Invalidator {
+    tx: Mutex<mpsc::Sender<Invalidation>>,
+}
+
+enum Invalidation {
+    Inode(Ino),
+    Entry(Ino, std::ffi::OsString),
+}
+
+impl Invalidator {
+    /// Starts the notification thread.
+    pub fn start(notifier: fuser::Notifier) -> Arc<Invalidator> {
+        let (tx, rx) = mpsc::channel::<Invalidation>();
+        std::thread::Builder::new()
+            .name("syncfs-inval".into())
+            .spawn(move || {
+                for msg in rx {
+                    let result = match &msg {
+                        Invalidation::Inode(ino) => notifier.inval_inode(INodeNo(*ino), 0, 0),
+                        Invalidation::Entry(parent, name) => notifier.inval_entry(INodeNo(*parent), name),
+                    };
+                    if let Err(e) = result {
+                        tracing::debug!(error = %e, "kernel invalidation failed");
+                    }
+                }
+            })
+            .expect("spawn the invalidation thread");
+        Arc::new(Invalidator { tx: Mutex::new(tx) })
+    }
+}
+
+impl KernelCache for Invalidator {
+    fn invalidate_inode(&self, ino: Ino) {
+        let _ = self.tx.lock().send(Invalidation::Inode(ino));
+    }
+
+    fn invalidate_entry(&self, parent: Ino, name: &OsStr) {
+        let _ = self.tx.lock().send(Invalidation::Entry(parent, name.to_os_string()));
+    }
+}

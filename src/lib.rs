@@ -1,0 +1,21 @@
+//! syncfs: a FUSE filesystem that syncs each path with the consistency its policy asks for.
+//!
+//! A request from the kernel goes through these layers, each in its own module:
+//! - [`fuse`]: the thin adapter from fuser callbacks to core calls;
+//! - [`fs`]: the core: inodes, open files, staging of writes, routing by policy;
+//! - [`policy`]: the compiled policy table (pure, synchronous);
+//! - [`tier`]: one trait and one module per backend;
+//! - [`daemon`] and [`cli`]: mounting, the background process, status, the command line.
+//!
+//! docs/ARCHITECTURE.md walks through where a write goes.
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod fs;
+pub mod fuse;
+pub mod op;
+pub mod policy;
+pub mod status;
+pub mod tier;
+pub mod yaml;

@@ -1,0 +1,5 @@
+//! The `syncfs` command.
+
+fn main() -> std::process::ExitCode {
+    syncfs::cli::main()
+}

@@ -1,0 +1,336 @@
+//! The policy table: which tier owns a path, and with what consistency.
+//!
+//! Pure and synchronous: parsing, validation and matching do no I/O, so they are tested with
+//! tables of cases and can be called on any thread, including FUSE callbacks.
+//!
+//! Matching order is part of the user-facing contract (SPEC section 2):
+//! 1. the built-in temp-file rule (`*.swp`, `*~`, `.#*`, `*.tmp` stay `local`), unless the file
+//!    says `local_temp_files: false`;
+//! 2. the file's policies, first match wins;
+//! 3. the built-in catch-all.
+//!
+//! Patterns are globset globs matched against the path relative to the sync root, with
+//! `literal_separator` on: `*` stays within one directory, `**` crosses directories.
+
+mod parse;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use globset::{Candidate, GlobSet};
+
+pub use parse::{PolicyError, POLICY_FILE};
+
+/// The backend that owns a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TierKind {
+    /// A git repository per node, pushed to a shared remote.
+    Git,
+    /// NATS JetStream key-value buckets.
+    NatsKv,
+    /// NATS JetStream streams.
+    NatsStream,
+    /// The NATS object store.
+    ObjectStore,
+    /// Kept on this node only, never synced.
+    Local,
+}
+
+impl TierKind {
+    /// Every tier, in the order the policy file documents them.
+    pub const ALL: [TierKind; 5] = [
+        TierKind::Git,
+        TierKind::NatsKv,
+        TierKind::NatsStream,
+        TierKind::ObjectStore,
+        TierKind::Local,
+    ];
+
+    /// The name used in policy files and xattrs.
+    pub fn name(self) -> &'static str {
+        match self {
+            TierKind::Git => "git",
+            TierKind::NatsKv => "nats-kv",
+            TierKind::NatsStream => "nats-stream",
+            TierKind::ObjectStore => "object-store",
+            TierKind::Local => "local",
+        }
+    }
+
+    /// Parses a tier name as written in a policy file.
+    pub fn from_name(name: &str) -> Option<TierKind> {
+        TierKind::ALL.into_iter().find(|t| t.name() == name)
+    }
+
+    /// The consistency a policy gets when it names this tier but no consistency.
+    pub fn default_consistency(self) -> Consistency {
+        match self {
+            TierKind::Git => Consistency::Lww,
+            TierKind::NatsKv => Consistency::Lww,
+            TierKind::NatsStream => Consistency::Append,
+            TierKind::ObjectStore => Consistency::ContentAddressed,
+            TierKind::Local => Consistency::None,
+        }
+    }
+
+    /// Whether this tier can serve a consistency mode (SPEC section 3, the table's rows).
+    pub fn supports(self, consistency: Consistency) -> bool {
+        use Consistency as C;
+        matches!(
+            (self, consistency),
+            (TierKind::Git, C::Merge | C::Lww)
+                | (TierKind::NatsKv, C::Lww | C::Cas | C::CasCreate)
+                | (TierKind::NatsStream, C::Append)
+                | (TierKind::ObjectStore, C::ContentAddressed)
+                | (TierKind::Local, C::None)
+        )
+    }
+}
+
+impl fmt::Display for TierKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What a program can rely on when it writes a path (SPEC section 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Consistency {
+    /// Field-by-field three-way merge of concurrent edits (git).
+    Merge,
+    /// Last write wins.
+    Lww,
+    /// Compare-and-swap against the revision the writer started from.
+    Cas,
+    /// Exclusive creation, then compare-and-swap.
+    CasCreate,
+    /// Appends only, one order on every node.
+    Append,
+    /// Whole objects, stored once per content.
+    ContentAddressed,
+    /// Not synced.
+    None,
+}
+
+impl Consistency {
+    const ALL: [Consistency; 7] = [
+        Consistency::Merge,
+        Consistency::Lww,
+        Consistency::Cas,
+        Consistency::CasCreate,
+        Consistency::Append,
+        Consistency::ContentAddressed,
+        Consistency::None,
+    ];
+
+    /// The name used in policy files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Consistency::Merge => "merge",
+            Consistency::Lww => "lww",
+            Consistency::Cas => "cas",
+            Consistency::CasCreate => "cas-create",
+            Consistency::Append => "append",
+            Consistency::ContentAddressed => "content-addressed",
+            Consistency::None => "none",
+        }
+    }
+
+    /// Parses a consistency name as written in a policy file.
+    pub fn from_name(name: &str) -> Option<Consistency> {
+        Consistency::ALL.into_iter().find(|c| c.name() == name)
+    }
+}
+
+impl fmt::Display for Consistency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How one field of a structured document merges (SPEC section 3.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MergeRule {
+    /// Set once; later changes are refused and lose in a merge.
+    Immutable,
+    /// The later write wins, by the cluster's clock.
+    Lww,
+    /// Set union with removals.
+    Union,
+    /// The larger value wins.
+    Max,
+}
+
+impl MergeRule {
+    /// The name used in policy files.
+    pub fn name(self) -> &'static str {
+        match self {
+            MergeRule::Immutable => "immutable",
+            MergeRule::Lww => "lww",
+            MergeRule::Union => "union",
+            MergeRule::Max => "max",
+        }
+    }
+
+    /// Parses a merge rule name.
+    pub fn from_name(name: &str) -> Option<MergeRule> {
+        [
+            MergeRule::Immutable,
+            MergeRule::Lww,
+            MergeRule::Union,
+            MergeRule::Max,
+        ]
+        .into_iter()
+        .find(|r| r.name() == name)
+    }
+}
+
+/// Where a policy came from, for `policy explain` and error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// Written in the policy file, at this 1-based line.
+    File {
+        /// Line of the policy's first key.
+        line: usize,
+    },
+    /// A built-in rule.
+    Builtin(&'static str),
+}
+
+/// One rule of the table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    /// The glob, as written (built-ins list their globs joined by ` | `).
+    pub pattern: String,
+    /// The tier that owns matching paths.
+    pub tier: TierKind,
+    /// The consistency mode.
+    pub consistency: Consistency,
+    /// Time to live of entries (nats-kv only).
+    pub ttl: Option<Duration>,
+    /// The creating mount keeps entries alive; they expire one TTL after it dies.
+    pub ephemeral: bool,
+    /// Field rules for `merge` (top-level field names; nested maps recurse).
+    pub merge_rules: BTreeMap<String, MergeRule>,
+    /// A JSON Schema, as a path in the sync root, that writes must satisfy.
+    pub schema: Option<String>,
+    /// How long a stream keeps messages (nats-stream only).
+    pub max_age: Option<Duration>,
+    /// Where the rule is written.
+    pub origin: Origin,
+}
+
+impl Policy {
+    fn builtin(name: &'static str, pattern: &str, tier: TierKind, consistency: Consistency) -> Policy {
+        Policy {
+            pattern: pattern.to_string(),
+            tier,
+            consistency,
+            ttl: None,
+            ephemeral: false,
+            merge_rules: BTreeMap::new(),
+            schema: None,
+            max_age: None,
+            origin: Origin::Builtin(name),
+        }
+    }
+}
+
+/// Globs of the built-in temp-file rule, matched in every directory.
+pub const TEMP_FILE_GLOBS: [&str; 4] = ["*.swp", "*~", ".#*", "*.tmp"];
+
+/// Tier and consistency of the built-in last rule. SPEC section 2 names `git` + `lww`; until
+/// the git tier exists the catch-all is `local`, because the default table may only name
+/// tiers that this build has.
+pub const CATCH_ALL: (TierKind, Consistency) = (TierKind::Local, Consistency::None);
+
+/// The tiers this build can serve. A policy naming any other stops the mount.
+pub const AVAILABLE_TIERS: [TierKind; 1] = [TierKind::Local];
+
+/// The policy file written into a new sync root on its first mount.
+pub const DEFAULT_POLICY_FILE: &str = include_str!("default.yml");
+
+/// A compiled policy table.
+#[derive(Debug, Clone)]
+pub struct PolicyTable {
+    /// Built-in temp rule (if enabled), the file's rules, the catch-all, in matching order.
+    policies: Vec<Arc<Policy>>,
+    /// One glob per entry of `owners`, in the same order.
+    set: GlobSet,
+    /// For each glob in `set`, the index of the policy it belongs to.
+    owners: Vec<usize>,
+    /// The text the table was parsed from.
+    source: String,
+}
+
+impl PolicyTable {
+    /// Parses and validates a policy file. `file` is only used in error messages.
+    pub fn parse(text: &str, file: &Path) -> Result<PolicyTable, PolicyError> {
+        parse::parse(text, file)
+    }
+
+    /// The built-in default table (the parsed [`DEFAULT_POLICY_FILE`]).
+    pub fn default_table() -> PolicyTable {
+        PolicyTable::parse(DEFAULT_POLICY_FILE, Path::new("<built-in default>"))
+            .expect("the built-in default policy file is valid")
+    }
+
+    /// The policy that governs `path` (relative to the sync root, `/`-separated, no leading
+    /// slash; the root itself is the empty string). Never fails: the catch-all matches all.
+    pub fn resolve(&self, path: impl AsRef<Path>) -> &Arc<Policy> {
+        let candidate = Candidate::new(path.as_ref());
+        MATCHES.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            self.set.matches_candidate_into(&candidate, &mut buf);
+            let first = buf.iter().map(|&glob| self.owners[glob]).min();
+            &self.policies[first.unwrap_or(self.policies.len() - 1)]
+        })
+    }
+
+    /// All rules in matching order, built-ins included.
+    pub fn policies(&self) -> &[Arc<Policy>] {
+        &self.policies
+    }
+
+    /// The policy file text this table was parsed from.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Refuses tables that name a tier this build cannot serve, or a feature it lacks,
+    /// naming the rule's line.
+    pub fn check_available(&self, file: &Path) -> Result<(), PolicyError> {
+        for policy in &self.policies {
+            let Origin::File { line } = policy.origin else {
+                continue;
+            };
+            if !AVAILABLE_TIERS.contains(&policy.tier) {
+                return Err(PolicyError::at(
+                    file,
+                    line,
+                    1,
+                    format!("tier {} is not available yet", policy.tier),
+                ));
+            }
+            if policy.schema.is_some() {
+                return Err(PolicyError::at(
+                    file,
+                    line,
+                    1,
+                    "schema validation is not available yet".to_string(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+thread_local! {
+    static MATCHES: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,364 @@
+//! Reading a policy file: YAML with positions, then one check per key, each naming its line.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use globset::{GlobBuilder, GlobSetBuilder};
+
+use super::{
+    Consistency, MergeRule, Origin, Policy, PolicyTable, TierKind, CATCH_ALL, TEMP_FILE_GLOBS,
+};
+use crate::yaml::{self, Node, Value};
+
+/// The policy file's path inside the sync root.
+pub const POLICY_FILE: &str = ".syncfs/policies.yml";
+
+/// A policy file that cannot be used, with the place and the reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct PolicyError {
+    /// The file as the user knows it.
+    pub file: PathBuf,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column.
+    pub col: usize,
+    /// What is wrong, in one sentence.
+    pub reason: String,
+}
+
+impl PolicyError {
+    pub(crate) fn at(file: &Path, line: usize, col: usize, reason: String) -> PolicyError {
+        PolicyError {
+            file: file.to_path_buf(),
+            line,
+            col,
+            reason,
+        }
+    }
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.col,
+            self.reason
+        )
+    }
+}
+
+struct Ctx<'a> {
+    file: &'a Path,
+}
+
+impl Ctx<'_> {
+    fn err(&self, node: &Node, reason: impl Into<String>) -> PolicyError {
+        PolicyError::at(self.file, node.line, node.col, reason.into())
+    }
+
+    fn string<'n>(&self, node: &'n Node, key: &str) -> Result<&'n str, PolicyError> {
+        match &node.value {
+            Value::Scalar { text, .. } if !text.is_empty() => Ok(text),
+            _ => Err(self.err(node, format!("`{key}` must be a non-empty string"))),
+        }
+    }
+
+    fn positive(&self, node: &Node, key: &str) -> Result<u64, PolicyError> {
+        match node.as_u64() {
+            Some(n) if n > 0 => Ok(n),
+            _ => Err(self.err(node, format!("`{key}` must be a whole number greater than 0"))),
+        }
+    }
+
+    fn boolean(&self, node: &Node, key: &str) -> Result<bool, PolicyError> {
+        node.as_bool()
+            .ok_or_else(|| self.err(node, format!("`{key}` must be true or false")))
+    }
+
+    fn map<'n>(&self, node: &'n Node, what: &str) -> Result<&'n [(Node, Node)], PolicyError> {
+        node.as_map()
+            .ok_or_else(|| self.err(node, format!("{what} must be a mapping, found a {}", node.kind_name())))
+    }
+}
+
+/// A path inside the sync root: relative, `/`-separated, no `.` or `..` components.
+fn is_root_relative(path: &str) -> bool {
+    !path.starts_with('/')
+        && path
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
+fn compile_glob(pattern: &str) -> Result<globset::Glob, globset::Error> {
+    GlobBuilder::new(pattern)
+        .literal_separator(true)
+        .backslash_escape(true)
+        .empty_alternates(true)
+        .build()
+}
+
+pub(super) fn parse(text: &str, file: &Path) -> Result<PolicyTable, PolicyError> {
+    let cx = Ctx { file };
+    let root = yaml::parse(text)
+        .map_err(|e| PolicyError::at(file, e.line, e.col, format!("invalid YAML: {}", e.message)))?
+        .ok_or_else(|| {
+            PolicyError::at(file, 1, 1, "the file is empty; expected a `policies:` list".into())
+        })?;
+    let entries = cx.map(&root, "the policy file")?;
+
+    let mut local_temp_files = true;
+    let mut policies_node = None;
+    for (key, value) in entries {
+        match key.as_str().unwrap_or("") {
+            "policies" => policies_node = Some(value),
+            "local_temp_files" => local_temp_files = cx.boolean(value, "local_temp_files")?,
+            other => {
+                return Err(cx.err(
+                    key,
+                    format!("unknown key `{other}` (expected `policies` or `local_temp_files`)"),
+                ))
+            }
+        }
+    }
+    let policies_node = policies_node
+        .ok_or_else(|| cx.err(&root, "missing `policies:` list"))?;
+    let items: &[Node] = match &policies_node.value {
+        Value::Seq(items) => items,
+        Value::Null => &[],
+        _ => {
+            return Err(cx.err(
+                policies_node,
+                format!("`policies` must be a list, found a {}", policies_node.kind_name()),
+            ))
+        }
+    };
+
+    let mut policies = Vec::new();
+    let mut globs = GlobSetBuilder::new();
+    let mut owners = Vec::new();
+    if local_temp_files {
+        for glob in TEMP_FILE_GLOBS {
+            globs.add(compile_glob(&format!("**/{glob}")).expect("built-in globs compile"));
+            owners.push(policies.len());
+        }
+        policies.push(Arc::new(Policy::builtin(
+            "temp files",
+            &TEMP_FILE_GLOBS.join(" | "),
+            TierKind::Local,
+            Consistency::None,
+        )));
+    }
+    for item in items {
+        let policy = parse_policy(&cx, item)?;
+        globs.add(compile_glob(&policy.pattern).expect("checked in parse_policy"));
+        owners.push(policies.len());
+        policies.push(Arc::new(policy));
+    }
+    policies.push(Arc::new(Policy::builtin("catch-all", "**", CATCH_ALL.0, CATCH_ALL.1)));
+    let set = globs
+        .build()
+        .map_err(|e| PolicyError::at(file, 1, 1, format!("cannot compile the patterns: {e}")))?;
+    Ok(PolicyTable {
+        policies,
+        set,
+        owners,
+        source: text.to_string(),
+    })
+}
+
+fn parse_policy(cx: &Ctx<'_>, item: &Node) -> Result<Policy, PolicyError> {
+    let entries = cx.map(item, "each policy")?;
+    let mut pattern = None;
+    let mut tier = None;
+    let mut consistency = None;
+    let mut ttl = None;
+    let mut ephemeral = None;
+    let mut merge_rules = None;
+    let mut schema = None;
+    let mut retention = None;
+    for (key, value) in entries {
+        let slot = match key.as_str().unwrap_or("") {
+            "pattern" => &mut pattern,
+            "tier" => &mut tier,
+            "consistency" => &mut consistency,
+            "ttl" => &mut ttl,
+            "ephemeral" => &mut ephemeral,
+            "merge_rules" => &mut merge_rules,
+            "schema" => &mut schema,
+            "retention" => &mut retention,
+            other => {
+                return Err(cx.err(
+                    key,
+                    format!(
+                        "unknown key `{other}` (a policy has pattern, tier, consistency, ttl, \
+                         ephemeral, merge_rules, schema, retention)"
+                    ),
+                ))
+            }
+        };
+        *slot = Some(value);
+    }
+
+    let pattern_node = pattern.ok_or_else(|| cx.err(item, "policy without a `pattern`"))?;
+    let pattern = cx.string(pattern_node, "pattern")?;
+    if pattern.starts_with('/') {
+        return Err(cx.err(
+            pattern_node,
+            format!("pattern `{pattern}` is absolute; patterns are relative to the sync root"),
+        ));
+    }
+    if pattern.split('/').any(|c| c == "..") {
+        return Err(cx.err(pattern_node, format!("pattern `{pattern}` contains `..`")));
+    }
+    compile_glob(pattern)
+        .map_err(|e| cx.err(pattern_node, format!("invalid pattern `{pattern}`: {}", e.kind())))?;
+
+    let tier_node = tier.ok_or_else(|| cx.err(item, "policy without a `tier`"))?;
+    let tier_name = cx.string(tier_node, "tier")?;
+    let tier = TierKind::from_name(tier_name).ok_or_else(|| {
+        cx.err(
+            tier_node,
+            format!(
+                "unknown tier `{tier_name}` (expected one of: {})",
+                TierKind::ALL.map(TierKind::name).join(", ")
+            ),
+        )
+    })?;
+
+    let consistency = match consistency {
+        None => tier.default_consistency(),
+        Some(node) => {
+            let name = cx.string(node, "consistency")?;
+            let c = Consistency::from_name(name).ok_or_else(|| {
+                cx.err(
+                    node,
+                    format!(
+                        "unknown consistency `{name}` (expected one of: {})",
+                        Consistency::ALL.map(Consistency::name).join(", ")
+                    ),
+                )
+            })?;
+            if !tier.supports(c) {
+                let supported: Vec<_> = Consistency::ALL
+                    .into_iter()
+                    .filter(|c| tier.supports(*c))
+                    .map(Consistency::name)
+                    .collect();
+                return Err(cx.err(
+                    node,
+                    format!(
+                        "tier {tier} cannot serve consistency {c} (it serves: {})",
+                        supported.join(", ")
+                    ),
+                ));
+            }
+            c
+        }
+    };
+
+    let ttl = match ttl {
+        None => None,
+        Some(node) => {
+            if tier != TierKind::NatsKv {
+                return Err(cx.err(node, format!("`ttl` applies to nats-kv paths, not {tier}")));
+            }
+            Some(Duration::from_secs(cx.positive(node, "ttl")?))
+        }
+    };
+
+    let ephemeral = match ephemeral {
+        None => false,
+        Some(node) => {
+            let value = cx.boolean(node, "ephemeral")?;
+            if value && (tier != TierKind::NatsKv || ttl.is_none()) {
+                return Err(cx.err(
+                    node,
+                    "`ephemeral: true` needs tier nats-kv and a `ttl` (entries expire one TTL \
+                     after their mount dies)",
+                ));
+            }
+            value
+        }
+    };
+
+    let merge_rules = match merge_rules {
+        None => BTreeMap::new(),
+        Some(node) => {
+            if consistency != Consistency::Merge {
+                return Err(cx.err(node, "`merge_rules` needs `consistency: merge`"));
+            }
+            let mut rules = BTreeMap::new();
+            for (field, rule) in cx.map(node, "`merge_rules`")? {
+                let field_name = cx.string(field, "merge_rules field")?;
+                let rule_name = cx.string(rule, "merge rule")?;
+                let rule = MergeRule::from_name(rule_name).ok_or_else(|| {
+                    cx.err(
+                        rule,
+                        format!(
+                            "unknown merge rule `{rule_name}` for field `{field_name}` \
+                             (expected immutable, lww, union or max)"
+                        ),
+                    )
+                })?;
+                rules.insert(field_name.to_string(), rule);
+            }
+            rules
+        }
+    };
+
+    let schema = match schema {
+        None => None,
+        Some(node) => {
+            let path = cx.string(node, "schema")?;
+            if !is_root_relative(path) {
+                return Err(cx.err(
+                    node,
+                    format!("schema `{path}` must be a path inside the sync root, like .syncfs/schemas/x.json"),
+                ));
+            }
+            Some(path.to_string())
+        }
+    };
+
+    let max_age = match retention {
+        None => None,
+        Some(node) => {
+            if tier != TierKind::NatsStream {
+                return Err(cx.err(node, format!("`retention` applies to nats-stream paths, not {tier}")));
+            }
+            let mut days = None;
+            for (key, value) in cx.map(node, "`retention`")? {
+                match key.as_str().unwrap_or("") {
+                    "max_age_days" => days = Some(cx.positive(value, "max_age_days")?),
+                    other => {
+                        return Err(cx.err(
+                            key,
+                            format!("unknown key `{other}` in retention (expected max_age_days)"),
+                        ))
+                    }
+                }
+            }
+            days.map(|d| Duration::from_secs(d * 86_400))
+        }
+    };
+
+    Ok(Policy {
+        pattern: pattern.to_string(),
+        tier,
+        consistency,
+        ttl,
+        ephemeral,
+        merge_rules,
+        schema,
+        max_age,
+        origin: Origin::File {
+            line: item.line,
+        },
+    })
+}

@@ -1,0 +1,171 @@
+//! Table-driven tests of parsing, validation and matching.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::*;
+
+const SEED: &str = r#"
+policies:
+  - pattern: "durable/issues/*.yml"
+    tier: git
+    consistency: merge
+    merge_rules: { id: immutable, title: lww, labels: union, updated_at: max }
+  - pattern: "durable/**"
+    tier: git
+    consistency: merge
+  - pattern: "fast/claims/**"
+    tier: nats-kv
+    consistency: cas-create
+    ttl: 300
+    ephemeral: true
+  - pattern: "fast/status/**"
+    tier: nats-kv
+    consistency: lww
+    ttl: 30
+  - pattern: "fast/messages/**"
+    tier: nats-stream
+    consistency: append
+    retention:
+      max_age_days: 30
+  - pattern: "blobs/**"
+    tier: object-store
+    consistency: content-addressed
+  - pattern: "scratch/**"
+    tier: local
+"#;
+
+fn table(text: &str) -> PolicyTable {
+    PolicyTable::parse(text, Path::new("policies.yml")).unwrap()
+}
+
+fn error(text: &str) -> PolicyError {
+    PolicyTable::parse(text, Path::new("policies.yml")).unwrap_err()
+}
+
+#[test]
+fn first_match_wins() {
+    let t = table(SEED);
+    let cases: &[(&str, &str, TierKind, Consistency)] = &[
+        ("durable/issues/1.yml", "durable/issues/*.yml", TierKind::Git, Consistency::Merge),
+        // `*` does not cross directories, so this falls to the next rule.
+        ("durable/issues/old/1.yml", "durable/**", TierKind::Git, Consistency::Merge),
+        ("durable/readme.md", "durable/**", TierKind::Git, Consistency::Merge),
+        ("fast/claims/x", "fast/claims/**", TierKind::NatsKv, Consistency::CasCreate),
+        ("fast/claims/a/b c", "fast/claims/**", TierKind::NatsKv, Consistency::CasCreate),
+        ("fast/status/n1", "fast/status/**", TierKind::NatsKv, Consistency::Lww),
+        ("fast/messages/t1.log", "fast/messages/**", TierKind::NatsStream, Consistency::Append),
+        ("blobs/big.bin", "blobs/**", TierKind::ObjectStore, Consistency::ContentAddressed),
+        ("scratch/x", "scratch/**", TierKind::Local, Consistency::None),
+        // Temp files are local before any rule, in every directory.
+        ("durable/issues/1.yml.swp", "*.swp | *~ | .#* | *.tmp", TierKind::Local, Consistency::None),
+        ("durable/x~", "*.swp | *~ | .#* | *.tmp", TierKind::Local, Consistency::None),
+        ("fast/claims/.#lock", "*.swp | *~ | .#* | *.tmp", TierKind::Local, Consistency::None),
+        ("x.tmp", "*.swp | *~ | .#* | *.tmp", TierKind::Local, Consistency::None),
+        // Anything else goes to the catch-all.
+        ("notes.txt", "**", CATCH_ALL.0, CATCH_ALL.1),
+        ("", "**", CATCH_ALL.0, CATCH_ALL.1),
+        ("durable", "**", CATCH_ALL.0, CATCH_ALL.1),
+    ];
+    for (path, pattern, tier, consistency) in cases {
+        let p = t.resolve(path);
+        assert_eq!((&p.pattern[..], p.tier, p.consistency), (*pattern, *tier, *consistency), "{path}");
+    }
+}
+
+#[test]
+fn seed_values_are_kept() {
+    let t = table(SEED);
+    let claims = t.resolve("fast/claims/x");
+    assert_eq!(claims.ttl, Some(Duration::from_secs(300)));
+    assert!(claims.ephemeral);
+    assert_eq!(claims.origin, Origin::File { line: 12 });
+    let issues = t.resolve("durable/issues/1.yml");
+    assert_eq!(issues.merge_rules.get("labels"), Some(&MergeRule::Union));
+    assert_eq!(issues.merge_rules.len(), 4);
+    let messages = t.resolve("fast/messages/t");
+    assert_eq!(messages.max_age, Some(Duration::from_secs(30 * 86_400)));
+    // Consistency defaults per tier.
+    assert_eq!(t.resolve("scratch/x").consistency, Consistency::None);
+}
+
+#[test]
+fn temp_rule_can_be_turned_off() {
+    let t = table("local_temp_files: false\npolicies:\n  - pattern: \"a/**\"\n    tier: local\n");
+    assert_eq!(t.resolve("a/x.swp").pattern, "a/**");
+    assert_eq!(t.resolve("x.swp").origin, Origin::Builtin("catch-all"));
+}
+
+#[test]
+fn errors_name_line_and_reason() {
+    let cases: &[(&str, usize, &str)] = &[
+        ("policies:\n  - pattern: x\n    tier: gti\n", 3, "unknown tier `gti`"),
+        ("policies:\n  - pattern: x\n    tier: git\n    consistency: cas-create\n", 4, "tier git cannot serve consistency cas-create"),
+        ("policies:\n  - pattern: x\n    tier: nats-kv\n    consistency: merge\n", 4, "tier nats-kv cannot serve consistency merge"),
+        ("policies:\n  - pattern: x\n    tier: local\n    consistency: lww\n", 4, "tier local cannot serve consistency lww"),
+        ("policies:\n  - pattern: x\n    tier: git\n    consistency: sometimes\n", 4, "unknown consistency `sometimes`"),
+        ("policies:\n  - tier: git\n", 2, "policy without a `pattern`"),
+        ("policies:\n  - pattern: x\n", 2, "policy without a `tier`"),
+        ("policies:\n  - pattern: \"a/[b\"\n    tier: git\n", 2, "invalid pattern `a/[b`"),
+        ("policies:\n  - pattern: /abs/**\n    tier: git\n", 2, "is absolute"),
+        ("policies:\n  - pattern: a/../b\n    tier: git\n", 2, "contains `..`"),
+        ("policies:\n  - pattern: x\n    tier: git\n    ttl: 30\n", 4, "`ttl` applies to nats-kv paths"),
+        ("policies:\n  - pattern: x\n    tier: nats-kv\n    ttl: 0\n", 4, "greater than 0"),
+        ("policies:\n  - pattern: x\n    tier: nats-kv\n    ttl: soon\n", 4, "greater than 0"),
+        ("policies:\n  - pattern: x\n    tier: nats-kv\n    ephemeral: true\n", 4, "needs tier nats-kv and a `ttl`"),
+        ("policies:\n  - pattern: x\n    tier: git\n    consistency: lww\n    merge_rules: {a: union}\n", 5, "needs `consistency: merge`"),
+        ("policies:\n  - pattern: x\n    tier: git\n    consistency: merge\n    merge_rules: {a: biggest}\n", 5, "unknown merge rule `biggest`"),
+        ("policies:\n  - pattern: x\n    tier: git\n    retention: {max_age_days: 3}\n", 4, "`retention` applies to nats-stream"),
+        ("policies:\n  - pattern: x\n    tier: nats-stream\n    retention: {max_days: 3}\n", 4, "unknown key `max_days`"),
+        ("policies:\n  - pattern: x\n    tier: git\n    schema: ../etc/passwd\n", 4, "inside the sync root"),
+        ("policies:\n  - pattern: x\n    tier: git\n    consitency: merge\n", 4, "unknown key `consitency`"),
+        ("policies:\n  - pattern: x\n    tier: git\n    tier: local\n", 4, "duplicate key `tier`"),
+        ("polices: []\n", 1, "unknown key `polices`"),
+        ("local_temp_files: true\n", 1, "missing `policies:` list"),
+        ("policies: {}\n", 1, "`policies` must be a list"),
+        ("policies:\n  - just a string\n", 2, "each policy must be a mapping"),
+        ("", 1, "the file is empty"),
+        ("policies:\n  - pattern: [unclosed\n", 3, "invalid YAML"),
+    ];
+    for (text, line, reason) in cases {
+        let e = error(text);
+        assert_eq!(e.line, *line, "{text:?} -> {e}");
+        assert!(e.reason.contains(reason), "{text:?} -> {e}");
+        assert!(e.to_string().starts_with(&format!("policies.yml:{line}:")), "{e}");
+    }
+}
+
+#[test]
+fn unavailable_tiers_are_refused_with_their_line() {
+    let t = table(SEED);
+    let e = t.check_available(Path::new("p.yml")).unwrap_err();
+    assert_eq!(e.line, 3);
+    assert_eq!(e.reason, "tier git is not available yet");
+    let local = table("policies:\n  - pattern: \"**\"\n    tier: local\n");
+    local.check_available(Path::new("p.yml")).unwrap();
+    let schema = table("policies:\n  - pattern: \"**\"\n    tier: local\n    schema: s.json\n");
+    assert!(schema.check_available(Path::new("p.yml")).unwrap_err().reason.contains("schema"));
+}
+
+#[test]
+fn default_table_names_only_available_tiers() {
+    let t = PolicyTable::default_table();
+    t.check_available(Path::new("default")).unwrap();
+    for p in t.policies() {
+        assert!(AVAILABLE_TIERS.contains(&p.tier), "{p:?}");
+    }
+    assert_eq!(t.resolve("anything/at/all").tier, TierKind::Local);
+}
+
+#[test]
+fn every_pairing_is_decided() {
+    // Each tier serves at least its default consistency, and exactly the SPEC's rows.
+    for tier in TierKind::ALL {
+        assert!(tier.supports(tier.default_consistency()), "{tier}");
+    }
+    let served: usize = TierKind::ALL
+        .iter()
+        .map(|t| Consistency::ALL.iter().filter(|c| t.supports(**c)).count())
+        .sum();
+    assert_eq!(served, 8);
+}

@@ -1,0 +1,148 @@
+//! What `syncfs status` reports. The daemon serves it as the JSON value of the root's
+//! `user.syncfs.status` attribute, so the command needs no socket and works wherever the mount
+//! point is visible (containers included); `--json` prints it unchanged.
+//!
+//! The JSON shape is stable: fields are only ever added. `version` changes if one is removed.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+/// The name of the root attribute that carries the status.
+pub const STATUS_XATTR: &str = "user.syncfs.status";
+/// The name of the root attribute that carries the active policy file.
+pub const POLICIES_XATTR: &str = "user.syncfs.policies";
+
+/// A mount's status.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    /// Format version of this JSON.
+    pub version: u32,
+    /// This node's id.
+    pub node: String,
+    /// The daemon's process id.
+    pub pid: u32,
+    /// The mount point.
+    pub mountpoint: String,
+    /// The node's state directory.
+    pub state_dir: String,
+    /// The daemon's log file (empty in the foreground).
+    pub log_file: String,
+    /// When the mount started (RFC 3339).
+    pub started_at: String,
+    /// FUSE session details.
+    pub fuse: FuseStatus,
+    /// NATS connection.
+    pub nats: NatsStatus,
+    /// Git remote.
+    pub git: GitStatus,
+    /// Per-tier counters.
+    pub tiers: BTreeMap<String, TierStatus>,
+    /// Writes accepted but not yet delivered to their tier.
+    pub pending_writes: u64,
+    /// Conflict files awaiting a human.
+    pub conflicts: Vec<String>,
+    /// Rules in the active policy table (built-ins included).
+    pub policies: usize,
+    /// Inodes the kernel references.
+    pub inodes: usize,
+    /// Open file handles.
+    pub open_files: usize,
+}
+
+/// FUSE session details.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FuseStatus {
+    /// Whether the kernel serves local files' I/O directly (FUSE passthrough).
+    pub passthrough: bool,
+    /// Worker threads.
+    pub threads: usize,
+    /// Whether other users may use the mount.
+    pub allow_other: bool,
+}
+
+/// The NATS connection.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NatsStatus {
+    /// `not configured`, `connected`, `disconnected`.
+    pub state: String,
+    /// Server URL (no credentials).
+    pub url: Option<String>,
+    /// Whether syncfs started the server itself (the embedded default).
+    pub embedded: bool,
+}
+
+/// The git remote.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GitStatus {
+    /// `not configured`, or the remote URL (no credentials).
+    pub remote: Option<String>,
+    /// Last successful push (RFC 3339).
+    pub last_push: Option<String>,
+    /// Last successful fetch (RFC 3339).
+    pub last_pull: Option<String>,
+    /// Commits not yet on the remote.
+    pub unpushed: u64,
+}
+
+/// Counters of one tier.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TierStatus {
+    /// Staged writes committed.
+    pub commits: u64,
+    /// Staged writes refused or failed.
+    pub refused: u64,
+}
+
+impl Status {
+    /// The human-readable form.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "mount point:  {}", self.mountpoint);
+        let _ = writeln!(s, "node:         {}", self.node);
+        let _ = writeln!(s, "daemon:       pid {}, up since {}", self.pid, self.started_at);
+        let _ = writeln!(s, "state:        {}", self.state_dir);
+        if !self.log_file.is_empty() {
+            let _ = writeln!(s, "log:          {}", self.log_file);
+        }
+        let _ = writeln!(
+            s,
+            "fuse:         {} threads, passthrough {}, allow_other {}",
+            self.fuse.threads,
+            if self.fuse.passthrough { "on" } else { "off" },
+            if self.fuse.allow_other { "on" } else { "off" }
+        );
+        let nats = match (&self.nats.url, self.nats.embedded) {
+            (Some(url), true) => format!("{} (embedded server at {url})", self.nats.state),
+            (Some(url), false) => format!("{} ({url})", self.nats.state),
+            (None, _) => self.nats.state.clone(),
+        };
+        let _ = writeln!(s, "nats:         {nats}");
+        let git = match &self.git.remote {
+            Some(remote) => format!(
+                "{remote}, last push {}, last pull {}, {} commits unpushed",
+                self.git.last_push.as_deref().unwrap_or("never"),
+                self.git.last_pull.as_deref().unwrap_or("never"),
+                self.git.unpushed
+            ),
+            None => "no remote".into(),
+        };
+        let _ = writeln!(s, "git:          {git}");
+        for (tier, t) in &self.tiers {
+            let _ = writeln!(s, "tier {tier:<8} {} commits, {} refused", t.commits, t.refused);
+        }
+        let _ = writeln!(s, "pending:      {} writes queued", self.pending_writes);
+        let _ = writeln!(s, "open:         {} files, {} inodes", self.open_files, self.inodes);
+        let _ = writeln!(s, "policies:     {} rules", self.policies);
+        if self.conflicts.is_empty() {
+            let _ = writeln!(s, "conflicts:    none");
+        } else {
+            let _ = writeln!(s, "conflicts:    {}", self.conflicts.len());
+            for c in &self.conflicts {
+                let _ = writeln!(s, "  {c}");
+            }
+        }
+        s
+    }
+}
