@@ -390,6 +390,7 @@ impl Core {
 
     /// The policy target of `name` in directory `parent`.
     fn target_in(&self, parent: Ino, name: &OsStr) -> Result<Target, FsError> {
+        check_name(name)?;
         let path = {
             let table = self.inodes.lock();
             table.get(parent).ok_or(FsError::UnknownInode(parent))?;
@@ -560,6 +561,7 @@ impl Core {
 
     /// Looks up `name` in `parent` and takes one kernel lookup on the result.
     pub fn lookup(&self, parent: Ino, name: &OsStr) -> Result<Attr, FsError> {
+        check_name(name)?;
         let dir = self.dir_fd(parent)?;
         let cname = tree::cname(name)?;
         // Stat and record under the table lock, so an install or rename in between cannot
@@ -897,6 +899,20 @@ impl Core {
             frsize: st.f_frsize as u32,
         })
     }
+}
+
+/// Refuses names that could address something other than one entry of the directory. The
+/// kernel never sends these, but the core does not rely on it: `..` at the root would name the
+/// state directory.
+fn check_name(name: &OsStr) -> Result<(), FsError> {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes == b"." || bytes == b".." || bytes.contains(&b'/') || bytes.contains(&0) {
+        return Err(FsError::os(libc::EINVAL));
+    }
+    if bytes.len() > 255 {
+        return Err(FsError::os(libc::ENAMETOOLONG));
+    }
+    Ok(())
 }
 
 /// Whether the core validates writes to this path before they replace the stored file.

@@ -221,6 +221,18 @@ pub struct Policy {
     pub max_age: Option<Duration>,
     /// Where the rule is written.
     pub origin: Origin,
+    /// Line and column of the `tier:` value and of the `schema:` value, for errors that
+    /// concern them after parsing.
+    pub positions: Positions,
+}
+
+/// Positions of values inside a policy, 1-based (zero for built-in rules).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Positions {
+    /// The `tier:` value.
+    pub tier: (usize, usize),
+    /// The `schema:` value.
+    pub schema: (usize, usize),
 }
 
 impl Policy {
@@ -235,6 +247,7 @@ impl Policy {
             schema: None,
             max_age: None,
             origin: Origin::Builtin(name),
+            positions: Positions::default(),
         }
     }
 }
@@ -304,22 +317,24 @@ impl PolicyTable {
     /// naming the rule's line.
     pub fn check_available(&self, file: &Path) -> Result<(), PolicyError> {
         for policy in &self.policies {
-            let Origin::File { line } = policy.origin else {
+            if !matches!(policy.origin, Origin::File { .. }) {
                 continue;
-            };
+            }
             if !AVAILABLE_TIERS.contains(&policy.tier) {
+                let (line, col) = policy.positions.tier;
                 return Err(PolicyError::at(
                     file,
                     line,
-                    1,
+                    col,
                     format!("tier {} is not available yet", policy.tier),
                 ));
             }
             if policy.schema.is_some() {
+                let (line, col) = policy.positions.schema;
                 return Err(PolicyError::at(
                     file,
                     line,
-                    1,
+                    col,
                     "schema validation is not available yet".to_string(),
                 ));
             }

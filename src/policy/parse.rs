@@ -9,7 +9,8 @@ use std::time::Duration;
 use globset::{GlobBuilder, GlobSetBuilder};
 
 use super::{
-    Consistency, MergeRule, Origin, Policy, PolicyTable, TierKind, CATCH_ALL, TEMP_FILE_GLOBS,
+    Consistency, MergeRule, Origin, Policy, PolicyTable, Positions, TierKind, CATCH_ALL,
+    TEMP_FILE_GLOBS,
 };
 use crate::yaml::{self, Node, Value};
 
@@ -312,6 +313,7 @@ fn parse_policy(cx: &Ctx<'_>, item: &Node) -> Result<Policy, PolicyError> {
         }
     };
 
+    let schema_at = schema.map(|n| (n.line, n.col)).unwrap_or_default();
     let schema = match schema {
         None => None,
         Some(node) => {
@@ -359,6 +361,10 @@ fn parse_policy(cx: &Ctx<'_>, item: &Node) -> Result<Policy, PolicyError> {
         max_age,
         origin: Origin::File {
             line: item.line,
+        },
+        positions: Positions {
+            tier: (tier_node.line, tier_node.col),
+            schema: schema_at,
         },
     })
 }

@@ -79,7 +79,7 @@ fn seed_values_are_kept() {
     let claims = t.resolve("fast/claims/x");
     assert_eq!(claims.ttl, Some(Duration::from_secs(300)));
     assert!(claims.ephemeral);
-    assert_eq!(claims.origin, Origin::File { line: 12 });
+    assert_eq!(claims.origin, Origin::File { line: 10 });
     let issues = t.resolve("durable/issues/1.yml");
     assert_eq!(issues.merge_rules.get("labels"), Some(&MergeRule::Union));
     assert_eq!(issues.merge_rules.len(), 4);
@@ -139,7 +139,7 @@ fn errors_name_line_and_reason() {
 fn unavailable_tiers_are_refused_with_their_line() {
     let t = table(SEED);
     let e = t.check_available(Path::new("p.yml")).unwrap_err();
-    assert_eq!(e.line, 3);
+    assert_eq!((e.line, e.col), (4, 11));
     assert_eq!(e.reason, "tier git is not available yet");
     let local = table("policies:\n  - pattern: \"**\"\n    tier: local\n");
     local.check_available(Path::new("p.yml")).unwrap();

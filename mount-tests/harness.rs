@@ -1,0 +1,233 @@
+//! Mounting real syncfs filesystems for tests, and running ordinary tools on them.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// The syncfs binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_syncfs")
+}
+
+/// Mount tests need root and /dev/fuse; fail loudly rather than skip.
+pub fn require_fuse() {
+    // SAFETY: geteuid cannot fail.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "mount tests must run as root (they mount FUSE filesystems with mount(2))");
+    assert!(Path::new("/dev/fuse").exists(), "mount tests need /dev/fuse");
+}
+
+/// Runs `syncfs ARGS`.
+pub fn syncfs(args: &[&str]) -> Output {
+    Command::new(bin()).args(args).output().expect("run syncfs")
+}
+
+/// Runs a bash script in `dir` with `set -euo pipefail`.
+pub fn sh_in(dir: &Path, script: &str) -> Output {
+    Command::new("bash")
+        .arg("-c")
+        .arg(format!("set -euo pipefail\n{script}"))
+        .current_dir(dir)
+        .env("SYNCFS", bin())
+        .output()
+        .expect("run bash")
+}
+
+/// Like [`sh_in`], panicking with the script's output when it fails; returns stdout.
+pub fn sh_ok_in(dir: &Path, script: &str) -> String {
+    let out = sh_in(dir, script);
+    assert!(
+        out.status.success(),
+        "script failed ({}):\n{script}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Options of a test mount.
+#[derive(Debug, Default, Clone)]
+pub struct Options {
+    /// `-o allow_other`
+    pub allow_other: bool,
+    /// Contents of a config file passed with `--config`.
+    pub config: Option<String>,
+    /// The node id.
+    pub node: Option<String>,
+}
+
+/// A mounted syncfs in a temporary directory, unmounted on drop.
+pub struct Mount {
+    /// Holds the temporary directory.
+    pub base: tempfile::TempDir,
+    /// The mount point.
+    pub mnt: PathBuf,
+    /// The state directory.
+    pub state: PathBuf,
+    mounted: bool,
+}
+
+impl Mount {
+    /// Mounts with default options.
+    pub fn start() -> Mount {
+        Mount::with(Options::default())
+    }
+
+    /// A mount point and state directory, not mounted yet.
+    pub fn prepare() -> Mount {
+        require_fuse();
+        let base = tempfile::Builder::new().prefix("syncfs-test-").tempdir().expect("tempdir");
+        // Other users (the permission tests) must be able to reach the mount point.
+        std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mnt = base.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let state = base.path().join("state");
+        Mount {
+            base,
+            mnt,
+            state,
+            mounted: false,
+        }
+    }
+
+    /// Mounts with `opts`, asserting success.
+    pub fn with(opts: Options) -> Mount {
+        let mut m = Mount::prepare();
+        let out = m.try_mount(&opts);
+        assert!(
+            out.status.success(),
+            "syncfs mount failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        m
+    }
+
+    /// Runs `syncfs mount` for this mount point and returns its output.
+    pub fn try_mount(&mut self, opts: &Options) -> Output {
+        let mut args: Vec<String> = vec![
+            "mount".into(),
+            self.mnt.display().to_string(),
+            "--state".into(),
+            self.state.display().to_string(),
+            "--node".into(),
+            opts.node.clone().unwrap_or_else(|| "test-node".into()),
+        ];
+        if opts.allow_other {
+            args.extend(["-o".into(), "allow_other".into()]);
+        }
+        if let Some(config) = &opts.config {
+            let path = self.base.path().join("config.yml");
+            std::fs::write(&path, config).unwrap();
+            args.extend(["--config".into(), path.display().to_string()]);
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = syncfs(&refs);
+        self.mounted = out.status.success();
+        out
+    }
+
+    /// A path inside the mount.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    /// A path inside the node's materialized tree (the local tier's storage).
+    pub fn tree(&self, rel: &str) -> PathBuf {
+        self.state.join("tree").join(rel)
+    }
+
+    /// Runs a bash script inside the mount.
+    pub fn sh(&self, script: &str) -> Output {
+        sh_in(&self.mnt, script)
+    }
+
+    /// Runs a bash script inside the mount, asserting success; returns stdout.
+    pub fn sh_ok(&self, script: &str) -> String {
+        sh_ok_in(&self.mnt, script)
+    }
+
+    /// The daemon's status as JSON.
+    pub fn status(&self) -> serde_json::Value {
+        let out = syncfs(&["status", &self.mnt.display().to_string(), "--json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.status()["pid"].as_u64().expect("pid") as u32
+    }
+
+    /// Unmounts with `syncfs umount`, asserting success.
+    pub fn umount(&mut self) {
+        let out = syncfs(&["umount", &self.mnt.display().to_string()]);
+        assert!(out.status.success(), "umount: {}", String::from_utf8_lossy(&out.stderr));
+        self.mounted = false;
+    }
+
+    /// Records that the mount is gone by other means (signal, kill).
+    pub fn forget_mounted(&mut self) {
+        self.mounted = false;
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if !self.mounted {
+            return;
+        }
+        let out = syncfs(&["umount", &self.mnt.display().to_string()]);
+        if !out.status.success() {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+    }
+}
+
+/// Whether `path` appears in /proc/mounts.
+pub fn is_mounted(path: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let needle = path.display().to_string();
+    mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(needle.as_str()))
+}
+
+/// Waits until `cond` holds, up to `timeout`.
+pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}
+
+/// Peak resident memory of a process, in KiB (VmHWM).
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmHWM")
+}
+
+/// Whether a process exists and has not exited (zombies of reparented daemons linger where
+/// the container's init does not reap them).
+pub fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => false,
+        Ok(stat) => {
+            let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+            !matches!(state, Some('Z') | Some('X') | None)
+        }
+    }
+}
+
+/// The errno of the last failed libc call.
+pub fn last_errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}

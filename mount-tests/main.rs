@@ -1,0 +1,11 @@
+//! End-to-end tests: real syncfs mounts driven with ordinary tools.
+//!
+//! They need root and /dev/fuse (they mount with mount(2)) and use bash, coreutils, attr
+//! (getfattr/setfattr), python3 and setpriv; `scripts/install-deps.sh` installs them.
+
+mod errors;
+mod harness;
+mod lifecycle;
+mod model;
+mod permissions;
+mod tools;
