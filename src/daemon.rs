@@ -357,7 +357,7 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
         .context("cannot start the async runtime")?;
 
     let overlay = crate::fs::tree::statfs(File::open(&tree)?.as_fd())
-    .map(|s| s.f_type as i64 == libc::OVERLAYFS_SUPER_MAGIC as i64)
+    .map(|s| s.f_type == libc::OVERLAYFS_SUPER_MAGIC)
     .unwrap_or(false);
     let passthrough_active = Arc::new(AtomicBool::new(false));
     let adapter = FuseAdapter::new(
