@@ -136,6 +136,7 @@ fn dd_large_file_streams_through_bounded_memory() {
     assert_eq!(lines[0], lines[1], "content differs");
     assert_eq!(lines[2], (256u64 << 20).to_string());
     let after = peak_rss_kib(m.pid());
+    assert!(m.status()["fuse"]["write_requests"].as_u64().unwrap() >= 256, "writes went through the daemon");
     assert!(
         after < before + 64 * 1024,
         "daemon peak RSS grew from {before} KiB to {after} KiB for a 256 MiB file"
@@ -145,6 +146,7 @@ fn dd_large_file_streams_through_bounded_memory() {
 #[test]
 fn passthrough_mount_serves_large_files() {
     let m = Mount::start();
+    assert_eq!(m.status()["fuse"]["passthrough"], true, "this kernel offers FUSE passthrough");
     let out = m.sh_ok(
         r#"
         dd if=/dev/urandom of=../src.bin bs=1M count=64 status=none
@@ -155,6 +157,10 @@ fn passthrough_mount_serves_large_files() {
         "#,
     );
     assert_eq!(out, "same\n1000\n");
+    // The kernel did the I/O on the backing file: no read or write reached the daemon.
+    m.sh_ok("echo 3 > /proc/sys/vm/drop_caches; cat big.bin > /dev/null; echo more >> big.bin");
+    let fuse = &m.status()["fuse"];
+    assert_eq!((fuse["read_requests"].as_u64(), fuse["write_requests"].as_u64()), (Some(0), Some(0)), "{fuse}");
 }
 
 #[test]

@@ -20,7 +20,7 @@ if "$bin" status "$mnt" >/dev/null 2>&1; then
   echo "syncfs is already mounted at $mnt"
 else
   # A stale mount left by a crashed daemon is cleaned up first.
-  if ! stat "$mnt" >/dev/null 2>&1; then
+  if "$bin" status "$mnt" 2>&1 | grep -q "stale mount"; then
     "$bin" umount "$mnt"
   fi
   "$bin" mount "$mnt"

@@ -26,7 +26,7 @@ impl Default for FuseSettings {
         FuseSettings {
             threads: 4,
             passthrough: true,
-            cache_ttl: Duration::from_secs(1),
+            cache_ttl: Duration::from_secs(10),
         }
     }
 }

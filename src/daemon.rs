@@ -298,7 +298,9 @@ fn raise_fd_limit() {
 fn init_logging(filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SYNCFS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+    // At debug level every FUSE request's span is logged as it opens: one line per request.
     let _ = tracing_subscriber::fmt()
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::NEW)
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(false)
@@ -423,6 +425,8 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
                 passthrough: passthrough_active.load(Ordering::Relaxed),
                 threads: status_cfg.fuse.threads,
                 allow_other: status_cfg.allow_other,
+                read_requests: core.io.reads.load(Ordering::Relaxed),
+                write_requests: core.io.writes.load(Ordering::Relaxed),
             },
             nats: NatsStatus {
                 state: "not configured".into(),

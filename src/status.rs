@@ -60,6 +60,10 @@ pub struct FuseStatus {
     pub threads: usize,
     /// Whether other users may use the mount.
     pub allow_other: bool,
+    /// Read requests the daemon served (passthrough reads never reach it).
+    pub read_requests: u64,
+    /// Write requests the daemon served (passthrough writes never reach it).
+    pub write_requests: u64,
 }
 
 /// The NATS connection.
@@ -108,10 +112,12 @@ impl Status {
         }
         let _ = writeln!(
             s,
-            "fuse:         {} threads, passthrough {}, allow_other {}",
+            "fuse:         {} threads, passthrough {}, allow_other {}; served {} reads, {} writes",
             self.fuse.threads,
             if self.fuse.passthrough { "on" } else { "off" },
-            if self.fuse.allow_other { "on" } else { "off" }
+            if self.fuse.allow_other { "on" } else { "off" },
+            self.fuse.read_requests,
+            self.fuse.write_requests
         );
         let nats = match (&self.nats.url, self.nats.embedded) {
             (Some(url), true) => format!("{} (embedded server at {url})", self.nats.state),

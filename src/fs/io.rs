@@ -96,7 +96,7 @@ impl Core {
             );
             return Ok(Opened {
                 fh,
-                passthrough: self.config.passthrough.then_some(file),
+                passthrough: Some(file),
                 keep_cache: true,
                 needs_flush: false,
             });
@@ -219,6 +219,7 @@ impl Core {
 
     /// Reads up to `size` bytes at `offset`.
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+        self.io.reads.fetch_add(1, Ordering::Relaxed);
         let file = self.handle(fh)?.read_file();
         let mut buf = vec![0u8; size as usize];
         let mut done = 0;
@@ -236,6 +237,7 @@ impl Core {
 
     /// Writes `data` at `offset` (at the end for `O_APPEND` handles).
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, FsError> {
+        self.io.writes.fetch_add(1, Ordering::Relaxed);
         let handle = self.handle(fh)?;
         match &handle.io {
             HandleIo::Direct(file) => {

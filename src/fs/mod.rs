@@ -194,7 +194,7 @@ pub struct Opened {
     /// The handle to pass back on later calls.
     pub fh: u64,
     /// A file the kernel may do this handle's reads and writes on directly (FUSE passthrough):
-    /// set for in-place files when passthrough is enabled.
+    /// set for in-place files; the adapter uses it when the kernel agreed to passthrough.
     pub passthrough: Option<Arc<File>>,
     /// The kernel may keep cached pages across opens (nothing changes the file behind it).
     pub keep_cache: bool,
@@ -213,18 +213,13 @@ pub trait KernelCache: Send + Sync {
 /// Settings of the core.
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
-    /// Offer in-place files to the kernel for passthrough I/O.
-    pub passthrough: bool,
     /// How many directory fds to keep open.
     pub dir_fd_cache: usize,
 }
 
 impl Default for CoreConfig {
     fn default() -> Self {
-        CoreConfig {
-            passthrough: false,
-            dir_fd_cache: 1024,
-        }
+        CoreConfig { dir_fd_cache: 1024 }
     }
 }
 
@@ -269,11 +264,21 @@ pub struct Core {
     dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
     next_fh: AtomicU64,
     dir_fds: Mutex<LruCache<Ino, Arc<OwnedFd>>>,
-    config: CoreConfig,
     kernel: OnceLock<Arc<dyn KernelCache>>,
     status: OnceLock<Box<dyn Fn() -> Vec<u8> + Send + Sync>>,
     /// Commit counters, by tier.
     pub counters: HashMap<TierKind, Counters>,
+    /// Read and write requests the core served itself (passthrough ones never reach it).
+    pub io: IoCounters,
+}
+
+/// Read and write requests served by the core, for `syncfs status`.
+#[derive(Debug, Default)]
+pub struct IoCounters {
+    /// Read requests.
+    pub reads: AtomicU64,
+    /// Write requests.
+    pub writes: AtomicU64,
 }
 
 impl std::fmt::Debug for Core {
@@ -343,10 +348,10 @@ impl Core {
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             dir_fds: Mutex::new(LruCache::new(cache)),
-            config,
             kernel: OnceLock::new(),
             status: OnceLock::new(),
             counters,
+            io: IoCounters::default(),
         })
     }
 
@@ -723,8 +728,8 @@ impl Core {
         self.getattr(ino)
     }
 
-    /// `unlink` and `rmdir`.
-    pub fn remove(self: &Arc<Self>, parent: Ino, name: &OsStr, is_dir: bool) -> FsOp<()> {
+    /// `unlink` and `rmdir`. Returns the node whose file lost its last name, if known.
+    pub fn remove(self: &Arc<Self>, parent: Ino, name: &OsStr, is_dir: bool) -> FsOp<Option<Ino>> {
         let target = match self.target_in(parent, name) {
             Ok(t) => t,
             Err(e) => return Op::err(e),
@@ -741,19 +746,22 @@ impl Core {
                 let mut table = this.inodes.lock();
                 let st = tree::lstat_at(dir.as_fd(), &cname)?;
                 tree::unlink_at(dir.as_fd(), &cname, is_dir)?;
-                if let Some(ino) = table.by_ident(Ident::of(&st)) {
-                    table.unlink(ino, parent, &name, st.st_nlink <= 1);
+                let last = st.st_nlink <= 1 || is_dir;
+                let ino = table.by_ident(Ident::of(&st));
+                if let Some(ino) = ino {
+                    table.unlink(ino, parent, &name, last);
                     if is_dir {
                         drop(table);
                         this.dir_fds.lock().pop(&ino);
                     }
                 }
-                Ok(())
+                Ok(ino.filter(|_| last))
             })
     }
 
     /// `rename`, with `RENAME_NOREPLACE` and `RENAME_EXCHANGE`. Paths must stay in one tier.
     /// A file moved onto a path the core validates is validated first (EINVAL, nothing moves).
+    /// Returns the node of a replaced file that lost its last name, if any.
     pub fn rename(
         self: &Arc<Self>,
         parent: Ino,
@@ -761,7 +769,7 @@ impl Core {
         new_parent: Ino,
         new_name: &OsStr,
         flags: u32,
-    ) -> FsOp<()> {
+    ) -> FsOp<Option<Ino>> {
         let (from, to) = match (self.target_in(parent, name), self.target_in(new_parent, new_name)) {
             (Ok(f), Ok(t)) => (f, t),
             (Err(e), _) | (_, Err(e)) => return Op::err(e),
@@ -806,7 +814,7 @@ impl Core {
         new_parent: Ino,
         new_name: &OsStr,
         flags: u32,
-    ) -> Result<(), FsError> {
+    ) -> Result<Option<Ino>, FsError> {
         let from_dir = self.dir_fd(parent)?;
         let to_dir = self.dir_fd(new_parent)?;
         let (cfrom, cto) = (tree::cname(name)?, tree::cname(new_name)?);
@@ -816,19 +824,22 @@ impl Core {
         tree::rename_at(from_dir.as_fd(), &cfrom, to_dir.as_fd(), &cto, flags)?;
         let src_ino = table.by_ident(Ident::of(&src));
         let dst_ino = dst.as_ref().and_then(|d| table.by_ident(Ident::of(d)));
+        let mut gone = None;
         if flags & libc::RENAME_EXCHANGE != 0 {
             if let Some(ino) = dst_ino {
                 table.relink(ino, new_parent, new_name, parent, name);
             }
         } else if let (Some(ino), Some(d)) = (dst_ino, dst.as_ref()) {
             if Some(ino) != src_ino {
-                table.unlink(ino, new_parent, new_name, d.st_nlink <= 1);
+                let last = d.st_nlink <= 1;
+                table.unlink(ino, new_parent, new_name, last);
+                gone = Some(ino).filter(|_| last);
             }
         }
         if let Some(ino) = src_ino {
             table.relink(ino, parent, name, new_parent, new_name);
         }
-        Ok(())
+        Ok(gone)
     }
 
     // ---- directories ------------------------------------------------------------------------

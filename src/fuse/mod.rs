@@ -42,7 +42,9 @@ pub struct AdapterConfig {
 
 #[derive(Default)]
 struct Passthrough {
-    /// Backing file per inode, with the number of open handles using it.
+    /// Backing file per inode, with the number of open handles using it. Kept after the last
+    /// handle closes, until the kernel forgets the inode, so that re-opening a file costs no
+    /// backing registration (two ioctls); the kernel requires one backing per inode anyway.
     by_ino: HashMap<Ino, (BackingId, usize)>,
     /// Handles opened with passthrough.
     handles: HashSet<u64>,
@@ -57,7 +59,7 @@ pub struct FuseAdapter {
     config: AdapterConfig,
     /// Whether the kernel agreed to passthrough (decided in `init`).
     passthrough_on: bool,
-    passthrough: Mutex<Passthrough>,
+    passthrough: Arc<Mutex<Passthrough>>,
 }
 
 impl FuseAdapter {
@@ -68,7 +70,7 @@ impl FuseAdapter {
             rt,
             config,
             passthrough_on: false,
-            passthrough: Mutex::new(Passthrough::default()),
+            passthrough: Arc::new(Mutex::new(Passthrough::default())),
         }
     }
 
@@ -97,6 +99,7 @@ impl FuseAdapter {
     fn reply_open(&self, ino: Ino, opened: Opened, flags: FopenFlags, reply: ReplyOpen) {
         if self.passthrough_backing(ino, &opened, |fd| reply.open_backing(fd)).is_some() {
             let pt = self.passthrough.lock();
+            let flags = flags & PASSTHROUGH_FLAGS;
             reply.opened_passthrough(FileHandle(opened.fh), flags, &pt.by_ino[&ino].0);
         } else {
             reply.opened(FileHandle(opened.fh), flags);
@@ -142,11 +145,19 @@ impl FuseAdapter {
         if pt.handles.remove(&fh) {
             if let Some(entry) = pt.by_ino.get_mut(&ino) {
                 entry.1 -= 1;
-                if entry.1 == 0 {
-                    pt.by_ino.remove(&ino);
-                }
             }
         }
+    }
+
+    /// The kernel evicted the inode: drop its idle backing.
+    fn forget_backing(&self, ino: Ino) {
+        drop_idle_backing(&self.passthrough, ino);
+    }
+
+    /// A closure that drops an inode's idle backing, for replies answered from a task.
+    fn clone_passthrough_dropper(&self) -> impl Fn(Ino) + Send + 'static {
+        let pt = self.passthrough.clone();
+        move |ino| drop_idle_backing(&pt, ino)
     }
 
     fn open_flags(opened: &Opened) -> FopenFlags {
@@ -158,6 +169,16 @@ impl FuseAdapter {
             flags |= FopenFlags::FOPEN_NOFLUSH;
         }
         flags
+    }
+}
+
+/// Drops an inode's backing if no handle uses it. Called when the kernel evicts the inode and
+/// when the file loses its last name: the backing holds the file open, so after an unlink this
+/// is where its storage is freed, within the unlink as on a native filesystem.
+fn drop_idle_backing(pt: &Mutex<Passthrough>, ino: Ino) {
+    let mut pt = pt.lock();
+    if pt.by_ino.get(&ino).is_some_and(|(_, open)| *open == 0) {
+        pt.by_ino.remove(&ino);
     }
 }
 
@@ -222,6 +243,12 @@ fn caller(req: &Request) -> Caller {
 
 const GEN: Generation = Generation(0);
 
+/// The only open flags the kernel accepts beside FOPEN_PASSTHROUGH (its
+/// FOPEN_PASSTHROUGH_MASK); with any other, such as KEEP_CACHE, it refuses passthrough.
+const PASSTHROUGH_FLAGS: FopenFlags = FopenFlags::FOPEN_DIRECT_IO
+    .union(FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES)
+    .union(FopenFlags::FOPEN_NOFLUSH);
+
 impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(1 << 20);
@@ -256,6 +283,8 @@ impl Filesystem for FuseAdapter {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        // The kernel sends FORGET only when it evicts the inode.
+        self.forget_backing(ino.0);
         self.core.forget(ino.0, nlookup);
     }
 
@@ -348,8 +377,14 @@ impl Filesystem for FuseAdapter {
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _s = tracing::debug_span!("unlink", pid = req.pid(), parent = parent.0, ?name).entered();
+        let pt = self.clone_passthrough_dropper();
         self.answer(self.core.remove(parent.0, name, false), "unlink", move |r| match r {
-            Ok(()) => reply.ok(),
+            Ok(gone) => {
+                if let Some(ino) = gone {
+                    pt(ino);
+                }
+                reply.ok()
+            }
             Err(e) => reply.error(e),
         });
     }
@@ -357,7 +392,7 @@ impl Filesystem for FuseAdapter {
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _s = tracing::debug_span!("rmdir", pid = req.pid(), parent = parent.0, ?name).entered();
         self.answer(self.core.remove(parent.0, name, true), "rmdir", move |r| match r {
-            Ok(()) => reply.ok(),
+            Ok(_) => reply.ok(),
             Err(e) => reply.error(e),
         });
     }
@@ -391,8 +426,14 @@ impl Filesystem for FuseAdapter {
     ) {
         let _s = tracing::debug_span!("rename", pid = req.pid(), parent = parent.0, ?name, newparent = newparent.0, ?newname).entered();
         let op = self.core.rename(parent.0, name, newparent.0, newname, flags.bits());
+        let pt = self.clone_passthrough_dropper();
         self.answer(op, "rename", move |r| match r {
-            Ok(()) => reply.ok(),
+            Ok(gone) => {
+                if let Some(ino) = gone {
+                    pt(ino);
+                }
+                reply.ok()
+            }
             Err(e) => reply.error(e),
         });
     }
@@ -655,6 +696,7 @@ impl Filesystem for FuseAdapter {
                 {
                     let pt = self.passthrough.lock();
                     let id = &pt.by_ino[&attr.ino].0;
+                    let fopen = fopen & PASSTHROUGH_FLAGS;
                     reply.created_passthrough(&ttl, &file_attr(&attr), GEN, fh, fopen, id);
                 } else {
                     reply.created(&ttl, &file_attr(&attr), GEN, fh, fopen);
