@@ -215,17 +215,7 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
         .expect("VmHWM")
 }
 
-/// Whether a process exists and has not exited (zombies of reparented daemons linger where
-/// the container's init does not reap them).
-pub fn process_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => false,
-        Ok(stat) => {
-            let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
-            !matches!(state, Some('Z') | Some('X') | None)
-        }
-    }
-}
+pub use syncfs::daemon::process_alive;
 
 /// The errno of the last failed libc call.
 pub fn last_errno() -> i32 {

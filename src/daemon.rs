@@ -501,8 +501,9 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
     result.context("the FUSE session ended with an error")
 }
 
-/// Whether a process exists and has not exited (a zombie has exited).
-fn process_alive(pid: u32) -> bool {
+/// Whether a process exists and has not exited (a zombie has exited: daemons reparented to an
+/// init that does not reap them linger as zombies).
+pub fn process_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => false,
         Ok(stat) => {
