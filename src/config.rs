@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 
+use crate::nats::{NatsSettings, Secret};
 use crate::yaml::{self, Node};
 
 /// FUSE session settings.
@@ -48,8 +49,9 @@ pub struct MountConfig {
     pub policies_seed: Option<PathBuf>,
     /// The log filter (`SYNCFS_LOG` wins).
     pub log: String,
-    /// NATS servers (`--nats`, `nats.url`).
-    pub nats_urls: Vec<String>,
+    /// NATS: servers (`--nats`, `nats.url`; none means the embedded default), credentials,
+    /// TLS and bucket settings.
+    pub nats: NatsSettings,
     /// The durable tier's remote (`--git-remote`, `git.remote`).
     pub git_remote: Option<String>,
 }
@@ -73,8 +75,8 @@ pub struct FileConfig {
     pub passthrough: Option<bool>,
     /// `fuse.cache_ttl_ms`
     pub cache_ttl_ms: Option<u64>,
-    /// `nats.url`
-    pub nats_urls: Vec<String>,
+    /// `nats.*`
+    pub nats: NatsSettings,
     /// `git.remote`
     pub git_remote: Option<String>,
 }
@@ -152,20 +154,74 @@ impl FileConfig {
                     }
                 }
                 "nats" => {
+                    let n = &mut cfg.nats;
                     for (k, v) in entries(file, value, "`nats`")? {
-                        match k.as_str().unwrap_or("") {
+                        let key = k.as_str().unwrap_or("");
+                        let path = |v: &Node, what: &str| string(file, v, what).map(|s| base.join(s));
+                        match key {
                             "url" => match v.as_seq() {
                                 Some(items) => {
                                     for item in items {
-                                        cfg.nats_urls.push(string(file, item, "nats.url")?);
+                                        n.urls.push(string(file, item, "nats.url")?);
                                     }
                                 }
-                                None => cfg.nats_urls.push(string(file, v, "nats.url")?),
+                                None => n.urls.push(string(file, v, "nats.url")?),
                             },
+                            "user" => n.user = Some(string(file, v, "nats.user")?),
+                            "password" => n.password = Some(Secret(string(file, v, "nats.password")?)),
+                            "token" => n.token = Some(Secret(string(file, v, "nats.token")?)),
+                            "credentials" => n.credentials = Some(path(v, "nats.credentials")?),
+                            "timeout_ms" => n.timeout = Duration::from_millis(number(file, v, "nats.timeout_ms")?.max(1)),
+                            "tls" => {
+                                for (tk, tv) in entries(file, v, "`nats.tls`")? {
+                                    match tk.as_str().unwrap_or("") {
+                                        "ca" => n.tls_ca = Some(path(tv, "nats.tls.ca")?),
+                                        "cert" => n.tls_cert = Some(path(tv, "nats.tls.cert")?),
+                                        "key" => n.tls_key = Some(path(tv, "nats.tls.key")?),
+                                        "required" => n.tls_required = boolean(file, tv, "nats.tls.required")?,
+                                        other => {
+                                            return Err(at(file, tk, format!(
+                                                "unknown key `nats.tls.{other}` (expected ca, cert, key, required)"
+                                            )))
+                                        }
+                                    }
+                                }
+                            }
+                            "kv" => {
+                                for (kk, kvv) in entries(file, v, "`nats.kv`")? {
+                                    match kk.as_str().unwrap_or("") {
+                                        "replicas" => {
+                                            let r = number(file, kvv, "nats.kv.replicas")?;
+                                            if !(1..=5).contains(&r) {
+                                                return Err(at(file, kvv, "`nats.kv.replicas` must be between 1 and 5"));
+                                            }
+                                            n.replicas = r as usize;
+                                        }
+                                        "history" => {
+                                            let h = number(file, kvv, "nats.kv.history")?;
+                                            if !(1..=64).contains(&h) {
+                                                return Err(at(file, kvv, "`nats.kv.history` must be between 1 and 64"));
+                                            }
+                                            n.history = h as i64;
+                                        }
+                                        other => {
+                                            return Err(at(file, kk, format!(
+                                                "unknown key `nats.kv.{other}` (expected replicas, history)"
+                                            )))
+                                        }
+                                    }
+                                }
+                            }
                             other => {
-                                return Err(at(file, k, format!("unknown key `nats.{other}` (expected url)")))
+                                return Err(at(file, k, format!(
+                                    "unknown key `nats.{other}` (expected url, user, password, token, \
+                                     credentials, tls, kv, timeout_ms)"
+                                )))
                             }
                         }
+                    }
+                    if n.password.is_some() != n.user.is_some() {
+                        return Err(at(file, value, "`nats.user` and `nats.password` go together"));
                     }
                 }
                 "git" => {
@@ -225,16 +281,13 @@ impl MountConfig {
             Some(dir) => absolute(&dir)?,
             None => default_state_dir(&mountpoint)?,
         };
-        let nats_urls = if flags.nats.is_empty() {
-            file.nats_urls.clone()
-        } else {
-            flags.nats.clone()
-        };
-        let git_remote = flags.git_remote.clone().or(file.git_remote.clone());
-        // These tiers arrive in later releases; a setting for them must not be ignored quietly.
-        if !nats_urls.is_empty() {
-            bail!("--nats / nats.url: the NATS tiers (nats-kv, nats-stream, object-store) are not available yet in this build");
+        let mut nats = file.nats.clone();
+        if !flags.nats.is_empty() {
+            nats.urls = flags.nats.clone();
         }
+        let nats = nats.with_env();
+        let git_remote = flags.git_remote.clone().or(file.git_remote.clone());
+        // The git tier arrives in a later release; a setting for it must not be ignored quietly.
         if git_remote.is_some() {
             bail!("--git-remote / git.remote: the git tier is not available yet in this build");
         }
@@ -254,7 +307,7 @@ impl MountConfig {
             },
             policies_seed: file.policies_seed.clone(),
             log: file.log.clone().unwrap_or_else(|| "info".into()),
-            nats_urls,
+            nats,
             git_remote,
         })
     }
@@ -346,6 +399,24 @@ mod tests {
     }
 
     #[test]
+    fn nats_keys_parse_and_secrets_do_not_print() {
+        let cfg = FileConfig::parse(
+            "nats:\n  url: [nats://a:4222, nats://b:4222]\n  user: u\n  password: hunter2\n  kv: {replicas: 3, history: 2}\n  tls: {ca: ca.pem, required: true}\n  timeout_ms: 1500\n",
+            Path::new("/etc/syncfs/c.yml"),
+        )
+        .unwrap();
+        assert_eq!(cfg.nats.urls, vec!["nats://a:4222", "nats://b:4222"]);
+        assert_eq!((cfg.nats.replicas, cfg.nats.history), (3, 2));
+        assert_eq!(cfg.nats.tls_ca, Some(PathBuf::from("/etc/syncfs/ca.pem")));
+        assert_eq!(cfg.nats.timeout, Duration::from_millis(1500));
+        assert!(!format!("{cfg:?}").contains("hunter2"));
+        let e = FileConfig::parse("nats:\n  kv: {replicas: 9}\n", Path::new("c.yml")).unwrap_err();
+        assert!(e.to_string().contains("between 1 and 5"), "{e}");
+        let e = FileConfig::parse("nats:\n  passwd: x\n", Path::new("c.yml")).unwrap_err();
+        assert!(e.to_string().starts_with("c.yml:2:3: unknown key `nats.passwd`"), "{e}");
+    }
+
+    #[test]
     fn relative_paths_in_the_file_are_relative_to_it() {
         let cfg = FileConfig::parse("state: st\npolicies_seed: p.yml\n", Path::new("/etc/syncfs/c.yml")).unwrap();
         assert_eq!(cfg.state, Some(PathBuf::from("/etc/syncfs/st")));
@@ -368,10 +439,17 @@ mod tests {
         assert_eq!(cfg.state_dir, dir.path().join("st"));
         let refused = MountFlags {
             mountpoint: "/mnt/x".into(),
-            nats: vec!["nats://x".into()],
+            git_remote: Some("/srv/git".into()),
             state: Some("/tmp/s".into()),
             ..Default::default()
         };
         assert!(MountConfig::resolve(&refused).unwrap_err().to_string().contains("not available yet"));
+        let nats = MountFlags {
+            mountpoint: "/mnt/x".into(),
+            nats: vec!["nats://a:4222".into(), "nats://b:4222".into()],
+            config: Some(file),
+            ..Default::default()
+        };
+        assert_eq!(MountConfig::resolve(&nats).unwrap().nats.urls.len(), 2);
     }
 }

@@ -28,8 +28,11 @@ use anyhow::{anyhow, bail, Context};
 use crate::config::MountConfig;
 use crate::fs::{Core, CoreConfig};
 use crate::fuse::{AdapterConfig, FuseAdapter, Invalidator};
-use crate::policy::{PolicyTable, DEFAULT_POLICY_FILE, POLICY_FILE};
+use crate::nats::embedded::Embedded;
+use crate::nats::Nats;
+use crate::policy::{PolicyTable, TierKind, DEFAULT_POLICY_FILE, POLICY_FILE};
 use crate::status::{FuseStatus, GitStatus, NatsStatus, Status, TierStatus, STATUS_XATTR};
+use crate::tier::kv::KvTier;
 use crate::tier::local::LocalTier;
 use crate::tier::Tiers;
 
@@ -344,19 +347,59 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
     let spool = cfg.state_dir.join("spool");
     let policies = Arc::new(load_policies(cfg, &tree)?);
 
-    let mut tiers = Tiers::default();
-    tiers.add(Arc::new(LocalTier));
-    let core = Arc::new(
-        Core::new(&tree, &spool, policies.clone(), tiers, CoreConfig::default())
-            .map_err(|e| anyhow!("cannot open the state directory: {e}"))?,
-    );
-
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("syncfs-rt")
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+
+    // NATS, when a policy needs it: the configured cluster, or a private server of our own.
+    let uses_nats = policies.policies().iter().any(|p| p.tier == TierKind::NatsKv);
+    let mut embedded = None;
+    let nats = if uses_nats {
+        let urls = if cfg.nats.urls.is_empty() {
+            let server = Embedded::start(&cfg.state_dir.join("nats"), &cfg.node)?;
+            let urls = vec![server.url.clone()];
+            embedded = Some(server);
+            urls
+        } else {
+            cfg.nats.urls.clone()
+        };
+        let wait = Duration::from_secs(5);
+        Some(runtime.block_on(Nats::connect(&cfg.nats, &urls, embedded.is_some(), &cfg.node, wait))?)
+    } else {
+        None
+    };
+
+    let mut tiers = Tiers::default();
+    tiers.add(Arc::new(LocalTier));
+    let kv = match &nats {
+        Some(nats) => {
+            std::fs::create_dir_all(cfg.state_dir.join("journal"))?;
+            let kv = KvTier::new(
+                nats.clone(),
+                &cfg.node,
+                policies.clone(),
+                &cfg.state_dir.join("journal/kv.log"),
+                runtime.handle().clone(),
+            )?;
+            tiers.add(Arc::new(kv.clone()));
+            Some(kv)
+        }
+        None => None,
+    };
+    let core = Arc::new(
+        Core::new(&tree, &spool, policies.clone(), tiers, CoreConfig::default())
+            .map_err(|e| anyhow!("cannot open the state directory: {e}"))?,
+    );
+    core.start_tiers();
+    if let (Some(kv), Some(nats)) = (&kv, &nats) {
+        // Serve what the cluster holds from the first read on; offline, the last known state.
+        if nats.is_connected() && !runtime.block_on(kv.wait_synced(Duration::from_secs(30))) {
+            tracing::warn!("the KV buckets were not fully read within 30 s; serving what arrived so far");
+        }
+    }
 
     let overlay = crate::fs::tree::statfs(File::open(&tree)?.as_fd())
     .map(|s| s.f_type == libc::OVERLAYFS_SUPER_MAGIC)
@@ -394,6 +437,7 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
 
     let started_at = now_rfc3339();
     let status_cfg = cfg.clone();
+    let (status_nats, status_kv) = (nats.clone(), kv.clone());
     let weak: Weak<Core> = Arc::downgrade(&core);
     core.set_status(Box::new(move || {
         let Some(core) = weak.upgrade() else {
@@ -428,10 +472,21 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
                 read_requests: core.io.reads.load(Ordering::Relaxed),
                 write_requests: core.io.writes.load(Ordering::Relaxed),
             },
-            nats: NatsStatus {
-                state: "not configured".into(),
-                url: None,
-                embedded: false,
+            nats: match &status_nats {
+                Some(n) => NatsStatus {
+                    state: n.state().name().into(),
+                    url: Some(n.url.clone()),
+                    embedded: n.embedded,
+                    buckets: status_kv.as_ref().map(|k| k.buckets().len()).unwrap_or(0),
+                    keys: status_kv.as_ref().map(|k| k.keys()).unwrap_or(0),
+                },
+                None => NatsStatus {
+                    state: "not configured".into(),
+                    url: None,
+                    embedded: false,
+                    buckets: 0,
+                    keys: 0,
+                },
             },
             git: GitStatus {
                 remote: None,
@@ -440,7 +495,7 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
                 unpushed: 0,
             },
             tiers,
-            pending_writes: 0,
+            pending_writes: status_kv.as_ref().map(|k| k.pending() as u64).unwrap_or(0),
             conflicts: Vec::new(),
             policies: core.policies().policies().len(),
             inodes,
@@ -497,7 +552,18 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
 
     let result = session.run();
     tracing::info!(mountpoint = %cfg.mountpoint.display(), "unmounted");
+    // Release what this mount holds (ephemeral claims), then stop.
+    let shutdown = core.shutdown();
+    if runtime
+        .block_on(tokio::time::timeout(Duration::from_secs(10), shutdown.into_future()))
+        .is_err()
+    {
+        tracing::warn!("tiers did not shut down within 10 s");
+    }
     runtime.shutdown_timeout(Duration::from_secs(10));
+    if let Some(server) = embedded.take() {
+        server.stop();
+    }
     result.context("the FUSE session ended with an error")
 }
 

@@ -14,6 +14,7 @@ pub mod config;
 pub mod daemon;
 pub mod fs;
 pub mod fuse;
+pub mod nats;
 pub mod op;
 pub mod policy;
 pub mod status;

@@ -75,6 +75,10 @@ pub struct NatsStatus {
     pub url: Option<String>,
     /// Whether syncfs started the server itself (the embedded default).
     pub embedded: bool,
+    /// KV buckets this mount uses.
+    pub buckets: usize,
+    /// KV paths this node knows.
+    pub keys: usize,
 }
 
 /// The git remote.
@@ -120,8 +124,14 @@ impl Status {
             self.fuse.write_requests
         );
         let nats = match (&self.nats.url, self.nats.embedded) {
-            (Some(url), true) => format!("{} (embedded server at {url})", self.nats.state),
-            (Some(url), false) => format!("{} ({url})", self.nats.state),
+            (Some(url), true) => format!(
+                "{} (embedded server at {url}; other nodes join with --nats {url}), {} buckets, {} keys",
+                self.nats.state, self.nats.buckets, self.nats.keys
+            ),
+            (Some(url), false) => format!(
+                "{} ({url}), {} buckets, {} keys",
+                self.nats.state, self.nats.buckets, self.nats.keys
+            ),
             (None, _) => self.nats.state.clone(),
         };
         let _ = writeln!(s, "nats:         {nats}");

@@ -84,6 +84,7 @@ impl FsError {
             FsError::UnknownHandle(_) => libc::EBADF,
             FsError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
             FsError::Tier(e) => match e {
+                TierError::CrossDevice(_) => libc::EXDEV,
                 TierError::Exists { .. } => libc::EEXIST,
                 TierError::Stale { .. } => libc::ESTALE,
                 TierError::Unavailable { .. } => libc::EAGAIN,
@@ -148,6 +149,7 @@ mod tests {
             (TierError::Invalid("schema".into()).into(), libc::EINVAL),
             (TierError::TooBig("1 MiB".into()).into(), libc::EFBIG),
             (TierError::Backend("boom".into()).into(), libc::EIO),
+            (TierError::CrossDevice("dir rename".into()).into(), libc::EXDEV),
             (FsError::InvalidContent { path: p(), reason: "x".into() }, libc::EINVAL),
             (
                 FsError::CrossTier {

@@ -84,8 +84,9 @@ pub struct Stage {
     /// Serializes commits of this stage, so installs happen in commit order.
     pub commit_lock: tokio::sync::Mutex<()>,
     spool: Arc<Spool>,
-    /// The revision the stage started from: the base of a compare-and-swap commit.
-    pub base: Option<Revision>,
+    /// The base of the next compare-and-swap commit: the revision when the stage began, then
+    /// the revision of its own last commit.
+    base: Mutex<Option<Revision>>,
 }
 
 #[derive(Debug)]
@@ -122,7 +123,19 @@ impl Stage {
             }),
             commit_lock: tokio::sync::Mutex::new(()),
             spool,
-            base,
+            base: Mutex::new(base),
+        }
+    }
+
+    /// The base revision of the next commit.
+    pub fn base(&self) -> Option<Revision> {
+        self.base.lock().clone()
+    }
+
+    /// Records the revision of a successful commit as the next base.
+    pub fn set_base(&self, rev: Option<Revision>) {
+        if rev.is_some() {
+            *self.base.lock() = rev;
         }
     }
 
@@ -138,7 +151,7 @@ impl Stage {
             }),
             commit_lock: tokio::sync::Mutex::new(()),
             spool,
-            base,
+            base: Mutex::new(base),
         })
     }
 

@@ -13,7 +13,7 @@ use super::tree::{self, Ident};
 use super::{Attr, Caller, Core, FsError, FsOp, Ino, Kind, Opened};
 use crate::op::Op;
 use crate::policy::{PolicyTable, POLICY_FILE};
-use crate::tier::Target;
+use crate::tier::{Revision, Target};
 
 /// The largest file the core reads whole to validate.
 const MAX_VALIDATED_SIZE: u64 = 1 << 20;
@@ -53,13 +53,14 @@ impl Core {
         Op::Ready(result)
     }
 
-    /// Creates a handle on `ino`. `created` is the file `create` just opened, if any.
+    /// Creates a handle on `ino`. `created` is the file `create` just opened, if any, with the
+    /// revision the tier gave the new entry (`Some(None)`: new, but not stored in the tier yet).
     fn open_handle(
         &self,
         ino: Ino,
         flags: i32,
         target: &Target,
-        created: Option<File>,
+        created: Option<(File, Option<Option<Revision>>)>,
     ) -> Result<Opened, FsError> {
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let append = flags & libc::O_APPEND != 0;
@@ -70,7 +71,7 @@ impl Core {
             let existing = self.inodes.lock().get(ino).and_then(|n| n.file.clone());
             let file = match (existing, created) {
                 (Some(file), _) => file,
-                (None, Some(file)) => Arc::new(file),
+                (None, Some((file, _))) => Arc::new(file),
                 // Always read-write: the kernel checked the caller's access, and passthrough
                 // needs one backing file per inode that serves every later open.
                 (None, None) => Arc::new(self.open_tree_file(ino, libc::O_RDWR)?),
@@ -111,15 +112,21 @@ impl Core {
                 stage
             }
             None => {
-                let base = None;
-                let fresh = if truncate {
-                    Stage::empty(self.spool.clone(), base)?
-                } else {
-                    let file = match created {
-                        Some(file) => file,
-                        None => self.open_tree_file(ino, libc::O_RDONLY)?,
-                    };
-                    Stage::on(Arc::new(file), self.spool.clone(), base)
+                let tier = self.tier(target);
+                let fresh = match created {
+                    // A new name the tier has not stored yet: its first commit creates it, even
+                    // if nothing is written (`touch`).
+                    Some((_, Some(None))) => Stage::empty(self.spool.clone(), None)?,
+                    // A new name the tier stored already (an exclusive create): its base.
+                    Some((file, Some(rev))) => Stage::on(Arc::new(file), self.spool.clone(), rev),
+                    Some((file, None)) if !truncate => {
+                        Stage::on(Arc::new(file), self.spool.clone(), tier.revision(target))
+                    }
+                    _ if truncate => Stage::empty(self.spool.clone(), tier.revision(target))?,
+                    _ => {
+                        let file = self.open_tree_file(ino, libc::O_RDONLY)?;
+                        Stage::on(Arc::new(file), self.spool.clone(), tier.revision(target))
+                    }
                 };
                 let mut table = self.inodes.lock();
                 let node = table.get_mut(ino).ok_or(FsError::UnknownInode(ino))?;
@@ -180,11 +187,14 @@ impl Core {
         self.tier(&target)
             .create(&target, Kind::File, exclusive)
             .err_into()
-            .and_then(move |_rev| {
+            .and_then(move |rev| {
                 let dir = this.dir_fd(parent)?;
                 let cname = tree::cname(&name)?;
                 let parent_st = tree::fstat(dir.as_fd())?;
-                let (file, ino) = {
+                // When the tier stored the new entry itself, exclusivity was decided cluster-wide,
+                // and the entry's own echo may already have put the file in the tree.
+                let stored = rev.is_some();
+                let (file, ino, created) = {
                     let mut table = this.inodes.lock();
                     let (fd, created) = match tree::open_at(
                         dir.as_fd(),
@@ -193,8 +203,13 @@ impl Core {
                         (mode & 0o7777) as libc::mode_t,
                     ) {
                         Ok(fd) => (fd, true),
-                        Err(e) if e.raw_os_error() == Some(libc::EEXIST) && !exclusive => {
-                            (tree::open_at(dir.as_fd(), &cname, libc::O_RDWR, 0)?, false)
+                        Err(e) if e.raw_os_error() == Some(libc::EEXIST) && (!exclusive || stored) => {
+                            let fd = tree::open_at(dir.as_fd(), &cname, libc::O_RDWR, 0)?;
+                            if stored {
+                                // Made by the echo, with default mode: give it the caller's.
+                                tree::chmod_fd(fd.as_fd(), mode & 0o7777)?;
+                            }
+                            (fd, stored)
                         }
                         Err(e) => return Err(e.into()),
                     };
@@ -204,9 +219,10 @@ impl Core {
                     }
                     let st = tree::fstat(file.as_fd())?;
                     let ino = table.lookup(parent, &name, Ident::of(&st), Kind::File);
-                    (file, ino)
+                    (file, ino, created)
                 };
-                let opened = match this.open_handle(ino, flags, &target, Some(file)) {
+                let fresh = (created || rev.is_some()).then_some(rev);
+                let opened = match this.open_handle(ino, flags, &target, Some((file, fresh))) {
                     Ok(o) => o,
                     Err(e) => {
                         this.forget(ino, 1);
@@ -458,12 +474,14 @@ impl Core {
         let target = self.target_of(ino)?;
         let (t, check, file) = (self.clone(), target.clone(), frozen.file.clone());
         blocking(move || t.validate(&check, &file)).await?;
-        self.tier(&target)
-            .commit(&target, frozen.file.clone(), stage.base.clone())
+        let rev = self
+            .tier(&target)
+            .commit(&target, frozen.file.clone(), stage.base())
             .into_future()
             .await?;
+        stage.set_base(rev.clone());
         let (t, file, name) = (self.clone(), frozen.file.clone(), frozen.name.clone());
-        blocking(move || t.install(ino, &file, &name, durable)).await
+        blocking(move || t.install(ino, &file, &name, rev, durable)).await
     }
 
     fn count(&self, tier: crate::policy::TierKind, ok: bool) {
@@ -475,7 +493,7 @@ impl Core {
 
     /// Checks content the core validates. The only such path so far is the policy file: it
     /// must parse and name only tiers this build has, or the next mount would refuse it.
-    fn validate(&self, target: &Target, file: &File) -> Result<(), FsError> {
+    pub(super) fn validate(&self, target: &Target, file: &File) -> Result<(), FsError> {
         if target.path != Path::new(POLICY_FILE) {
             return Ok(());
         }
@@ -495,35 +513,35 @@ impl Core {
         table.check_available(Path::new(POLICY_FILE)).map_err(at)
     }
 
-    /// Validates the content of `name` in `parent` before it is renamed onto `to`.
-    pub(super) fn validate_name(&self, parent: Ino, name: &OsStr, to: &Target) -> Result<(), FsError> {
-        let dir = self.dir_fd(parent)?;
-        let file = File::from(tree::open_at(dir.as_fd(), &tree::cname(name)?, libc::O_RDONLY, 0)?);
-        self.validate(to, &file)
-    }
-
     /// Replaces the tree's file of `ino` with a committed shadow: same owner, mode and user
     /// attributes, then an atomic rename. With `durable`, data and the rename reach the disk.
-    fn install(&self, ino: Ino, shadow: &File, spool_name: &CString, durable: bool) -> Result<(), FsError> {
+    /// When the tier already installed a newer revision (another node's change arrived while
+    /// this commit was in flight) the shadow is dropped instead: the newer content stays.
+    fn install(
+        &self,
+        ino: Ino,
+        shadow: &File,
+        spool_name: &CString,
+        rev: Option<Revision>,
+        durable: bool,
+    ) -> Result<(), FsError> {
         let old = self.node_fd(ino)?;
         let st = tree::fstat(old.as_fd())?;
         tree::chown_fd(shadow.as_fd(), Some(st.st_uid), Some(st.st_gid))?;
         tree::chmod_fd(shadow.as_fd(), st.st_mode & 0o7777)?;
-        for name in tree::list_xattr(old.as_fd())? {
-            if !name.as_encoded_bytes().starts_with(b"user.") {
-                continue;
-            }
-            let cname = tree::cname(&name)?;
-            if let Some(value) = tree::get_xattr(old.as_fd(), &cname)? {
-                tree::set_xattr(shadow.as_fd(), &cname, &value, 0)?;
-            }
-        }
+        tree::copy_user_xattrs(old.as_fd(), shadow.as_fd())?;
         if durable {
             shadow.sync_all()?;
         }
         let (dir, name, _) = self.locate(ino)?.ok_or(FsError::os(libc::ENOENT))?;
+        let target = self.target_of(ino)?;
         {
             let mut table = self.inodes.lock();
+            if !self.tier(&target).admit(&target, rev.as_ref()) {
+                drop(table);
+                self.spool.remove(spool_name);
+                return Ok(());
+            }
             tree::rename_at(self.spool.dir().as_fd(), spool_name, dir.as_fd(), &name, 0)?;
             table.set_ident(ino, Ident::of(&tree::fstat(shadow.as_fd())?));
         }

@@ -21,6 +21,7 @@ pub mod error;
 pub mod handle;
 pub mod inode;
 mod io;
+mod remote;
 pub mod tree;
 mod xattr;
 
@@ -44,7 +45,7 @@ pub use tree::SetTime;
 
 use crate::op::Op;
 use crate::policy::{PolicyTable, TierKind, POLICY_FILE};
-use crate::tier::{Target, Tier, Tiers, WriteMode};
+use crate::tier::{Revision, Target, Tier, Tiers, WriteMode};
 use handle::{DirHandle, Handle, Spool};
 use inode::InodeTable;
 use tree::Ident;
@@ -633,6 +634,7 @@ impl Core {
                 });
             }
         }
+        let synced = target.policy.tier != TierKind::Local;
         let this = self.clone();
         let name = name.to_os_string();
         self.tier(&target)
@@ -643,7 +645,16 @@ impl Core {
                 let cname = tree::cname(&name)?;
                 let parent_st = tree::fstat(dir.as_fd())?;
                 let mut table = this.inodes.lock();
-                make(&dir, &cname)?;
+                match make(&dir, &cname) {
+                    Ok(()) => {}
+                    // The tier's own change came back through its watch and made it first.
+                    Err(e)
+                        if synced
+                            && e.raw_os_error() == Some(libc::EEXIST)
+                            && tree::lstat_at(dir.as_fd(), &cname)
+                                .is_ok_and(|st| Kind::from_mode(st.st_mode) == kind) => {}
+                    Err(e) => return Err(e.into()),
+                }
                 let fd = tree::open_path_at(dir.as_fd(), &cname)?;
                 this.own(&fd, &parent_st, caller)?;
                 let st = tree::fstat(fd.as_fd())?;
@@ -735,6 +746,7 @@ impl Core {
             Err(e) => return Op::err(e),
         };
         let kind = if is_dir { Kind::Dir } else { Kind::File };
+        let synced = target.policy.tier != TierKind::Local;
         let this = self.clone();
         let name = name.to_os_string();
         self.tier(&target)
@@ -744,7 +756,12 @@ impl Core {
                 let dir = this.dir_fd(parent)?;
                 let cname = tree::cname(&name)?;
                 let mut table = this.inodes.lock();
-                let st = tree::lstat_at(dir.as_fd(), &cname)?;
+                let st = match tree::lstat_at(dir.as_fd(), &cname) {
+                    Ok(st) => st,
+                    // The tier's own change came back through its watch and was applied first.
+                    Err(e) if synced && e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+                    Err(e) => return Err(e.into()),
+                };
                 tree::unlink_at(dir.as_fd(), &cname, is_dir)?;
                 let last = st.st_nlink <= 1 || is_dir;
                 let ino = table.by_ident(Ident::of(&st));
@@ -759,9 +776,11 @@ impl Core {
             })
     }
 
-    /// `rename`, with `RENAME_NOREPLACE` and `RENAME_EXCHANGE`. Paths must stay in one tier.
-    /// A file moved onto a path the core validates is validated first (EINVAL, nothing moves).
-    /// Returns the node of a replaced file that lost its last name, if any.
+    /// `rename`, with `RENAME_NOREPLACE` and `RENAME_EXCHANGE`. Paths stay in one tier, with one
+    /// exception: a local file moved onto a path of a staged tier is a commit of the target
+    /// (SPEC 3.1's compare-and-swap idiom; see [`Core::rename_commit`]). A file moved onto a path
+    /// the core validates is validated first (EINVAL, nothing moves). Returns the node of a
+    /// replaced file that lost its last name, if any.
     pub fn rename(
         self: &Arc<Self>,
         parent: Ino,
@@ -774,7 +793,18 @@ impl Core {
             (Ok(f), Ok(t)) => (f, t),
             (Err(e), _) | (_, Err(e)) => return Op::err(e),
         };
+        let kind = match self.kind_at(parent, name) {
+            Ok(k) => k,
+            Err(e) => return Op::err(e),
+        };
         if from.policy.tier != to.policy.tier {
+            let idiom = from.policy.tier == TierKind::Local
+                && kind == Kind::File
+                && flags == 0
+                && self.tier(&to).write_mode() == WriteMode::Staged;
+            if idiom {
+                return self.rename_commit(parent, name, new_parent, new_name, to);
+            }
             return Op::err(FsError::CrossTier {
                 op: "rename",
                 from: from.path,
@@ -783,22 +813,82 @@ impl Core {
                 to_tier: to.policy.tier,
             });
         }
-        let kind = match self.kind_at(parent, name) {
-            Ok(k) => k,
-            Err(e) => return Op::err(e),
+        let content = if kind == Kind::File && (validated(&to.path) || self.is_staged(&from)) {
+            match self.open_at(parent, name) {
+                Ok(file) => Some(Arc::new(file)),
+                Err(e) => return Op::err(e),
+            }
+        } else {
+            None
         };
-        if kind == Kind::File && validated(&to.path) {
-            if let Err(e) = self.validate_name(parent, name, &to) {
+        if let (Some(file), true) = (&content, validated(&to.path)) {
+            if let Err(e) = self.validate(&to, file) {
                 return Op::err(e);
             }
         }
+        let synced = from.policy.tier != TierKind::Local;
         let this = self.clone();
         let name = name.to_os_string();
         let new_name = new_name.to_os_string();
         self.tier(&from)
-            .rename(&from, &to, kind)
+            .rename(&from, &to, kind, content)
             .err_into()
-            .and_then(move |()| this.rename_local(parent, &name, new_parent, &new_name, flags))
+            .and_then(move |()| {
+                match this.rename_local(parent, &name, new_parent, &new_name, flags, None) {
+                    // The tier's own changes came back through its watch and were applied first.
+                    Err(e) if synced && e.errno() == libc::ENOENT => Ok(None),
+                    other => other,
+                }
+            })
+    }
+
+    /// Opens `name` in `parent` for reading.
+    fn open_at(&self, parent: Ino, name: &OsStr) -> Result<File, FsError> {
+        let dir = self.dir_fd(parent)?;
+        Ok(File::from(tree::open_at(dir.as_fd(), &tree::cname(name)?, libc::O_RDONLY, 0)?))
+    }
+
+    /// Moves a finished local file onto a path of a staged tier: commits its content to the
+    /// target's tier with the base revision the program named in the file's `user.syncfs.rev`
+    /// (or, without one, the target's current revision), then renames it into place. A refused
+    /// commit (ESTALE, EAGAIN, EINVAL...) moves nothing: the temporary file stays.
+    fn rename_commit(
+        self: &Arc<Self>,
+        parent: Ino,
+        name: &OsStr,
+        new_parent: Ino,
+        new_name: &OsStr,
+        to: Target,
+    ) -> FsOp<Option<Ino>> {
+        let prepared = (|| {
+            let file = self.open_at(parent, name)?;
+            let named = tree::get_xattr(file.as_fd(), c"user.syncfs.rev")?;
+            let base = match named {
+                Some(value) => Some(Revision(String::from_utf8_lossy(&value).trim().to_string())),
+                None => self.tier(&to).revision(&to),
+            };
+            self.validate(&to, &file)?;
+            Ok::<_, FsError>((Arc::new(file), base))
+        })();
+        let (file, base) = match prepared {
+            Ok(p) => p,
+            Err(e) => return Op::err(e),
+        };
+        let this = self.clone();
+        let name = name.to_os_string();
+        let new_name = new_name.to_os_string();
+        self.tier(&to)
+            .commit(&to, file.clone(), base)
+            .err_into()
+            .and_then(move |rev| {
+                // The revision named the old content; the moved file must not carry it on.
+                match tree::remove_xattr(file.as_fd(), c"user.syncfs.rev") {
+                    Err(e) if e.raw_os_error() != Some(libc::ENODATA) => return Err(e.into()),
+                    _ => {}
+                }
+                let admit = || this.tier(&to).admit(&to, rev.as_ref());
+                this.rename_local(parent, &name, new_parent, &new_name, 0, Some(&admit))
+            })
     }
 
     fn kind_at(&self, parent: Ino, name: &OsStr) -> Result<Kind, FsError> {
@@ -807,6 +897,10 @@ impl Core {
         Ok(Kind::from_mode(st.st_mode))
     }
 
+    /// Renames in the tree and the inode table under the table lock. With `admit`, the tier
+    /// decides under the same lock whether the moved content may still land (no newer revision
+    /// arrived meanwhile); if not, the source name is removed instead, as if the rename had
+    /// happened and been overwritten.
     fn rename_local(
         &self,
         parent: Ino,
@@ -814,15 +908,23 @@ impl Core {
         new_parent: Ino,
         new_name: &OsStr,
         flags: u32,
+        admit: Option<&dyn Fn() -> bool>,
     ) -> Result<Option<Ino>, FsError> {
         let from_dir = self.dir_fd(parent)?;
         let to_dir = self.dir_fd(new_parent)?;
         let (cfrom, cto) = (tree::cname(name)?, tree::cname(new_name)?);
         let mut table = self.inodes.lock();
         let src = tree::lstat_at(from_dir.as_fd(), &cfrom)?;
+        let src_ino = table.by_ident(Ident::of(&src));
+        if admit.is_some_and(|admit| !admit()) {
+            tree::unlink_at(from_dir.as_fd(), &cfrom, false)?;
+            if let Some(ino) = src_ino {
+                table.unlink(ino, parent, name, src.st_nlink <= 1);
+            }
+            return Ok(src_ino.filter(|_| src.st_nlink <= 1));
+        }
         let dst = tree::lstat_at(to_dir.as_fd(), &cto).ok();
         tree::rename_at(from_dir.as_fd(), &cfrom, to_dir.as_fd(), &cto, flags)?;
-        let src_ino = table.by_ident(Ident::of(&src));
         let dst_ino = dst.as_ref().and_then(|d| table.by_ident(Ident::of(d)));
         let mut gone = None;
         if flags & libc::RENAME_EXCHANGE != 0 {

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::*;
-use crate::policy::{PolicyTable, DEFAULT_POLICY_FILE};
+use crate::policy::PolicyTable;
 use crate::tier::local::LocalTier;
 
 struct Fixture {
@@ -17,6 +17,9 @@ struct Fixture {
 
 const ME: Caller = Caller { uid: 0, gid: 0, pid: 1 };
 
+/// These tests drive the core with the local tier only.
+const LOCAL_TABLE: &str = "policies:\n  - pattern: \"**\"\n    tier: local\n";
+
 impl Fixture {
     fn new() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
@@ -24,13 +27,13 @@ impl Fixture {
         let spool = dir.path().join("spool");
         std::fs::create_dir_all(tree.join(".syncfs")).unwrap();
         std::fs::create_dir_all(&spool).unwrap();
-        std::fs::write(tree.join(POLICY_FILE), DEFAULT_POLICY_FILE).unwrap();
+        std::fs::write(tree.join(POLICY_FILE), LOCAL_TABLE).unwrap();
         let mut tiers = Tiers::default();
         tiers.add(Arc::new(LocalTier));
         let core = Core::new(
             &tree,
             &spool,
-            Arc::new(PolicyTable::default_table()),
+            Arc::new(PolicyTable::parse(LOCAL_TABLE, Path::new("t")).unwrap()),
             tiers,
             CoreConfig::default(),
         )

@@ -467,3 +467,17 @@ pub fn read_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<RawDirEntry>> {
     unsafe { libc::closedir(stream) };
     result.map(|()| entries)
 }
+
+/// Copies the `user.*` attributes of one inode to another (both given as fds).
+pub fn copy_user_xattrs(from: BorrowedFd<'_>, to: BorrowedFd<'_>) -> io::Result<()> {
+    for name in list_xattr(from)? {
+        if !name.as_bytes().starts_with(b"user.") {
+            continue;
+        }
+        let cname = cname(&name)?;
+        if let Some(value) = get_xattr(from, &cname)? {
+            set_xattr(to, &cname, &value, 0)?;
+        }
+    }
+    Ok(())
+}

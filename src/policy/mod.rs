@@ -261,7 +261,7 @@ pub const TEMP_FILE_GLOBS: [&str; 4] = ["*.swp", "*~", ".#*", "*.tmp"];
 pub const CATCH_ALL: (TierKind, Consistency) = (TierKind::Local, Consistency::None);
 
 /// The tiers this build can serve. A policy naming any other stops the mount.
-pub const AVAILABLE_TIERS: [TierKind; 1] = [TierKind::Local];
+pub const AVAILABLE_TIERS: [TierKind; 2] = [TierKind::Local, TierKind::NatsKv];
 
 /// The policy file written into a new sync root on its first mount.
 pub const DEFAULT_POLICY_FILE: &str = include_str!("default.yml");

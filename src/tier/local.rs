@@ -26,6 +26,10 @@ impl Tier for LocalTier {
         WriteMode::InPlace
     }
 
+    fn revision(&self, _at: &Target) -> Option<Revision> {
+        None
+    }
+
     fn create(&self, _at: &Target, _kind: Kind, _exclusive: bool) -> Op<Option<Revision>, TierError> {
         // Exclusivity on one node is the tree's own O_EXCL.
         Op::ok(None)
@@ -42,11 +46,21 @@ impl Tier for LocalTier {
         Op::ok(None)
     }
 
+    fn admit(&self, _at: &Target, _rev: Option<&Revision>) -> bool {
+        true
+    }
+
     fn remove(&self, _at: &Target, _kind: Kind) -> Op<(), TierError> {
         Op::ok(())
     }
 
-    fn rename(&self, _from: &Target, _to: &Target, _kind: Kind) -> Op<(), TierError> {
+    fn rename(
+        &self,
+        _from: &Target,
+        _to: &Target,
+        _kind: Kind,
+        _content: Option<Arc<File>>,
+    ) -> Op<(), TierError> {
         Op::ok(())
     }
 

@@ -18,19 +18,30 @@
 //!   The returned [`Revision`] is what `user.syncfs.rev` shows from then on.
 //! - [`Tier::remove`] and [`Tier::rename`] before a name goes away or moves.
 //! - [`Tier::attribute`] for the read-only `user.syncfs.*` attributes the tier defines.
+//! - [`Tier::admit`] under the core's tree lock, right before content of a given revision
+//!   replaces the tree's copy of a path: a local commit being installed, or another node's
+//!   change arriving. The tier refuses content older than what the tree already holds, so
+//!   local installs and remote changes can race without an older one ever winning.
+//!
+//! Other nodes' changes reach the core through the [`RemoteSink`] the tier gets in
+//! [`Tier::start`]: the tier watches its backend and hands each change, with its revision, to
+//! [`RemoteSink::apply`], which updates the tree and drops the kernel's caches of the path.
 //!
 //! A [`Revision`] is an opaque string that changes with every committed change of a path's
 //! content (the KV revision for nats-kv, a blob id for git). A tier without revisions (local)
-//! returns none.
+//! returns none. The base of a compare-and-swap write is [`Tier::revision`] when the file was
+//! opened, or the revision a program named (`user.syncfs.rev` on a temporary file renamed over
+//! the target).
 //!
 //! Calls return an [`Op`]: ready when the tier answered without waiting (local disk), pending
 //! when it needs the network. The core never blocks a FUSE thread on a pending op.
 
+pub mod kv;
 pub mod local;
 
 use std::fs::File;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::fs::Kind;
@@ -64,6 +75,10 @@ pub struct Target {
 /// [`crate::fs::FsError::errno`].
 #[derive(Debug, thiserror::Error)]
 pub enum TierError {
+    /// The operation cannot be done atomically in this tier (a directory rename in KV):
+    /// programs such as `mv` then copy and delete.
+    #[error("{0}")]
+    CrossDevice(String),
     /// An exclusive create lost: another node holds the name.
     #[error("{path} already exists in the cluster")]
     Exists {
@@ -119,11 +134,16 @@ pub trait Tier: Send + Sync + 'static {
     /// How writes to this tier's files are handled.
     fn write_mode(&self) -> WriteMode;
 
-    /// A name is about to be created. `exclusive` is `O_EXCL`.
+    /// The revision of the content the tree holds for `at`, if the tier has revisions.
+    fn revision(&self, at: &Target) -> Option<Revision>;
+
+    /// A name is about to be created. `exclusive` is `O_EXCL`. Returns the revision of the new
+    /// (empty) entry when the tier stored it already.
     fn create(&self, at: &Target, kind: Kind, exclusive: bool) -> Op<Option<Revision>, TierError>;
 
     /// Commits the complete new content of a staged file. `base` is the revision the writer
-    /// started from. Only called for [`WriteMode::Staged`] tiers.
+    /// started from. Only called for [`WriteMode::Staged`] tiers (and validated local files).
+    /// `None` means accepted without a revision yet (queued while offline).
     fn commit(
         &self,
         at: &Target,
@@ -131,17 +151,61 @@ pub trait Tier: Send + Sync + 'static {
         base: Option<Revision>,
     ) -> Op<Option<Revision>, TierError>;
 
+    /// Whether content of revision `rev` may replace the tree's copy of `at` now; records it.
+    /// Called under the core's tree lock. `None` (local or queued content) is always admitted.
+    fn admit(&self, at: &Target, rev: Option<&Revision>) -> bool;
+
     /// A name (file, directory, symlink) is about to be removed.
     fn remove(&self, at: &Target, kind: Kind) -> Op<(), TierError>;
 
-    /// A name is about to move within this tier (both targets belong to it).
-    fn rename(&self, from: &Target, to: &Target, kind: Kind) -> Op<(), TierError>;
+    /// A name is about to move within this tier (both targets belong to it). `content` is the
+    /// file's current content, for tiers that store content by name.
+    fn rename(
+        &self,
+        from: &Target,
+        to: &Target,
+        kind: Kind,
+        content: Option<Arc<File>>,
+    ) -> Op<(), TierError>;
 
     /// Whether hard links are allowed (only where the tier stores inodes, not names).
     fn supports_hard_links(&self) -> bool;
 
     /// A read-only attribute the tier defines (`user.syncfs.rev`, ...), if the path has it.
     fn attribute(&self, at: &Target, name: &str) -> Option<Vec<u8>>;
+
+    /// Starts bringing other nodes' changes into the tree through `sink`.
+    fn start(&self, _sink: Arc<dyn RemoteSink>) {}
+
+    /// Stops cleanly at unmount (synced tiers release what they hold for this mount).
+    fn shutdown(&self) -> Op<(), TierError> {
+        Op::ok(())
+    }
+}
+
+/// A change another node made, as a tier hands it to the core.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemoteChange {
+    /// The file's new content.
+    File(Vec<u8>),
+    /// The file is gone.
+    Delete,
+    /// The directory exists (possibly empty).
+    Dir,
+    /// The directory may go if it is empty (its last entry, or its marker, was removed).
+    PruneDir,
+}
+
+/// Where tiers deliver other nodes' changes: the filesystem core.
+pub trait RemoteSink: Send + Sync {
+    /// Brings the tree's copy of `path` in line with `change` of revision `rev`, unless the
+    /// tier does not [`admit`](Tier::admit) it, and drops the kernel's caches of the path.
+    /// Does blocking file I/O: call it from a blocking context.
+    fn apply(&self, path: &Path, change: RemoteChange, rev: Option<Revision>) -> Result<(), String>;
+
+    /// The regular files below `dir` in the tree, as paths relative to the sync root (for
+    /// sweeping files whose keys vanished while the node was away).
+    fn files(&self, dir: &Path) -> Vec<PathBuf>;
 }
 
 /// The tiers of one mount, by kind.

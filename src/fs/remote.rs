@@ -1,0 +1,309 @@
+//! Other nodes' changes, applied to the tree.
+//!
+//! A synced tier watches its backend and hands each change to [`RemoteSink::apply`]. The core
+//! writes the new content to the spool, asks the tier to [`admit`](crate::tier::Tier::admit) it
+//! under the table lock (so that an older revision never replaces a newer one, whether the newer
+//! came from this node or another), renames it into place, and then drops the kernel's caches:
+//! the inode's pages and attributes when the file was known, the name when it was not (the
+//! kernel may hold a negative entry for it).
+//!
+//! Files keep the owner, mode and `user.*` attributes of the local file they replace. New files
+//! get mode 0644 and new directories 0755, owned by the daemon's user: tiers that sync content
+//! do not sync ownership.
+//!
+//! A name cannot be a file on one node and a directory on another at once. When a change would
+//! need that, the local entry stays and the change is logged and skipped.
+
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Weak};
+
+use super::tree::{self, Ident};
+use super::{Core, FsError, Ino, Kind};
+use crate::op::Op;
+use crate::tier::{RemoteChange, RemoteSink, Revision, TierError};
+
+const NEW_FILE_MODE: u32 = 0o644;
+const NEW_DIR_MODE: u32 = 0o755;
+
+/// The core as the tiers see it. Holds the core weakly: tiers live inside the core.
+struct CoreSink(Weak<Core>);
+
+impl RemoteSink for CoreSink {
+    fn apply(&self, path: &Path, change: RemoteChange, rev: Option<Revision>) -> Result<(), String> {
+        let Some(core) = self.0.upgrade() else {
+            return Ok(());
+        };
+        core.apply_remote(path, change, rev).map_err(|e| e.to_string())
+    }
+
+    fn files(&self, dir: &Path) -> Vec<PathBuf> {
+        let Some(core) = self.0.upgrade() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        if let Ok(Some(fd)) = core.existing_dir(dir) {
+            walk(&fd, dir, &mut out);
+        }
+        out
+    }
+}
+
+/// Collects the regular files below a directory of the tree.
+fn walk(dir: &OwnedFd, rel: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = tree::read_dir(dir.as_fd()) else { return };
+    for entry in entries {
+        if entry.name == "." || entry.name == ".." {
+            continue;
+        }
+        let path = rel.join(&entry.name);
+        let Ok(cname) = tree::cname(&entry.name) else { continue };
+        match Kind::from_d_type(entry.d_type) {
+            Some(Kind::File) => out.push(path),
+            Some(Kind::Dir) => {
+                if let Ok(sub) = tree::open_at(dir.as_fd(), &cname, libc::O_PATH | libc::O_DIRECTORY, 0) {
+                    walk(&sub, &path, out);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// What to tell the kernel once the table lock is released.
+enum Invalidate {
+    Inode(Ino),
+    Entry(Ino, std::ffi::OsString),
+}
+
+impl Core {
+    /// Starts every tier's watch of its backend.
+    pub fn start_tiers(self: &Arc<Self>) {
+        let sink: Arc<dyn RemoteSink> = Arc::new(CoreSink(Arc::downgrade(self)));
+        for kind in self.tiers.kinds() {
+            if let Some(tier) = self.tiers.get(kind) {
+                tier.start(sink.clone());
+            }
+        }
+    }
+
+    /// Stops every tier cleanly (releases what they hold for this mount).
+    pub fn shutdown(&self) -> Op<(), TierError> {
+        let ops: Vec<_> = self
+            .tiers
+            .kinds()
+            .into_iter()
+            .filter_map(|k| self.tiers.get(k).map(|t| t.shutdown()))
+            .collect();
+        Op::pending(async move {
+            for op in ops {
+                if let Err(e) = op.into_future().await {
+                    tracing::warn!(error = %e, "tier shutdown");
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn send(&self, inval: Vec<Invalidate>) {
+        for i in inval {
+            match i {
+                Invalidate::Inode(ino) => self.invalidate_inode(ino),
+                Invalidate::Entry(parent, name) => {
+                    if let Some(k) = self.kernel.get() {
+                        k.invalidate_entry(parent, &name);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The node id of a directory fd, if the kernel may know it.
+    fn dir_ino(&self, dir: &OwnedFd) -> Option<Ino> {
+        let st = tree::fstat(dir.as_fd()).ok()?;
+        self.inodes.lock().by_ident(Ident::of(&st))
+    }
+
+    /// Opens (creating what is missing) the directory `rel` below the root.
+    fn ensure_dir(&self, rel: &Path, inval: &mut Vec<Invalidate>) -> Result<Arc<OwnedFd>, FsError> {
+        let mut dir = self.root.clone();
+        for c in rel.components() {
+            let Component::Normal(name) = c else {
+                return Err(FsError::os(libc::EINVAL));
+            };
+            let cname = tree::cname(name)?;
+            match tree::open_at(dir.as_fd(), &cname, libc::O_PATH | libc::O_DIRECTORY, 0) {
+                Ok(fd) => dir = Arc::new(fd),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    match tree::mkdir_at(dir.as_fd(), &cname, NEW_DIR_MODE) {
+                        Ok(()) => {}
+                        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                    if let Some(parent) = self.dir_ino(&dir) {
+                        inval.push(Invalidate::Entry(parent, name.to_os_string()));
+                    }
+                    dir = Arc::new(tree::open_at(
+                        dir.as_fd(),
+                        &cname,
+                        libc::O_PATH | libc::O_DIRECTORY,
+                        0,
+                    )?);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(dir)
+    }
+
+    /// Opens the directory `rel` if it exists.
+    fn existing_dir(&self, rel: &Path) -> Result<Option<Arc<OwnedFd>>, FsError> {
+        if rel.as_os_str().is_empty() {
+            return Ok(Some(self.root.clone()));
+        }
+        match tree::resolve_dir(self.root.as_fd(), &tree::cname(rel.as_os_str())?) {
+            Ok(fd) => Ok(Some(Arc::new(fd))),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Applies another node's change of `path` (see the module docs).
+    pub fn apply_remote(&self, path: &Path, change: RemoteChange, rev: Option<Revision>) -> Result<(), FsError> {
+        let target = self.target(path.to_path_buf());
+        let tier = self.tier(&target).clone();
+        let parent_rel = path.parent().unwrap_or(Path::new(""));
+        let Some(name) = path.file_name() else {
+            return Ok(());
+        };
+        let cname = tree::cname(name)?;
+        let mut inval = Vec::new();
+        let result = (|| match change {
+            RemoteChange::File(bytes) => {
+                let dir = self.ensure_dir(parent_rel, &mut inval)?;
+                let old = tree::lstat_at(dir.as_fd(), &cname).ok();
+                if old.as_ref().is_some_and(|st| Kind::from_mode(st.st_mode) != Kind::File) {
+                    tracing::warn!(path = %path.display(), "a remote file and a local non-file share this name; keeping the local one");
+                    return Ok(());
+                }
+                let (mut file, spool_name) = self.spool.create()?;
+                let prepared = (|| {
+                    file.write_all(&bytes)?;
+                    match &old {
+                        Some(st) => {
+                            let old_fd = tree::open_path_at(dir.as_fd(), &cname)?;
+                            tree::chown_fd(file.as_fd(), Some(st.st_uid), Some(st.st_gid))?;
+                            tree::chmod_fd(file.as_fd(), st.st_mode & 0o7777)?;
+                            tree::copy_user_xattrs(old_fd.as_fd(), file.as_fd())?;
+                        }
+                        None => tree::chmod_fd(file.as_fd(), NEW_FILE_MODE)?,
+                    }
+                    Ok::<_, FsError>(())
+                })();
+                if let Err(e) = prepared {
+                    self.spool.remove(&spool_name);
+                    return Err(e);
+                }
+                let mut table = self.inodes.lock();
+                if !tier.admit(&target, rev.as_ref()) {
+                    drop(table);
+                    self.spool.remove(&spool_name);
+                    return Ok(());
+                }
+                // Re-read under the lock: a local change may have replaced the name meanwhile.
+                let old = tree::lstat_at(dir.as_fd(), &cname).ok();
+                tree::rename_at(self.spool.dir().as_fd(), &spool_name, dir.as_fd(), &cname, 0)?;
+                let new = Ident::of(&tree::fstat(file.as_fd())?);
+                match old.and_then(|st| table.by_ident(Ident::of(&st))) {
+                    Some(ino) => {
+                        table.set_ident(ino, new);
+                        inval.push(Invalidate::Inode(ino));
+                    }
+                    None => {
+                        drop(table);
+                        if let Some(parent) = self.dir_ino(&dir) {
+                            inval.push(Invalidate::Entry(parent, name.to_os_string()));
+                        }
+                    }
+                }
+                Ok(())
+            }
+            RemoteChange::Delete => {
+                let dir = self.existing_dir(parent_rel)?;
+                let parent_ino = dir.as_ref().and_then(|d| self.dir_ino(d));
+                let mut table = self.inodes.lock();
+                if !tier.admit(&target, rev.as_ref()) {
+                    return Ok(());
+                }
+                let Some(dir) = dir else {
+                    return Ok(());
+                };
+                let Ok(st) = tree::lstat_at(dir.as_fd(), &cname) else {
+                    return Ok(());
+                };
+                if Kind::from_mode(st.st_mode) != Kind::File {
+                    return Ok(());
+                }
+                tree::unlink_at(dir.as_fd(), &cname, false)?;
+                if let (Some(ino), Some(parent)) = (table.by_ident(Ident::of(&st)), parent_ino) {
+                    table.unlink(ino, parent, name, st.st_nlink <= 1);
+                }
+                drop(table);
+                if let Some(parent) = parent_ino {
+                    inval.push(Invalidate::Entry(parent, name.to_os_string()));
+                }
+                Ok(())
+            }
+            RemoteChange::Dir => {
+                let dir = self.ensure_dir(parent_rel, &mut inval)?;
+                match tree::lstat_at(dir.as_fd(), &cname) {
+                    Ok(st) if Kind::from_mode(st.st_mode) == Kind::Dir => Ok(()),
+                    Ok(_) => {
+                        tracing::warn!(path = %path.display(), "a remote directory and a local file share this name; keeping the local one");
+                        Ok(())
+                    }
+                    Err(_) => {
+                        self.ensure_dir(path, &mut inval)?;
+                        Ok(())
+                    }
+                }
+            }
+            RemoteChange::PruneDir => {
+                let Some(dir) = self.existing_dir(parent_rel)? else {
+                    return Ok(());
+                };
+                let parent_ino = self.dir_ino(&dir);
+                let mut table = self.inodes.lock();
+                let Ok(st) = tree::lstat_at(dir.as_fd(), &cname) else {
+                    return Ok(());
+                };
+                if Kind::from_mode(st.st_mode) != Kind::Dir {
+                    return Ok(());
+                }
+                match tree::unlink_at(dir.as_fd(), &cname, true) {
+                    Ok(()) => {}
+                    // Not empty (or busy as a mount point): it stays.
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY) | Some(libc::EEXIST) | Some(libc::EBUSY)) => {
+                        return Ok(());
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                let ino = table.by_ident(Ident::of(&st));
+                if let (Some(ino), Some(parent)) = (ino, parent_ino) {
+                    table.unlink(ino, parent, name, true);
+                }
+                drop(table);
+                if let Some(ino) = ino {
+                    self.dir_fds.lock().pop(&ino);
+                }
+                if let Some(parent) = parent_ino {
+                    inval.push(Invalidate::Entry(parent, name.to_os_string()));
+                }
+                Ok(())
+            }
+        })();
+        self.send(inval);
+        result
+    }
+}

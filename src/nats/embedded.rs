@@ -1,0 +1,184 @@
+//! The embedded default: a private `nats-server -js` on loopback, owned by the mount.
+//!
+//! Started when no NATS URL is configured, with its store under `--state/nats`, bound to
+//! 127.0.0.1 only. It keeps the port it had last time when that port is free, so a second
+//! node that joined with `--nats` finds it again after a remount. The server dies with the
+//! daemon (`PR_SET_PDEATHSIG`), and a server left over from a daemon that was killed is stopped
+//! before a new one starts on the same store.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+
+use super::{parse_version, MIN_VERSION};
+
+/// A running private nats-server.
+#[derive(Debug)]
+pub struct Embedded {
+    child: Child,
+    /// Its client URL.
+    pub url: String,
+    dir: PathBuf,
+}
+
+fn free_port(preferred: Option<u16>) -> anyhow::Result<u16> {
+    if let Some(port) = preferred {
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Ok(TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port())
+}
+
+/// The nats-server binary: `SYNCFS_NATS_SERVER`, else `nats-server` on the PATH, checked to be
+/// new enough.
+fn server_binary() -> anyhow::Result<PathBuf> {
+    let bin = std::env::var_os("SYNCFS_NATS_SERVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("nats-server"));
+    let out = Command::new(&bin).arg("--version").output().map_err(|e| {
+        anyhow!(
+            "cannot run {} ({e}): the embedded default needs nats-server {}.{} or newer \
+             (scripts/install-deps.sh installs it), or pass --nats URL",
+            bin.display(),
+            MIN_VERSION.0,
+            MIN_VERSION.1
+        )
+    })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = text.trim().trim_start_matches("nats-server: ").trim_start_matches('v');
+    match parse_version(version) {
+        Some(v) if v >= MIN_VERSION => Ok(bin),
+        _ => bail!(
+            "{} is version {version}; syncfs needs nats-server {}.{} or newer \
+             (scripts/install-deps.sh installs one from Debian's newer suites)",
+            bin.display(),
+            MIN_VERSION.0,
+            MIN_VERSION.1
+        ),
+    }
+}
+
+/// Stops a server a killed daemon left running on this store.
+fn stop_leftover(dir: &Path) {
+    let Ok(pid) = std::fs::read_to_string(dir.join("pid")) else {
+        return;
+    };
+    let Ok(pid) = pid.trim().parse::<i32>() else {
+        return;
+    };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let ours = String::from_utf8_lossy(&cmdline).contains(&*dir.to_string_lossy());
+    if ours && crate::daemon::process_alive(pid as u32) {
+        tracing::info!(pid, "stopping a nats-server left by an earlier daemon");
+        // SAFETY: signalling a process we identified as our own leftover server.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while crate::daemon::process_alive(pid as u32) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if crate::daemon::process_alive(pid as u32) {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+impl Embedded {
+    /// Starts a server with its store in `dir`. Must be called from the thread that lives as
+    /// long as the mount (the server dies when that thread exits).
+    pub fn start(dir: &Path, node: &str) -> anyhow::Result<Embedded> {
+        let bin = server_binary()?;
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        stop_leftover(dir);
+        let previous = std::fs::read_to_string(dir.join("port"))
+            .ok()
+            .and_then(|p| p.trim().parse().ok());
+        let port = free_port(previous)?;
+        let name: String = node
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+            .collect();
+        let log = dir.join("server.log");
+        let mut cmd = Command::new(&bin);
+        cmd.args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-n"])
+            .arg(format!("syncfs-{name}"))
+            .arg("-sd")
+            .arg(dir)
+            .arg("-l")
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: prctl is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().with_context(|| format!("cannot start {}", bin.display()))?;
+        std::fs::write(dir.join("pid"), child.id().to_string())?;
+        std::fs::write(dir.join("port"), port.to_string())?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                break;
+            }
+            if let Some(status) = child.try_wait()? {
+                let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                bail!("the embedded nats-server exited ({status}):\n{}", last_lines(&tail, 10));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("the embedded nats-server did not listen on {addr} within 15 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        tracing::info!(url = %format!("nats://{addr}"), store = %dir.display(), "embedded nats-server started");
+        Ok(Embedded {
+            child,
+            url: format!("nats://{addr}"),
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Stops the server (gracefully, then by force after 10 s).
+    pub fn stop(mut self) {
+        self.stop_inner();
+    }
+
+    fn stop_inner(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                let _ = std::fs::remove_file(self.dir.join("pid"));
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Embedded {
+    fn drop(&mut self) {
+        self.stop_inner();
+    }
+}
+
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

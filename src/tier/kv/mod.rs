@@ -1,0 +1,706 @@
+//! The fast tier: NATS JetStream key-value buckets (`tier: nats-kv`).
+//!
+//! # Where things are
+//!
+//! - One bucket per policy, named from its pattern (`syncfs_fast_claims_1a2b3c4d` for
+//!   `fast/claims/**`), with `max_age` = the policy's `ttl`, and replicas and history from the
+//!   config. The key of a file is its whole path, encoded by [`key`]. Values are the file's
+//!   bytes, unchanged, so any NATS client can read them.
+//! - Writes are published by syncfs itself on `$KV.<bucket>.<key>`, with headers:
+//!   `Nats-Expected-Last-Subject-Sequence` for compare-and-swap (0 for an exclusive create),
+//!   `Nats-Msg-Id` so a retried publish is de-duplicated by JetStream, `Syncfs-Node` so other
+//!   nodes can show the writer (`user.syncfs.node`), and `KV-Operation: DEL` for deletes.
+//! - Every node watches every bucket (an ordered consumer, last value per key, then changes)
+//!   and writes what it hears into its tree through the core ([`sync`]).
+//!
+//! # Consistency
+//!
+//! - `lww`: the latest publish wins. While NATS is unreachable, or while earlier queued writes
+//!   wait, the change goes to the offline [`journal`] (fsync'ed before `close()` returns) and is
+//!   replayed in order on reconnect.
+//! - `cas`: a write commits only if the key's revision is still the one the file had when it
+//!   was opened (or the one the program named); otherwise `ESTALE`, nothing written.
+//! - `cas-create`: creation is exclusive across the cluster (exactly one creator; the others
+//!   get `EEXIST` at `open()`); later writes are `cas`.
+//! - Strongly consistent operations never queue: while disconnected they fail at once with
+//!   `EAGAIN`.
+//!
+//! A create whose acknowledgement was lost is retried with the same message id; if JetStream's
+//! de-duplication window has passed, the last message's id proves whether it was ours, so the
+//! real winner is never told `EEXIST`.
+
+mod journal;
+pub mod key;
+mod sync;
+mod view;
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::stream::Stream;
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use self::journal::{Journal, JournalOp, Record};
+use self::view::{Owned, View};
+use super::{RemoteSink, Revision, Target, Tier, TierError, WriteMode};
+use crate::fs::Kind;
+use crate::nats::Nats;
+use crate::op::Op;
+use crate::policy::{Consistency, Policy, PolicyTable, TierKind};
+
+const NODE_HEADER: &str = "Syncfs-Node";
+const KV_OPERATION: &str = "KV-Operation";
+/// Room left under the server's `max_payload` for the headers syncfs adds.
+const HEADER_ROOM: usize = 1024;
+
+/// One bucket: the policy it serves and where its paths live.
+#[derive(Debug)]
+pub struct Bucket {
+    /// The bucket's name.
+    pub name: String,
+    /// The policy whose paths it holds.
+    pub policy: Arc<Policy>,
+    /// The literal directory prefix of the pattern (`fast/claims` for `fast/claims/**`),
+    /// which always exists in the tree.
+    pub root: PathBuf,
+    /// `$KV.<name>.`
+    pub prefix: String,
+}
+
+/// The bucket name of a policy: readable, and unique per pattern.
+pub fn bucket_name(pattern: &str) -> String {
+    let mut readable = String::new();
+    for c in pattern.chars() {
+        if c.is_ascii_alphanumeric() {
+            readable.push(c);
+        } else if !readable.ends_with('_') {
+            readable.push('_');
+        }
+    }
+    let readable: String = readable.trim_matches('_').chars().take(40).collect();
+    let mut hash: u32 = 0x811c9dc5;
+    for b in pattern.bytes() {
+        hash = (hash ^ b as u32).wrapping_mul(0x01000193);
+    }
+    if readable.is_empty() {
+        format!("syncfs_{hash:08x}")
+    } else {
+        format!("syncfs_{readable}_{hash:08x}")
+    }
+}
+
+/// The directories of a pattern before its first wildcard.
+pub fn pattern_root(pattern: &str) -> PathBuf {
+    let mut root = PathBuf::new();
+    let parts: Vec<&str> = pattern.split('/').collect();
+    for (i, part) in parts.iter().enumerate() {
+        let literal = !part.contains(['*', '?', '[', ']', '{', '}', '\\']);
+        if !literal || i + 1 == parts.len() {
+            break;
+        }
+        root.push(part);
+    }
+    root
+}
+
+/// What a publish does to a key.
+enum KvOp {
+    Put(Bytes),
+    Delete,
+}
+
+/// Why a publish failed, before it becomes a [`TierError`].
+enum PubError {
+    /// The expected revision did not match.
+    WrongLastSequence,
+    /// Anything else, already mapped.
+    Tier(TierError),
+}
+
+pub(crate) struct Inner {
+    nats: Arc<Nats>,
+    node: String,
+    policies: Arc<PolicyTable>,
+    buckets: Vec<Bucket>,
+    view: Mutex<View>,
+    journal: Mutex<Journal>,
+    sink: OnceLock<Arc<dyn RemoteSink>>,
+    streams: Mutex<Vec<Option<Stream>>>,
+    /// Buckets whose view is complete in the current connection.
+    synced: watch::Sender<Vec<bool>>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    rt: tokio::runtime::Handle,
+    boot: String,
+    next_msg: AtomicU64,
+    max_payload: AtomicU64,
+}
+
+/// The nats-kv tier of a mount.
+#[derive(Clone)]
+pub struct KvTier {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for KvTier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvTier").field("buckets", &self.inner.buckets).finish_non_exhaustive()
+    }
+}
+
+fn unavailable(reason: impl std::fmt::Display) -> TierError {
+    TierError::Unavailable {
+        tier: TierKind::NatsKv,
+        reason: reason.to_string(),
+    }
+}
+
+/// Reads a staged file whole; KV values are bounded by the server's payload limit.
+fn read_value(file: &File, limit: usize, path: &Path) -> Result<Bytes, TierError> {
+    let len = file.metadata()?.len() as usize;
+    if len > limit {
+        return Err(TierError::TooBig(format!(
+            "{} is {len} bytes; this NATS server takes values up to {limit} bytes",
+            path.display()
+        )));
+    }
+    let mut buf = Vec::with_capacity(len);
+    let mut reader = file.try_clone()?;
+    std::io::Seek::seek(&mut reader, std::io::SeekFrom::Start(0))?;
+    reader.read_to_end(&mut buf)?;
+    if buf.len() > limit {
+        return Err(TierError::TooBig(format!("{} grew past {limit} bytes", path.display())));
+    }
+    Ok(buf.into())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, TierError> + Send + 'static,
+) -> Result<T, TierError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| TierError::Backend(format!("blocking task: {e}")))?
+}
+
+impl KvTier {
+    /// A tier for every nats-kv policy of `policies`, journaling offline writes in
+    /// `journal_path`. Nothing touches the network until [`Tier::start`].
+    pub fn new(
+        nats: Arc<Nats>,
+        node: &str,
+        policies: Arc<PolicyTable>,
+        journal_path: &Path,
+        rt: tokio::runtime::Handle,
+    ) -> anyhow::Result<KvTier> {
+        let buckets: Vec<Bucket> = policies
+            .policies()
+            .iter()
+            .filter(|p| p.tier == TierKind::NatsKv)
+            .map(|p| {
+                let name = bucket_name(&p.pattern);
+                Bucket {
+                    prefix: format!("$KV.{name}."),
+                    name,
+                    policy: p.clone(),
+                    root: pattern_root(&p.pattern),
+                }
+            })
+            .collect();
+        let journal = Journal::open(journal_path)
+            .map_err(|e| anyhow::anyhow!("cannot open the journal {}: {e}", journal_path.display()))?;
+        if !journal.is_empty() {
+            tracing::info!(records = journal.len(), "the offline journal holds writes to replay");
+        }
+        let n = buckets.len();
+        let nonce = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        Ok(KvTier {
+            inner: Arc::new(Inner {
+                max_payload: AtomicU64::new(nats.max_payload() as u64),
+                nats,
+                node: node.to_string(),
+                policies,
+                buckets,
+                view: Mutex::new(View::default()),
+                journal: Mutex::new(journal),
+                sink: OnceLock::new(),
+                streams: Mutex::new(vec![None; n]),
+                synced: watch::channel(vec![false; n]).0,
+                tasks: Mutex::new(Vec::new()),
+                rt,
+                boot: format!("{:x}-{}", nonce, std::process::id()),
+                next_msg: AtomicU64::new(1),
+            }),
+        })
+    }
+
+    /// Writes waiting in the offline journal.
+    pub fn pending(&self) -> usize {
+        self.inner.journal.lock().len()
+    }
+
+    /// How many paths the view holds.
+    pub fn keys(&self) -> usize {
+        self.inner.view.lock().len()
+    }
+
+    /// Waits until every bucket's view is complete (or `timeout` passes): reads after that see
+    /// what the cluster holds. Returns whether it completed.
+    pub async fn wait_synced(&self, timeout: Duration) -> bool {
+        let mut rx = self.inner.synced.subscribe();
+        let done = tokio::time::timeout(timeout, rx.wait_for(|s| s.iter().all(|b| *b))).await;
+        done.is_ok()
+    }
+
+    /// The buckets, for status and tests.
+    pub fn buckets(&self) -> &[Bucket] {
+        &self.inner.buckets
+    }
+}
+
+impl Inner {
+    fn bucket_of(&self, at: &Target) -> Result<usize, TierError> {
+        self.buckets
+            .iter()
+            .position(|b| b.policy.pattern == at.policy.pattern)
+            .ok_or_else(|| TierError::Backend(format!("no bucket for {}", at.policy.pattern)))
+    }
+
+    fn key_of(at: &Target) -> Result<String, TierError> {
+        key::encode(&at.path).map_err(|e| match e {
+            key::KeyError::TooLong => TierError::Io(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG)),
+            key::KeyError::NotAPath => TierError::Io(std::io::Error::from_raw_os_error(libc::EINVAL)),
+        })
+    }
+
+    fn msg_id(&self) -> String {
+        let n = self.next_msg.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{}-{n}", self.node, self.boot)
+    }
+
+    fn value_limit(&self) -> usize {
+        (self.max_payload.load(Ordering::Relaxed) as usize).saturating_sub(HEADER_ROOM)
+    }
+
+    fn stream(&self, bucket: usize) -> Option<Stream> {
+        self.streams.lock()[bucket].clone()
+    }
+
+    /// Publishes one change, retrying lost acknowledgements with the same message id.
+    async fn publish(
+        &self,
+        bucket: usize,
+        key: &str,
+        op: &KvOp,
+        expected: Option<u64>,
+        msg_id: &str,
+    ) -> Result<u64, PubError> {
+        let subject = format!("{}{key}", self.buckets[bucket].prefix);
+        let mut attempt = 0;
+        loop {
+            let mut headers = HeaderMap::new();
+            headers.insert(NODE_HEADER, self.node.as_str());
+            let payload = match op {
+                KvOp::Put(value) => value.clone(),
+                KvOp::Delete => {
+                    headers.insert(KV_OPERATION, "DEL");
+                    Bytes::new()
+                }
+            };
+            let mut message = PublishMessage::build().payload(payload).headers(headers).message_id(msg_id);
+            if let Some(rev) = expected {
+                message = message.expected_last_subject_sequence(rev);
+            }
+            let result = match self.nats.js.send_publish(subject.clone(), message).await {
+                Ok(ack) => ack.await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(ack) => return Ok(ack.sequence),
+                Err(e) => match e.kind() {
+                    PublishErrorKind::WrongLastSequence => return Err(PubError::WrongLastSequence),
+                    PublishErrorKind::MaxPayloadExceeded => {
+                        return Err(PubError::Tier(TierError::TooBig(format!(
+                            "{key}: larger than the server's max_payload"
+                        ))))
+                    }
+                    PublishErrorKind::StreamNotFound => {
+                        return Err(PubError::Tier(TierError::Backend(format!(
+                            "bucket {} does not exist",
+                            self.buckets[bucket].name
+                        ))))
+                    }
+                    PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe | PublishErrorKind::MaxAckPending
+                        if attempt < 2 && self.nats.is_connected() =>
+                    {
+                        attempt += 1;
+                        tracing::debug!(key, attempt, "publish not acknowledged; retrying with the same message id");
+                    }
+                    _ => return Err(PubError::Tier(unavailable(e))),
+                },
+            }
+        }
+    }
+
+    /// An exclusive create of `key` with an empty value. `Ok(Err(msg))` when the key exists
+    /// (with its current last message).
+    async fn create_exclusive(
+        &self,
+        bucket: usize,
+        key: &str,
+    ) -> Result<Result<u64, async_nats::jetstream::message::StreamMessage>, TierError> {
+        let msg_id = self.msg_id();
+        let subject = format!("{}{key}", self.buckets[bucket].prefix);
+        let mut expected = 0;
+        for _ in 0..4 {
+            match self.publish(bucket, key, &KvOp::Put(Bytes::new()), Some(expected), &msg_id).await {
+                Ok(rev) => return Ok(Ok(rev)),
+                Err(PubError::Tier(e)) => return Err(e),
+                Err(PubError::WrongLastSequence) => {
+                    let stream = self.stream(bucket).ok_or_else(|| unavailable("bucket not ready"))?;
+                    let last = match stream.get_last_raw_message_by_subject(&subject).await {
+                        Ok(m) => m,
+                        // Purged or expired in between: try again from nothing.
+                        Err(_) => {
+                            expected = 0;
+                            continue;
+                        }
+                    };
+                    let op = last.headers.get(KV_OPERATION).map(|v| v.as_str().to_string());
+                    let ours = last
+                        .headers
+                        .get(async_nats::header::NATS_MESSAGE_ID)
+                        .is_some_and(|id| id.as_str() == msg_id);
+                    if ours {
+                        // Our earlier attempt won; its acknowledgement was lost.
+                        return Ok(Ok(last.sequence));
+                    }
+                    if matches!(op.as_deref(), Some("DEL") | Some("PURGE")) {
+                        expected = last.sequence;
+                        continue;
+                    }
+                    return Ok(Err(last));
+                }
+            }
+        }
+        Err(unavailable("exclusive create did not settle"))
+    }
+
+    /// Records what this node just wrote, so `user.syncfs.rev` shows it at once.
+    fn record_own(&self, at: &Target, bucket: usize, rev: u64, value: Option<&Bytes>) {
+        let mut view = self.view.lock();
+        view.record(
+            &at.path,
+            bucket,
+            rev,
+            value.is_none(),
+            Some(self.node.clone()),
+            SystemTime::now(),
+            at.policy.ttl,
+        );
+        match value {
+            Some(v) if at.policy.ephemeral => {
+                let key = Self::key_of(at).unwrap_or_default();
+                view.owned.insert(
+                    at.path.clone(),
+                    Owned {
+                        bucket,
+                        key,
+                        rev,
+                        value: v.to_vec(),
+                    },
+                );
+            }
+            _ => {
+                view.owned.remove(&at.path);
+            }
+        }
+    }
+
+    /// Queues a last-write-wins change for replay (fsync'ed before returning).
+    async fn enqueue(self: &Arc<Self>, bucket: usize, key: String, op: JournalOp, value: Bytes) -> Result<(), TierError> {
+        let this = self.clone();
+        let msg_id = self.msg_id();
+        blocking(move || {
+            let record = Record {
+                bucket: this.buckets[bucket].name.clone(),
+                key,
+                op,
+                msg_id,
+                value: value.to_vec(),
+            };
+            this.journal.lock().append(record)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// A last-write-wins change: published when connected and nothing is queued before it,
+    /// queued otherwise (also when the publish fails for want of the server).
+    async fn write_lww(self: &Arc<Self>, at: &Target, bucket: usize, key: String, op: KvOp) -> Result<Option<Revision>, TierError> {
+        let (jop, value) = match &op {
+            KvOp::Put(v) => (JournalOp::Put, v.clone()),
+            KvOp::Delete => (JournalOp::Delete, Bytes::new()),
+        };
+        if self.nats.is_connected() && self.journal.lock().is_empty() {
+            match self.publish(bucket, &key, &op, None, &self.msg_id()).await {
+                Ok(rev) => {
+                    self.record_own(at, bucket, rev, Some(&value).filter(|_| matches!(op, KvOp::Put(_))));
+                    return Ok(Some(Revision(rev.to_string())));
+                }
+                Err(PubError::Tier(TierError::Unavailable { reason, .. })) => {
+                    tracing::info!(path = %at.path.display(), %reason, "NATS unavailable; queueing the write");
+                }
+                Err(PubError::Tier(e)) => return Err(e),
+                Err(PubError::WrongLastSequence) => return Err(TierError::Backend("unexpected sequence check".into())),
+            }
+        }
+        self.enqueue(bucket, key, jop, value).await?;
+        Ok(None)
+    }
+
+    /// A compare-and-swap change against `base` (`None`: the key must not exist).
+    async fn write_cas(
+        self: &Arc<Self>,
+        at: &Target,
+        bucket: usize,
+        key: String,
+        op: KvOp,
+        base: Option<Revision>,
+    ) -> Result<Option<Revision>, TierError> {
+        if !self.nats.is_connected() {
+            return Err(unavailable("not connected; compare-and-swap writes are not queued"));
+        }
+        let stale = || TierError::Stale {
+            path: at.path.clone(),
+            base: base.clone(),
+        };
+        let expected = match &base {
+            None => 0,
+            Some(rev) => rev.0.trim().parse::<u64>().map_err(|_| stale())?,
+        };
+        match self.publish(bucket, &key, &op, Some(expected), &self.msg_id()).await {
+            Ok(rev) => {
+                let value = match &op {
+                    KvOp::Put(v) => Some(v.clone()),
+                    KvOp::Delete => None,
+                };
+                self.record_own(at, bucket, rev, value.as_ref());
+                Ok(Some(Revision(rev.to_string())))
+            }
+            Err(PubError::WrongLastSequence) => Err(stale()),
+            Err(PubError::Tier(e)) => Err(e),
+        }
+    }
+
+    async fn write(
+        self: &Arc<Self>,
+        at: &Target,
+        op: KvOp,
+        base: Option<Revision>,
+    ) -> Result<Option<Revision>, TierError> {
+        let bucket = self.bucket_of(at)?;
+        let key = Self::key_of(at)?;
+        match at.policy.consistency {
+            Consistency::Cas | Consistency::CasCreate => self.write_cas(at, bucket, key, op, base).await,
+            _ => self.write_lww(at, bucket, key, op).await,
+        }
+    }
+
+    fn sink(&self) -> Option<&Arc<dyn RemoteSink>> {
+        self.sink.get()
+    }
+}
+
+impl Tier for KvTier {
+    fn kind(&self) -> TierKind {
+        TierKind::NatsKv
+    }
+
+    fn write_mode(&self) -> WriteMode {
+        WriteMode::Staged
+    }
+
+    fn revision(&self, at: &Target) -> Option<Revision> {
+        let view = self.inner.view.lock();
+        view.get(&at.path)
+            .filter(|e| !e.deleted)
+            .map(|e| Revision(e.known.to_string()))
+    }
+
+    fn create(&self, at: &Target, kind: Kind, exclusive: bool) -> Op<Option<Revision>, TierError> {
+        let inner = self.inner.clone();
+        let at = at.clone();
+        if kind == Kind::Dir {
+            return Op::pending(async move {
+                let bucket = inner.bucket_of(&at)?;
+                let key = key::encode_dir(&at.path).map_err(|_| {
+                    TierError::Io(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG))
+                })?;
+                let rev = inner.write_lww(&at, bucket, key, KvOp::Put(Bytes::new())).await?;
+                let rev_n = rev.as_ref().and_then(|r| r.0.parse().ok()).unwrap_or(0);
+                // The marker is not a file: keep it out of the file entries.
+                inner.view.lock().remove(&at.path);
+                inner.view.lock().mark_dir(&at.path, rev_n);
+                Ok(None)
+            });
+        }
+        if kind != Kind::File {
+            return Op::err(TierError::Unsupported {
+                op: "special files",
+                tier: TierKind::NatsKv,
+            });
+        }
+        let exclusive = exclusive || at.policy.consistency == Consistency::CasCreate;
+        if !matches!(at.policy.consistency, Consistency::Cas | Consistency::CasCreate) {
+            // The first commit creates the key (also for `touch`).
+            return Op::ok(None);
+        }
+        if let Err(e) = Inner::key_of(&at) {
+            return Op::err(e);
+        }
+        if !self.inner.nats.is_connected() {
+            return Op::err(unavailable("not connected; exclusive creates are not queued"));
+        }
+        Op::pending(async move {
+            let bucket = inner.bucket_of(&at)?;
+            let key = Inner::key_of(&at)?;
+            match inner.create_exclusive(bucket, &key).await? {
+                Ok(rev) => {
+                    inner.record_own(&at, bucket, rev, Some(&Bytes::new()));
+                    Ok(Some(Revision(rev.to_string())))
+                }
+                Err(_) if exclusive => Err(TierError::Exists { path: at.path.clone() }),
+                Err(current) => {
+                    // Opening an existing key without O_EXCL: bring its current value into the
+                    // tree so the open sees it, and write against its revision.
+                    let created = SystemTime::from(current.time);
+                    let node = current.headers.get(NODE_HEADER).map(|v| v.as_str().to_string());
+                    inner.view.lock().record(&at.path, bucket, current.sequence, false, node, created, at.policy.ttl);
+                    if let Some(sink) = inner.sink().cloned() {
+                        let (path, payload, rev) = (at.path.clone(), current.payload.to_vec(), current.sequence);
+                        blocking(move || {
+                            sink.apply(&path, super::RemoteChange::File(payload), Some(Revision(rev.to_string())))
+                                .map_err(TierError::Backend)
+                        })
+                        .await?;
+                    }
+                    Ok(Some(Revision(current.sequence.to_string())))
+                }
+            }
+        })
+    }
+
+    fn commit(&self, at: &Target, content: Arc<File>, base: Option<Revision>) -> Op<Option<Revision>, TierError> {
+        let inner = self.inner.clone();
+        let at = at.clone();
+        Op::pending(async move {
+            let limit = inner.value_limit();
+            let (file, path) = (content.clone(), at.path.clone());
+            let value = blocking(move || read_value(&file, limit, &path)).await?;
+            inner.write(&at, KvOp::Put(value), base).await
+        })
+    }
+
+    fn admit(&self, at: &Target, rev: Option<&Revision>) -> bool {
+        let rev = rev.and_then(|r| r.0.parse::<u64>().ok());
+        self.inner.view.lock().admit(&at.path, rev)
+    }
+
+    fn remove(&self, at: &Target, kind: Kind) -> Op<(), TierError> {
+        let inner = self.inner.clone();
+        let at = at.clone();
+        if kind == Kind::Dir {
+            return Op::pending(async move {
+                let bucket = inner.bucket_of(&at)?;
+                let Ok(key) = key::encode_dir(&at.path) else { return Ok(()) };
+                inner.write_lww(&at, bucket, key, KvOp::Delete).await?;
+                inner.view.lock().unmark_dir(&at.path);
+                Ok(())
+            });
+        }
+        let current = self.revision(&at);
+        let strong = matches!(at.policy.consistency, Consistency::Cas | Consistency::CasCreate);
+        if strong && current.is_none() {
+            // Nothing in the bucket (never committed, or expired): only the local name goes.
+            return Op::ok(());
+        }
+        Op::pending(async move {
+            inner.write(&at, KvOp::Delete, current).await?;
+            inner.view.lock().owned.remove(&at.path);
+            Ok(())
+        })
+    }
+
+    fn rename(&self, from: &Target, to: &Target, kind: Kind, content: Option<Arc<File>>) -> Op<(), TierError> {
+        if kind != Kind::File {
+            return Op::err(TierError::CrossDevice(format!(
+                "{}: directories of nats-kv paths cannot be renamed atomically",
+                from.path.display()
+            )));
+        }
+        let Some(content) = content else {
+            return Op::err(TierError::Backend("rename without content".into()));
+        };
+        let inner = self.inner.clone();
+        let (from, to) = (from.clone(), to.clone());
+        let (from_rev, to_rev) = (self.revision(&from), self.revision(&to));
+        Op::pending(async move {
+            let limit = inner.value_limit();
+            let (file, path) = (content.clone(), from.path.clone());
+            let value = blocking(move || read_value(&file, limit, &path)).await?;
+            inner.write(&to, KvOp::Put(value), to_rev).await?;
+            if from_rev.is_some() || !matches!(from.policy.consistency, Consistency::Cas | Consistency::CasCreate) {
+                inner.write(&from, KvOp::Delete, from_rev).await?;
+            }
+            inner.view.lock().owned.remove(&from.path);
+            Ok(())
+        })
+    }
+
+    fn supports_hard_links(&self) -> bool {
+        false
+    }
+
+    fn attribute(&self, at: &Target, name: &str) -> Option<Vec<u8>> {
+        let view = self.inner.view.lock();
+        let e = view.get(&at.path).filter(|e| !e.deleted)?;
+        match name {
+            "user.syncfs.rev" => Some(e.known.to_string().into_bytes()),
+            "user.syncfs.node" => e.node.clone().map(String::into_bytes),
+            "user.syncfs.expires" => at
+                .policy
+                .ttl
+                .map(|ttl| humantime::format_rfc3339_millis(e.created + ttl).to_string().into_bytes()),
+            _ => None,
+        }
+    }
+
+    fn start(&self, sink: Arc<dyn RemoteSink>) {
+        let _ = self.inner.sink.set(sink);
+        let inner = self.inner.clone();
+        let task = self.inner.rt.spawn(sync::supervise(inner));
+        self.inner.tasks.lock().push(task);
+    }
+
+    fn shutdown(&self) -> Op<(), TierError> {
+        let inner = self.inner.clone();
+        Op::pending(async move {
+            for task in inner.tasks.lock().drain(..) {
+                task.abort();
+            }
+            sync::release_owned(&inner).await;
+            Ok(())
+        })
+    }
+}

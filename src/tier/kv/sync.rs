@@ -1,0 +1,419 @@
+//! Keeping the tree in line with the buckets, and the buckets with this mount's promises.
+//!
+//! On every new connection (the first, and each reconnect) the supervisor checks the server,
+//! makes sure the buckets exist, replays the offline journal in order, and only then (re)starts
+//! one watch per bucket: the journal's writes are newer than anything the watch could deliver
+//! for the same keys. Each watch delivers the last value of every key, then every change; once
+//! it has caught up, keys that vanished while this node was away (purged, expired, or deleted
+//! without a marker reaching us) are removed from the tree. Changes at or below the revision the
+//! node knows are ignored ([`super::view::View::record`]).
+//!
+//! Two timers run beside the watches. Expiry removes entries at created + TTL: a 2.10 server
+//! does not announce expiry, so nodes expire their copies themselves. The refresher re-publishes
+//! this mount's entries of ephemeral policies every TTL/3 (compare-and-swap against its own last
+//! revision, so it never overwrites another writer), which keeps them alive exactly as long as
+//! the mount is; a clean unmount deletes them ([`release_owned`]).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_nats::jetstream::consumer::{push, DeliverPolicy, ReplayPolicy};
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use futures::StreamExt;
+
+use super::journal::JournalOp;
+use super::key::{self, Decoded};
+use super::{Inner, KvOp, PubError, KV_OPERATION, NODE_HEADER};
+use crate::nats::ConnState;
+use crate::tier::{RemoteChange, Revision};
+
+/// Runs for the life of the mount.
+pub(super) async fn supervise(inner: Arc<Inner>) {
+    create_roots(&inner).await;
+    let expiry = tokio::spawn(expire(inner.clone()));
+    let refresh = tokio::spawn(refresh(inner.clone()));
+    inner.tasks.lock().extend([expiry, refresh]);
+
+    let mut state = inner.nats.watch_state();
+    let mut handled = 0u64;
+    let mut current: Option<tokio::task::JoinHandle<()>> = None;
+    loop {
+        let generation = match state.wait_for(|s| s.0 == ConnState::Connected && s.1 > handled).await {
+            Ok(s) => s.1,
+            Err(_) => return,
+        };
+        handled = generation;
+        if let Some(task) = current.take() {
+            task.abort();
+        }
+        inner.synced.send_modify(|s| s.iter_mut().for_each(|b| *b = false));
+        current = Some(tokio::spawn(run_connection(inner.clone(), generation, state.clone())));
+    }
+}
+
+/// Everything one connection does: prepare (retried while the connection lasts), then watch
+/// every bucket. Aborting the task stops all of it.
+async fn run_connection(
+    inner: Arc<Inner>,
+    generation: u64,
+    state: tokio::sync::watch::Receiver<(ConnState, u64)>,
+) {
+    loop {
+        match prepare(&inner).await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "NATS KV is not usable yet; retrying");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                if state.borrow().1 != generation {
+                    return;
+                }
+            }
+        }
+    }
+    futures::future::join_all((0..inner.buckets.len()).map(|b| watch_bucket(inner.clone(), b))).await;
+}
+
+/// Checks the server, makes sure every bucket exists, and replays the journal.
+async fn prepare(inner: &Arc<Inner>) -> anyhow::Result<()> {
+    inner.nats.check_server().await?;
+    inner
+        .max_payload
+        .store(inner.nats.max_payload() as u64, std::sync::atomic::Ordering::Relaxed);
+    for (i, bucket) in inner.buckets.iter().enumerate() {
+        let store = match inner.nats.js.get_key_value(&bucket.name).await {
+            Ok(store) => store,
+            Err(_) => {
+                let config = kv::Config {
+                    bucket: bucket.name.clone(),
+                    description: format!("syncfs: paths matching {}", bucket.policy.pattern),
+                    history: inner.nats.history.max(1),
+                    max_age: bucket.policy.ttl.unwrap_or_default(),
+                    num_replicas: inner.nats.replicas.max(1),
+                    storage: async_nats::jetstream::stream::StorageType::File,
+                    ..Default::default()
+                };
+                match inner.nats.js.create_key_value(config).await {
+                    Ok(store) => store,
+                    // Another node created it first.
+                    Err(create) => inner.nats.js.get_key_value(&bucket.name).await.map_err(|_| {
+                        anyhow::anyhow!("cannot create the KV bucket {}: {create}", bucket.name)
+                    })?,
+                }
+            }
+        };
+        inner.streams.lock()[i] = Some(store.stream.clone());
+    }
+    replay(inner).await
+}
+
+/// Publishes the journal's records in order, each with its original message id.
+async fn replay(inner: &Arc<Inner>) -> anyhow::Result<()> {
+    let mut replayed = 0;
+    loop {
+        let Some(record) = inner.journal.lock().front().cloned() else {
+            break;
+        };
+        let Some(bucket) = inner.buckets.iter().position(|b| b.name == record.bucket) else {
+            tracing::warn!(bucket = %record.bucket, key = %record.key, "dropping a queued write for a bucket no policy uses any more");
+            inner.journal.lock().pop_front()?;
+            continue;
+        };
+        let op = match record.op {
+            JournalOp::Put => KvOp::Put(Bytes::from(record.value.clone())),
+            JournalOp::Delete => KvOp::Delete,
+        };
+        match inner.publish(bucket, &record.key, &op, None, &record.msg_id).await {
+            Ok(rev) => {
+                if let Some(Decoded::File(path)) = key::decode(&record.key) {
+                    let mut view = inner.view.lock();
+                    let ttl = inner.buckets[bucket].policy.ttl;
+                    let deleted = record.op == JournalOp::Delete;
+                    view.record(&path, bucket, rev, deleted, Some(inner.node.clone()), SystemTime::now(), ttl);
+                }
+                let mut journal = inner.journal.lock();
+                journal.pop_front()?;
+                replayed += 1;
+            }
+            Err(PubError::Tier(e)) => {
+                inner.journal.lock().compact()?;
+                anyhow::bail!("replaying the offline journal stopped at {}: {e}", record.key);
+            }
+            Err(PubError::WrongLastSequence) => {
+                inner.journal.lock().pop_front()?;
+            }
+        }
+    }
+    if replayed > 0 {
+        tracing::info!(replayed, "offline journal replayed");
+    }
+    Ok(())
+}
+
+/// Creates the literal directory prefix of every bucket's pattern, so `fast/claims/` exists
+/// before the first claim.
+async fn create_roots(inner: &Arc<Inner>) {
+    let Some(sink) = inner.sink().cloned() else { return };
+    let roots: Vec<PathBuf> = inner
+        .buckets
+        .iter()
+        .map(|b| b.root.clone())
+        .filter(|r| !r.as_os_str().is_empty())
+        .collect();
+    let _ = tokio::task::spawn_blocking(move || {
+        for root in roots {
+            if let Err(e) = sink.apply(&root, RemoteChange::Dir, None) {
+                tracing::warn!(root = %root.display(), error = %e, "cannot create a policy's directory");
+            }
+        }
+    })
+    .await;
+}
+
+fn apply(inner: &Inner, path: &Path, change: RemoteChange, rev: Option<u64>) {
+    let Some(sink) = inner.sink() else { return };
+    let rev = rev.map(|r| Revision(r.to_string()));
+    if let Err(e) = tokio::task::block_in_place(|| sink.apply(path, change, rev)) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot apply a remote change");
+    }
+}
+
+/// Removes the now-empty, unmarked directories between `path` and its bucket's root.
+fn prune(inner: &Inner, bucket: usize, path: &Path) {
+    let root = &inner.buckets[bucket].root;
+    let mut dir = path.parent();
+    while let Some(d) = dir {
+        if d == root || !d.starts_with(root) || d.as_os_str().is_empty() {
+            break;
+        }
+        if !inner.view.lock().is_marked(d) {
+            apply(inner, d, RemoteChange::PruneDir, None);
+        }
+        dir = d.parent();
+    }
+}
+
+async fn watch_bucket(inner: Arc<Inner>, bucket: usize) {
+    loop {
+        match run_watch(&inner, bucket).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(bucket = %inner.buckets[bucket].name, error = %format!("{e:#}"), "watch failed; restarting");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+async fn run_watch(inner: &Arc<Inner>, bucket: usize) -> anyhow::Result<()> {
+    let b = &inner.buckets[bucket];
+    let stream = inner.stream(bucket).ok_or_else(|| anyhow::anyhow!("bucket not ready"))?;
+    let consumer = stream
+        .create_consumer(push::OrderedConfig {
+            deliver_subject: inner.nats.client.new_inbox(),
+            description: Some(format!("syncfs watch of {}", b.name)),
+            filter_subject: format!("{}>", b.prefix),
+            replay_policy: ReplayPolicy::Instant,
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            ..Default::default()
+        })
+        .await?;
+    let mut synced = consumer.cached_info().num_pending == 0;
+    let mut seen: HashSet<PathBuf> = HashSet::new();
+    if synced {
+        finish_sync(inner, bucket, &seen);
+    }
+    let mut messages = consumer.messages().await?;
+    loop {
+        let next = if synced {
+            messages.next().await
+        } else {
+            // Keys can vanish between the consumer's creation and their delivery, so the last
+            // one may never say "nothing pending": a quiet second means caught up.
+            match tokio::time::timeout(Duration::from_secs(1), messages.next()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    finish_sync(inner, bucket, &seen);
+                    synced = true;
+                    continue;
+                }
+            }
+        };
+        let Some(message) = next else {
+            anyhow::bail!("the watch ended");
+        };
+        let message = message?;
+        let (rev, pending, created) = {
+            let info = message.info().map_err(|e| anyhow::anyhow!("{e}"))?;
+            (info.stream_sequence, info.pending, SystemTime::from(info.published))
+        };
+        let path = handle(inner, bucket, &message.message, rev, created);
+        if !synced {
+            if let Some(path) = path {
+                seen.insert(path);
+            }
+            if pending == 0 {
+                finish_sync(inner, bucket, &seen);
+                synced = true;
+            }
+        }
+    }
+}
+
+/// Applies one message of a bucket's stream. Returns the path it concerns.
+fn handle(inner: &Inner, bucket: usize, message: &async_nats::Message, rev: u64, created: SystemTime) -> Option<PathBuf> {
+    let b = &inner.buckets[bucket];
+    let key = message.subject.as_str().strip_prefix(&b.prefix)?;
+    let decoded = key::decode(key)?;
+    let headers = message.headers.as_ref();
+    let op = headers.and_then(|h| h.get(KV_OPERATION)).map(|v| v.as_str().to_string());
+    let marker = headers.and_then(|h| h.get(async_nats::header::NATS_MARKER_REASON)).is_some();
+    let deleted = matches!(op.as_deref(), Some("DEL") | Some("PURGE")) || marker;
+    let node = headers.and_then(|h| h.get(NODE_HEADER)).map(|v| v.as_str().to_string());
+    match decoded {
+        Decoded::File(path) => {
+            if inner.policies.resolve(&path).pattern != b.policy.pattern {
+                return None;
+            }
+            let fresh = {
+                let mut view = inner.view.lock();
+                let fresh = view.record(&path, bucket, rev, deleted, node.clone(), created, b.policy.ttl);
+                if fresh && node.as_deref() != Some(inner.node.as_str()) {
+                    view.owned.remove(&path);
+                }
+                fresh
+            };
+            if fresh {
+                if deleted {
+                    apply(inner, &path, RemoteChange::Delete, Some(rev));
+                    prune(inner, bucket, &path);
+                } else if b.policy.ttl.is_some_and(|ttl| created + ttl <= SystemTime::now()) {
+                    // Already past its TTL (a server that has not expired it yet): not visible.
+                    apply(inner, &path, RemoteChange::Delete, Some(rev));
+                } else {
+                    apply(inner, &path, RemoteChange::File(message.payload.to_vec()), Some(rev));
+                }
+            }
+            Some(path)
+        }
+        Decoded::Dir(path) => {
+            if deleted {
+                inner.view.lock().unmark_dir(&path);
+                apply(inner, &path, RemoteChange::PruneDir, None);
+                prune(inner, bucket, &path);
+            } else {
+                inner.view.lock().mark_dir(&path, rev);
+                apply(inner, &path, RemoteChange::Dir, None);
+            }
+            None
+        }
+    }
+}
+
+/// After a watch caught up: removes what vanished from the bucket while this node was away.
+fn finish_sync(inner: &Inner, bucket: usize, seen: &HashSet<PathBuf>) {
+    let b = &inner.buckets[bucket];
+    let mut gone: Vec<PathBuf> = inner
+        .view
+        .lock()
+        .paths_of(bucket)
+        .into_iter()
+        .filter(|p| !seen.contains(p))
+        .collect();
+    if let Some(sink) = inner.sink() {
+        let on_disk = tokio::task::block_in_place(|| sink.files(&b.root));
+        gone.extend(
+            on_disk
+                .into_iter()
+                .filter(|p| !seen.contains(p) && inner.policies.resolve(p).pattern == b.policy.pattern),
+        );
+    }
+    gone.sort();
+    gone.dedup();
+    for path in gone {
+        let queued = key::encode(&path)
+            .map(|k| inner.journal.lock().has(&b.name, &k))
+            .unwrap_or(false);
+        if queued {
+            continue;
+        }
+        tracing::debug!(path = %path.display(), "no longer in the bucket; removing");
+        inner.view.lock().remove(&path);
+        apply(inner, &path, RemoteChange::Delete, None);
+        prune(inner, bucket, &path);
+    }
+    inner.synced.send_modify(|s| s[bucket] = true);
+    tracing::info!(bucket = %b.name, keys = seen.len(), "view of the bucket is complete");
+}
+
+/// Removes entries whose TTL ran out.
+async fn expire(inner: Arc<Inner>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        let due = inner.view.lock().expired(SystemTime::now());
+        for (path, rev) in due {
+            tracing::debug!(path = %path.display(), rev, "TTL expired");
+            apply(&inner, &path, RemoteChange::Delete, Some(rev));
+            if let Some(bucket) = inner.view.lock().get(&path).map(|e| e.bucket) {
+                prune(&inner, bucket, &path);
+            }
+        }
+    }
+}
+
+/// Keeps this mount's ephemeral entries alive.
+async fn refresh(inner: Arc<Inner>) {
+    let period = inner
+        .buckets
+        .iter()
+        .filter(|b| b.policy.ephemeral)
+        .filter_map(|b| b.policy.ttl)
+        .min()
+        .map(|ttl| (ttl / 3).max(Duration::from_millis(100)));
+    let Some(period) = period else { return };
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tick.tick().await;
+        if !inner.nats.is_connected() {
+            continue;
+        }
+        let owned: Vec<_> = inner.view.lock().owned.iter().map(|(p, o)| (p.clone(), o.clone())).collect();
+        for (path, o) in owned {
+            let msg_id = inner.msg_id();
+            let value = Bytes::from(o.value.clone());
+            match inner.publish(o.bucket, &o.key, &KvOp::Put(value), Some(o.rev), &msg_id).await {
+                Ok(rev) => {
+                    let mut view = inner.view.lock();
+                    let ttl = inner.buckets[o.bucket].policy.ttl;
+                    view.record(&path, o.bucket, rev, false, Some(inner.node.clone()), SystemTime::now(), ttl);
+                    if let Some(entry) = view.owned.get_mut(&path) {
+                        entry.rev = rev;
+                    }
+                }
+                Err(PubError::WrongLastSequence) => {
+                    tracing::debug!(path = %path.display(), "another writer took over an ephemeral entry");
+                    inner.view.lock().owned.remove(&path);
+                }
+                Err(PubError::Tier(e)) => tracing::debug!(path = %path.display(), error = %e, "refresh failed"),
+            }
+        }
+    }
+}
+
+/// Deletes this mount's ephemeral entries (clean unmount), each only if still ours.
+pub(super) async fn release_owned(inner: &Arc<Inner>) {
+    if !inner.nats.is_connected() {
+        return;
+    }
+    let owned: Vec<_> = inner.view.lock().owned.drain().collect();
+    for (path, o) in owned {
+        let msg_id = inner.msg_id();
+        match inner.publish(o.bucket, &o.key, &KvOp::Delete, Some(o.rev), &msg_id).await {
+            Ok(_) => tracing::debug!(path = %path.display(), "released"),
+            Err(_) => tracing::debug!(path = %path.display(), "not released (changed by another writer, or unreachable)"),
+        }
+    }
+}
