@@ -55,6 +55,10 @@ pub struct Options {
     pub config: Option<String>,
     /// The node id.
     pub node: Option<String>,
+    /// NATS URLs (`--nats`); none: the embedded default.
+    pub nats: Vec<String>,
+    /// A policy table to seed the sync root with (`policies_seed`).
+    pub policies: Option<String>,
 }
 
 /// A mounted syncfs in a temporary directory, unmounted on drop.
@@ -117,7 +121,16 @@ impl Mount {
         if opts.allow_other {
             args.extend(["-o".into(), "allow_other".into()]);
         }
-        if let Some(config) = &opts.config {
+        for url in &opts.nats {
+            args.extend(["--nats".into(), url.clone()]);
+        }
+        let mut config = opts.config.clone().unwrap_or_default();
+        if let Some(policies) = &opts.policies {
+            let path = self.base.path().join("policies.yml");
+            std::fs::write(&path, policies).unwrap();
+            config.push_str(&format!("\npolicies_seed: {}\n", path.display()));
+        }
+        if !config.is_empty() {
             let path = self.base.path().join("config.yml");
             std::fs::write(&path, config).unwrap();
             args.extend(["--config".into(), path.display().to_string()]);
@@ -160,11 +173,18 @@ impl Mount {
         self.status()["pid"].as_u64().expect("pid") as u32
     }
 
-    /// Unmounts with `syncfs umount`, asserting success.
+    /// Unmounts with `syncfs umount`, asserting success and a clean shutdown.
     pub fn umount(&mut self) {
         let out = syncfs(&["umount", &self.mnt.display().to_string()]);
         assert!(out.status.success(), "umount: {}", String::from_utf8_lossy(&out.stderr));
         self.mounted = false;
+        self.assert_no_panic();
+    }
+
+    /// Fails if the daemon's log shows a panic.
+    pub fn assert_no_panic(&self) {
+        let log = std::fs::read_to_string(self.state.join("syncfs.log")).unwrap_or_default();
+        assert!(!log.contains("panicked"), "the daemon panicked:\n{log}");
     }
 
     /// Records that the mount is gone by other means (signal, kill).
@@ -181,6 +201,18 @@ impl Drop for Mount {
         let out = syncfs(&["umount", &self.mnt.display().to_string()]);
         if !out.status.success() {
             let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+        if std::thread::panicking() {
+            // The test failed: show what the daemon said.
+            let log = std::fs::read_to_string(self.state.join("syncfs.log")).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!(
+                "--- last lines of {}:\n{}",
+                self.state.join("syncfs.log").display(),
+                lines[lines.len().saturating_sub(40)..].join("\n")
+            );
+        } else {
+            self.assert_no_panic();
         }
     }
 }
@@ -216,6 +248,16 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
 }
 
 pub use syncfs::daemon::process_alive;
+
+/// Waits until the file at `path` holds `content` (another node's change arriving).
+pub fn wait_content(path: &Path, content: &str) -> bool {
+    wait_for(Duration::from_secs(10), || std::fs::read_to_string(path).is_ok_and(|c| c == content))
+}
+
+/// Waits until `path` does not exist.
+pub fn wait_gone(path: &Path) -> bool {
+    wait_for(Duration::from_secs(10), || !path.exists())
+}
 
 /// The errno of the last failed libc call.
 pub fn last_errno() -> i32 {

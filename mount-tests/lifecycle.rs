@@ -41,7 +41,8 @@ fn status_json_is_stable() {
     assert_eq!(s["version"], 1);
     assert_eq!(s["node"], "n-status");
     assert_eq!(s["mountpoint"], m.mnt.display().to_string());
-    assert_eq!(s["nats"]["state"], "not configured");
+    assert_eq!(s["nats"]["state"], "connected");
+    assert_eq!(s["nats"]["embedded"], true);
     let human = syncfs(&["status", &m.mnt.display().to_string()]);
     let human = text(&human);
     assert!(human.contains("node:         n-status"), "{human}");
@@ -64,12 +65,12 @@ fn mount_failures_explain_and_leave_nothing_mounted() {
     // A policy naming a tier this build does not have.
     std::fs::write(
         policies.join("policies.yml"),
-        "policies:\n  - pattern: \"fast/**\"\n    tier: nats-kv\n    consistency: cas\n",
+        "policies:\n  - pattern: \"log/**\"\n    tier: nats-stream\n    consistency: append\n",
     )
     .unwrap();
     let out = m.try_mount(&Options::default());
     assert!(!out.status.success());
-    assert!(text(&out).contains("policies.yml:3:11: tier nats-kv is not available yet"), "{}", text(&out));
+    assert!(text(&out).contains("policies.yml:3:11: tier nats-stream is not available yet"), "{}", text(&out));
     assert!(!is_mounted(&m.mnt));
 
     // A bad config key, with its line.

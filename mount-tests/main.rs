@@ -4,8 +4,10 @@
 //! (getfattr/setfattr), python3 and setpriv; `scripts/install-deps.sh` installs them.
 
 mod errors;
+mod fast;
 mod harness;
 mod lifecycle;
 mod model;
+mod nats;
 mod permissions;
 mod tools;

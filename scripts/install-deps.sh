@@ -5,7 +5,7 @@ set -euo pipefail
 
 # fuse3: fusermount3 and /etc/fuse.conf; attr: getfattr/setfattr; util-linux: setpriv;
 # bindfs: the benchmark's FUSE baseline; gcc/libc6-dev: crates that build C code.
-PACKAGES=(fuse3 attr git bindfs python3 util-linux coreutils gcc libc6-dev ca-certificates curl)
+PACKAGES=(fuse3 attr git bindfs python3 util-linux coreutils gcc libc6-dev ca-certificates curl debian-archive-keyring)
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then
@@ -22,6 +22,41 @@ if [ "${#missing[@]}" -gt 0 ]; then
   echo "install-deps: installing ${missing[*]}"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# nats-server 2.10 or newer. Debian 12's own package is 2.9.10, which async-nats cannot create
+# KV buckets on and whose compare-and-swap is unsafe on replicated buckets, so take the one of
+# Debian's next suite (trixie) through a private apt configuration: its own sources list, lists
+# and cache under /var/lib/syncfs/apt, the same archive as the system's sources. The system's
+# apt sources are not touched. The .deb needs only libc; its binary is extracted to
+# /usr/local/bin (installing the package would also enable a system-wide nats-server service).
+nats_ok() {
+  local v
+  v=$(nats-server --version 2>/dev/null | sed -n 's/.*v\([0-9][0-9.]*\).*/\1/p')
+  [ -n "$v" ] && [ "$(printf '%s\n2.10.0\n' "$v" | sort -V | head -1)" = "2.10.0" ]
+}
+if ! nats_ok; then
+  echo "install-deps: installing nats-server >= 2.10 from Debian trixie (private apt configuration)"
+  apt_dir=/var/lib/syncfs/apt
+  uri=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
+  if [ -z "$uri" ]; then
+    uri=$(awk '$1 == "deb" && $2 !~ /^\[/ {print $2; exit} $1 == "deb" && $2 ~ /^\[/ {for (i = 3; i <= NF; i++) if ($i ~ /:\/\//) {print $i; exit}}' /etc/apt/sources.list 2>/dev/null || true)
+  fi
+  uri=${uri:-http://deb.debian.org/debian}
+  $SUDO mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$apt_dir/debs"
+  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $uri trixie main" | $SUDO tee "$apt_dir/sources.list" >/dev/null
+  apt_opts=(-o "Dir::Etc::SourceList=$apt_dir/sources.list" -o "Dir::Etc::SourceParts=/dev/null"
+            -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache"
+            -o "APT::Sandbox::User=root" -o "Debug::NoLocking=1")
+  $SUDO apt-get "${apt_opts[@]}" update -qq
+  (cd "$apt_dir/debs" && $SUDO rm -f nats-server_*.deb && $SUDO apt-get "${apt_opts[@]}" download -qq nats-server)
+  deb=$(ls "$apt_dir"/debs/nats-server_*.deb | head -1)
+  rm -rf "$apt_dir/root"
+  $SUDO dpkg-deb -x "$deb" "$apt_dir/root"
+  $SUDO install -m 0755 "$apt_dir/root/usr/sbin/nats-server" /usr/local/bin/nats-server
+  hash -r
+  nats_ok || { echo "install-deps: nats-server from $deb is not >= 2.10" >&2; exit 1; }
+  echo "install-deps: $(nats-server --version) installed as /usr/local/bin/nats-server"
 fi
 
 # The Rust toolchain (stable). Machines that have one keep it.

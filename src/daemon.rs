@@ -554,10 +554,16 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
     tracing::info!(mountpoint = %cfg.mountpoint.display(), "unmounted");
     // Release what this mount holds (ephemeral claims), then stop.
     let shutdown = core.shutdown();
-    if runtime
-        .block_on(tokio::time::timeout(Duration::from_secs(10), shutdown.into_future()))
-        .is_err()
-    {
+    let finished = runtime.block_on(async move {
+        let done = tokio::time::timeout(Duration::from_secs(10), shutdown.into_future()).await;
+        if let Some(nats) = &nats {
+            // Flushes what is in flight and closes the connection, so no client task outlives
+            // the runtime.
+            let _ = tokio::time::timeout(Duration::from_secs(5), nats.client.drain()).await;
+        }
+        done
+    });
+    if finished.is_err() {
         tracing::warn!("tiers did not shut down within 10 s");
     }
     runtime.shutdown_timeout(Duration::from_secs(10));

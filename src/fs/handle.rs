@@ -96,8 +96,13 @@ struct StageInner {
     /// The spool name of `file` when the stage owns it; `None` when `file` is shared with the
     /// tree or with a commit in flight, so it must be copied before it is written.
     owned: Option<CString>,
-    /// Written since the last freeze.
+    /// Changed since the last freeze.
     dirty: bool,
+    /// The only change is the one `open` made (a new or truncated file). Shells open, `dup2`
+    /// and close the original fd before writing, so the first flush of such a stage would
+    /// publish an empty file only to replace it a moment later; such a change commits at
+    /// fsync or at release instead, and any write makes it an ordinary change.
+    open_only: bool,
     /// The last commit was refused and nothing was written since: do not retry at release.
     refused: bool,
 }
@@ -119,6 +124,7 @@ impl Stage {
                 file,
                 owned: None,
                 dirty: false,
+                open_only: false,
                 refused: false,
             }),
             commit_lock: tokio::sync::Mutex::new(()),
@@ -147,6 +153,7 @@ impl Stage {
                 file: Arc::new(file),
                 owned: Some(name),
                 dirty: true,
+                open_only: true,
                 refused: false,
             }),
             commit_lock: tokio::sync::Mutex::new(()),
@@ -192,6 +199,7 @@ impl Stage {
         self.make_private(&mut inner)?;
         inner.file.write_all_at(data, offset)?;
         inner.dirty = true;
+        inner.open_only = false;
         inner.refused = false;
         Ok(())
     }
@@ -203,6 +211,7 @@ impl Stage {
         let offset = inner.file.metadata()?.len();
         inner.file.write_all_at(data, offset)?;
         inner.dirty = true;
+        inner.open_only = false;
         inner.refused = false;
         Ok(offset)
     }
@@ -213,18 +222,21 @@ impl Stage {
         self.make_private(&mut inner)?;
         inner.file.set_len(size)?;
         inner.dirty = true;
+        inner.open_only = false;
         inner.refused = false;
         Ok(())
     }
 
     /// Takes the content for a commit, or `None` when nothing changed since the last one.
-    pub fn freeze(&self) -> Option<Frozen> {
+    /// At a flush (`all == false`), a change made only by `open` waits (see `open_only`).
+    pub fn freeze(&self, all: bool) -> Option<Frozen> {
         let mut inner = self.inner.lock();
-        if !inner.dirty {
+        if !inner.dirty || (inner.open_only && !all) {
             return None;
         }
         let name = inner.owned.take()?;
         inner.dirty = false;
+        inner.open_only = false;
         Some(Frozen {
             file: inner.file.clone(),
             name,

@@ -304,7 +304,7 @@ impl Core {
             Err(e) => Op::err(e),
             Ok(handle) => match &handle.io {
                 HandleIo::Staged(stage) if handle.writable => {
-                    self.commit(handle.ino, stage.clone(), false)
+                    self.commit(handle.ino, stage.clone(), Commit::Flush)
                 }
                 _ => Op::ok(()),
             },
@@ -318,7 +318,7 @@ impl Core {
             Err(e) => return Op::err(e),
         };
         match &handle.io {
-            HandleIo::Staged(stage) => self.commit(handle.ino, stage.clone(), true),
+            HandleIo::Staged(stage) => self.commit(handle.ino, stage.clone(), Commit::Fsync),
             HandleIo::Direct(file) => {
                 let file = file.clone();
                 Op::pending(async move {
@@ -352,7 +352,7 @@ impl Core {
         match &handle.io {
             HandleIo::Staged(stage) if handle.writable && stage.needs_commit() => {
                 let this = self.clone();
-                let commit = self.commit(ino, stage.clone(), false);
+                let commit = self.commit(ino, stage.clone(), Commit::Release);
                 Op::pending(async move {
                     if let Err(e) = commit.into_future().await {
                         tracing::warn!(ino, error = %e, "commit at release failed; the stored file is unchanged");
@@ -428,7 +428,7 @@ impl Core {
             Err(e) => Op::err(e),
             Ok(None) => Op::ok(()),
             Ok(Some((stage, transient))) => {
-                let commit = self.commit(ino, stage.clone(), false);
+                let commit = self.commit(ino, stage.clone(), Commit::Release);
                 Op::pending(async move {
                     let result = commit.into_future().await;
                     if transient {
@@ -441,11 +441,12 @@ impl Core {
     }
 
     /// Commits a stage: freeze, validate, hand to the tier, install into the tree.
-    fn commit(self: &Arc<Self>, ino: Ino, stage: Arc<Stage>, durable: bool) -> FsOp<()> {
+    fn commit(self: &Arc<Self>, ino: Ino, stage: Arc<Stage>, when: Commit) -> FsOp<()> {
         let this = self.clone();
+        let durable = when == Commit::Fsync;
         Op::pending(async move {
             let _order = stage.commit_lock.lock().await;
-            let Some(frozen) = stage.freeze() else {
+            let Some(frozen) = stage.freeze(when != Commit::Flush) else {
                 if !durable {
                     return Ok(());
                 }
@@ -551,6 +552,17 @@ impl Core {
         }
         Ok(())
     }
+}
+
+/// What asks for a commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Commit {
+    /// A `close()`: commits what was written.
+    Flush,
+    /// An `fsync()`: commits everything, durably.
+    Fsync,
+    /// The last close, or a truncate by path: commits everything.
+    Release,
 }
 
 /// Runs blocking file work off the runtime's worker threads.

@@ -138,6 +138,8 @@ pub(crate) struct Inner {
     /// Buckets whose view is complete in the current connection.
     synced: watch::Sender<Vec<bool>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The work of the current connection (replay, then the watches).
+    connection: Mutex<Option<tokio::task::JoinHandle<()>>>,
     rt: tokio::runtime::Handle,
     boot: String,
     next_msg: AtomicU64,
@@ -237,6 +239,7 @@ impl KvTier {
                 streams: Mutex::new(vec![None; n]),
                 synced: watch::channel(vec![false; n]).0,
                 tasks: Mutex::new(Vec::new()),
+                connection: Mutex::new(None),
                 rt,
                 boot: format!("{:x}-{}", nonce, std::process::id()),
                 next_msg: AtomicU64::new(1),
@@ -696,8 +699,12 @@ impl Tier for KvTier {
     fn shutdown(&self) -> Op<(), TierError> {
         let inner = self.inner.clone();
         Op::pending(async move {
-            for task in inner.tasks.lock().drain(..) {
+            let tasks: Vec<_> = inner.tasks.lock().drain(..).chain(inner.connection.lock().take()).collect();
+            for task in &tasks {
                 task.abort();
+            }
+            for task in tasks {
+                let _ = task.await;
             }
             sync::release_owned(&inner).await;
             Ok(())

@@ -39,18 +39,17 @@ pub(super) async fn supervise(inner: Arc<Inner>) {
 
     let mut state = inner.nats.watch_state();
     let mut handled = 0u64;
-    let mut current: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         let generation = match state.wait_for(|s| s.0 == ConnState::Connected && s.1 > handled).await {
             Ok(s) => s.1,
             Err(_) => return,
         };
         handled = generation;
-        if let Some(task) = current.take() {
-            task.abort();
-        }
         inner.synced.send_modify(|s| s.iter_mut().for_each(|b| *b = false));
-        current = Some(tokio::spawn(run_connection(inner.clone(), generation, state.clone())));
+        let task = tokio::spawn(run_connection(inner.clone(), generation, state.clone()));
+        if let Some(previous) = inner.connection.lock().replace(task) {
+            previous.abort();
+        }
     }
 }
 
