@@ -369,7 +369,7 @@ fn keys_that_vanished_while_disconnected_are_removed() {
     rt.block_on(async {
         let client = async_nats::connect(server.url()).await.unwrap();
         let js = async_nats::jetstream::new(client);
-        let mut stream = js
+        let stream = js
             .get_stream(format!("KV_{}", syncfs::tier::kv::bucket_name("fast/casual/**")))
             .await
             .unwrap();

@@ -182,6 +182,8 @@ impl Stage {
             let mut from = inner.file.try_clone()?;
             from.seek(SeekFrom::Start(0))?;
             io::copy(&mut from, &mut copy)?;
+            // Owner and mode now, so installing it later changes nothing but the name.
+            tree::copy_metadata(inner.file.as_fd(), &copy)?;
             Ok::<_, io::Error>(())
         })();
         if let Err(e) = result {

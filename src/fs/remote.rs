@@ -191,11 +191,9 @@ impl Core {
                 let prepared = (|| {
                     file.write_all(&bytes)?;
                     match &old {
-                        Some(st) => {
+                        Some(_) => {
                             let old_fd = tree::open_path_at(dir.as_fd(), &cname)?;
-                            tree::chown_fd(file.as_fd(), Some(st.st_uid), Some(st.st_gid))?;
-                            tree::chmod_fd(file.as_fd(), st.st_mode & 0o7777)?;
-                            tree::copy_user_xattrs(old_fd.as_fd(), file.as_fd())?;
+                            tree::copy_metadata(old_fd.as_fd(), &file)?;
                         }
                         None => tree::chmod_fd(file.as_fd(), NEW_FILE_MODE)?,
                     }

@@ -324,6 +324,24 @@ pub fn utimens_fd(fd: BorrowedFd<'_>, atime: SetTime, mtime: SetTime) -> io::Res
     cvt(unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), 0) }).map(drop)
 }
 
+/// Gives `to` (an open file) the owner, mode and `user.*` attributes of the inode behind `from`
+/// (any fd), changing only what differs.
+pub fn copy_metadata(from: BorrowedFd<'_>, to: &std::fs::File) -> io::Result<()> {
+    use std::os::fd::AsFd;
+    let src = fstat(from)?;
+    let dst = fstat(to.as_fd())?;
+    let fd = to.as_raw_fd();
+    if (src.st_uid, src.st_gid) != (dst.st_uid, dst.st_gid) {
+        // SAFETY: valid fd.
+        cvt(unsafe { libc::fchown(fd, src.st_uid, src.st_gid) })?;
+    }
+    if src.st_mode & 0o7777 != dst.st_mode & 0o7777 {
+        // SAFETY: valid fd.
+        cvt(unsafe { libc::fchmod(fd, src.st_mode & 0o7777) })?;
+    }
+    copy_user_xattrs(from, to.as_fd())
+}
+
 /// `getxattr` on the inode behind `fd`. `None` when the attribute does not exist.
 pub fn get_xattr(fd: BorrowedFd<'_>, name: &CStr) -> io::Result<Option<Vec<u8>>> {
     let path = proc_path(fd);
@@ -381,6 +399,17 @@ pub fn remove_xattr(fd: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
 /// The attribute names of the inode behind `fd`.
 pub fn list_xattr(fd: BorrowedFd<'_>) -> io::Result<Vec<OsString>> {
     let path = proc_path(fd);
+    // Most files have few attributes: try a stack buffer before asking for the size.
+    let mut small = [0u8; 1024];
+    // SAFETY: buffer of the given length.
+    let n = unsafe { libc::listxattr(path.as_ptr(), small.as_mut_ptr().cast(), small.len()) };
+    if n >= 0 {
+        return Ok(small[..n as usize]
+            .split(|b| *b == 0)
+            .filter(|n| !n.is_empty())
+            .map(|n| OsString::from_vec(n.to_vec()))
+            .collect());
+    }
     loop {
         // SAFETY: size query.
         let size = unsafe { libc::listxattr(path.as_ptr(), std::ptr::null_mut(), 0) };

@@ -141,7 +141,10 @@ pub(crate) struct Inner {
     /// The work of the current connection (replay, then the watches).
     connection: Mutex<Option<tokio::task::JoinHandle<()>>>,
     rt: tokio::runtime::Handle,
-    boot: String,
+    /// `<node>-<boot nonce>-`: the prefix of every message id this process publishes, so
+    /// its watches recognise their own changes (which the core applied already) even when
+    /// another mount uses the same node name.
+    msg_prefix: String,
     next_msg: AtomicU64,
     max_payload: AtomicU64,
 }
@@ -241,7 +244,7 @@ impl KvTier {
                 tasks: Mutex::new(Vec::new()),
                 connection: Mutex::new(None),
                 rt,
-                boot: format!("{:x}-{}", nonce, std::process::id()),
+                msg_prefix: format!("{node}-{:x}-{}-", nonce, std::process::id()),
                 next_msg: AtomicU64::new(1),
             }),
         })
@@ -288,7 +291,16 @@ impl Inner {
 
     fn msg_id(&self) -> String {
         let n = self.next_msg.fetch_add(1, Ordering::Relaxed);
-        format!("{}-{}-{n}", self.node, self.boot)
+        format!("{}{n}", self.msg_prefix)
+    }
+
+    /// Whether a message was published by this process.
+    fn is_own(&self, message: &async_nats::Message) -> bool {
+        message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+            .is_some_and(|id| id.as_str().starts_with(&self.msg_prefix))
     }
 
     fn value_limit(&self) -> usize {
@@ -608,9 +620,9 @@ impl Tier for KvTier {
         let inner = self.inner.clone();
         let at = at.clone();
         Op::pending(async move {
-            let limit = inner.value_limit();
-            let (file, path) = (content.clone(), at.path.clone());
-            let value = blocking(move || read_value(&file, limit, &path)).await?;
+            // A KV value is at most the server's max_payload (1 MiB by default), just written
+            // and in the page cache: read inline.
+            let value = read_value(&content, inner.value_limit(), &at.path)?;
             inner.write(&at, KvOp::Put(value), base).await
         })
     }
@@ -659,9 +671,7 @@ impl Tier for KvTier {
         let (from, to) = (from.clone(), to.clone());
         let (from_rev, to_rev) = (self.revision(&from), self.revision(&to));
         Op::pending(async move {
-            let limit = inner.value_limit();
-            let (file, path) = (content.clone(), from.path.clone());
-            let value = blocking(move || read_value(&file, limit, &path)).await?;
+            let value = read_value(&content, inner.value_limit(), &from.path)?;
             inner.write(&to, KvOp::Put(value), to_rev).await?;
             if from_rev.is_some() || !matches!(from.policy.consistency, Consistency::Cas | Consistency::CasCreate) {
                 inner.write(&from, KvOp::Delete, from_rev).await?;

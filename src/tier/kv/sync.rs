@@ -171,10 +171,12 @@ async fn create_roots(inner: &Arc<Inner>) {
     .await;
 }
 
+/// Applies a change to the tree. KV values are small and the tree is local, so this runs
+/// inline on the watch's task (a hop to the blocking pool costs more than the write).
 fn apply(inner: &Inner, path: &Path, change: RemoteChange, rev: Option<u64>) {
     let Some(sink) = inner.sink() else { return };
     let rev = rev.map(|r| Revision(r.to_string()));
-    if let Err(e) = tokio::task::block_in_place(|| sink.apply(path, change, rev)) {
+    if let Err(e) = sink.apply(path, change, rev) {
         tracing::warn!(path = %path.display(), error = %e, "cannot apply a remote change");
     }
 }
@@ -276,15 +278,17 @@ fn handle(inner: &Inner, bucket: usize, message: &async_nats::Message, rev: u64,
             if inner.policies.resolve(&path).pattern != b.policy.pattern {
                 return None;
             }
+            let own = inner.is_own(message);
             let fresh = {
                 let mut view = inner.view.lock();
                 let fresh = view.record(&path, bucket, rev, deleted, node.clone(), created, b.policy.ttl);
-                if fresh && node.as_deref() != Some(inner.node.as_str()) {
+                if fresh && !own {
                     view.owned.remove(&path);
                 }
                 fresh
             };
-            if fresh {
+            // This process's own changes were applied to the tree by the core already.
+            if fresh && !own {
                 if deleted {
                     apply(inner, &path, RemoteChange::Delete, Some(rev));
                     prune(inner, bucket, &path);
@@ -298,13 +302,18 @@ fn handle(inner: &Inner, bucket: usize, message: &async_nats::Message, rev: u64,
             Some(path)
         }
         Decoded::Dir(path) => {
+            let own = inner.is_own(message);
             if deleted {
                 inner.view.lock().unmark_dir(&path);
-                apply(inner, &path, RemoteChange::PruneDir, None);
-                prune(inner, bucket, &path);
+                if !own {
+                    apply(inner, &path, RemoteChange::PruneDir, None);
+                    prune(inner, bucket, &path);
+                }
             } else {
                 inner.view.lock().mark_dir(&path, rev);
-                apply(inner, &path, RemoteChange::Dir, None);
+                if !own {
+                    apply(inner, &path, RemoteChange::Dir, None);
+                }
             }
             None
         }
