@@ -13,8 +13,12 @@ scripts/install-deps.sh
 . scripts/env.sh
 cargo build --release --locked
 cargo bench --locked --bench fsbench --no-run >/dev/null 2>&1
+cargo bench --locked --bench kvbench --no-run >/dev/null 2>&1
 
 FILES=${FILES:-2000}
+LOCKS=${LOCKS:-1000}
+PROPS=${PROPS:-500}
+KEYS=${KEYS:-100000}
 ROUNDS=${ROUNDS:-7}
 MIB=${MIB:-256}
 SEQ_ROUNDS=${SEQ_ROUNDS:-3}
@@ -25,7 +29,9 @@ if [ "$BENCH_ON" = tmpfs ]; then
   mount -t tmpfs -o size=4g syncfs-bench "$work"
 fi
 results="$work/results.txt"
+kvresults="$work/kv.txt"
 : > "$results"
+: > "$kvresults"
 
 cleanup() {
   for m in "$work"/*-mnt; do
@@ -43,8 +49,11 @@ mkdir -p "$work/native" "$work/bindfs-src" "$work/bindfs-mnt" "$work/bindfs-mt-s
          "$work/syncfs-mnt" "$work/syncfs-nopt-mnt"
 bindfs "$work/bindfs-src" "$work/bindfs-mnt"
 bindfs --multithreaded "$work/bindfs-mt-src" "$work/bindfs-mt-mnt"
-"$SYNCFS" mount "$work/syncfs-mnt" --state "$work/syncfs-state" --node bench >/dev/null
-printf 'fuse:\n  passthrough: false\n' > "$work/nopt.yml"
+# The file benchmarks use a local-only table: they measure the filesystem, not NATS.
+printf 'policies:\n  - pattern: "**"\n    tier: local\n' > "$work/local.yml"
+printf 'policies_seed: %s\n' "$work/local.yml" > "$work/pt.yml"
+printf 'policies_seed: %s\nfuse:\n  passthrough: false\n' "$work/local.yml" > "$work/nopt.yml"
+"$SYNCFS" mount "$work/syncfs-mnt" --state "$work/syncfs-state" --node bench --config "$work/pt.yml" >/dev/null
 "$SYNCFS" mount "$work/syncfs-nopt-mnt" --state "$work/syncfs-nopt-state" --node bench --config "$work/nopt.yml" >/dev/null
 passthrough=$("$SYNCFS" status "$work/syncfs-mnt" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["fuse"]["passthrough"])')
 
@@ -70,9 +79,41 @@ for ((r = 1; r <= SEQ_ROUNDS; r++)); do
   done
 done
 
-python3 - "$results" "$FILES" "$ROUNDS" "$MIB" "$SEQ_ROUNDS" "$passthrough" "$BENCH_ON" > "$work/benchmarks.md" <<'PY'
+# The fast tier: one nats-server of the bench's own, two mounts on it, and the same
+# operations done directly with async-nats in the same run.
+kvrun() { cargo bench --locked --bench kvbench -q -- "$@" 2>/dev/null; }
+nats_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+nats-server -js -a 127.0.0.1 -p "$nats_port" -sd "$work/nats" -l "$work/nats.log" &
+nats_pid=$!
+trap 'kill $nats_pid 2>/dev/null; cleanup' EXIT
+sleep 0.5
+url="nats://127.0.0.1:$nats_port"
+mkdir -p "$work/kv-a-mnt" "$work/kv-b-mnt" "$work/kv-c-mnt"
+"$SYNCFS" mount "$work/kv-a-mnt" --state "$work/kv-a" --node a --nats "$url" >/dev/null
+"$SYNCFS" mount "$work/kv-b-mnt" --state "$work/kv-b" --node b --nats "$url" >/dev/null
+kvrun lock-raw "$url" bench_raw "$LOCKS" >> "$kvresults"
+kvrun lock-mount "$work/kv-a-mnt/fast/claims" "$LOCKS" >> "$kvresults"
+kvrun prop-raw "$url" bench_raw "$PROPS" >> "$kvresults"
+kvrun prop-mount "$work/kv-a-mnt/fast/casual" "$work/kv-b-mnt/fast/casual" "$PROPS" >> "$kvresults"
+# Memory of a mount holding KEYS keys: written directly, then read by a fresh mount.
+casual=$(python3 - <<'PYB'
+h = 0x811c9dc5
+for b in b"fast/status/**":
+    h = ((h ^ b) * 0x01000193) & 0xffffffff
+print(f"syncfs_fast_status_{h:08x}")
+PYB
+)
+kvrun fill "$url" "$casual" fast.status "$KEYS" >/dev/null
+started=$(date +%s.%N)
+"$SYNCFS" mount "$work/kv-c-mnt" --state "$work/kv-c" --node c --nats "$url" >/dev/null
+mounted=$(date +%s.%N)
+c_pid=$("$SYNCFS" status "$work/kv-c-mnt" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["pid"])')
+c_keys=$("$SYNCFS" status "$work/kv-c-mnt" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["nats"]["keys"])')
+echo "memory $c_keys $(awk '/VmRSS/ {print $2}' /proc/$c_pid/status) $(awk '/VmHWM/ {print $2}' /proc/$c_pid/status) $(python3 -c "print(round($mounted - $started, 2))")" >> "$kvresults"
+
+python3 - "$results" "$FILES" "$ROUNDS" "$MIB" "$SEQ_ROUNDS" "$passthrough" "$BENCH_ON" "$kvresults" "$LOCKS" "$PROPS" > "$work/benchmarks.md" <<'PY'
 import platform, statistics, subprocess, sys, datetime
-path, files, rounds, mib, seq_rounds, passthrough, bench_on = sys.argv[1:]
+path, files, rounds, mib, seq_rounds, passthrough, bench_on, kvpath, locks, props = sys.argv[1:]
 data = {}
 for line in open(path):
     target, name, value = line.split()
@@ -116,6 +157,29 @@ for label, key, unit in rows:
         ratio = native / v if unit == "us" else v / native
         cells.append(f"{ratio:.2f}x")
     print(f"| {label} | " + " | ".join(cells) + " |")
+
+kv = {}
+memory = None
+for line in open(kvpath):
+    parts = line.split()
+    if parts[0] == "memory":
+        memory = parts[1:]
+    elif len(parts) == 3:
+        kv[parts[0]] = (float(parts[1]), float(parts[2]))
+print("\n## Fast tier (NATS KV)\n")
+print("One nats-server 2.10 on loopback (store on the same tmpfs), two syncfs mounts on it, and")
+print("the same operations done directly with async-nats, all in this run (`benches/kvbench.rs`).\n")
+print("| operation | through the mount p50 / p99 | async-nats directly p50 / p99 | ratio (p50) |")
+print("|---|---:|---:|---:|")
+for label, mount, raw in [
+    (f"claim: open(O_EXCL) + write + close, {locks} times (raw: create + update)", "lock_mount", "lock_raw"),
+    (f"propagation A -> B: write+close on A until B reads it, {props} times (raw: put -> watch)", "propagation_mount", "propagation_raw"),
+]:
+    m, r = kv[mount], kv[raw]
+    print(f"| {label} | {m[0]:.0f} / {m[1]:.0f} us | {r[0]:.0f} / {r[1]:.0f} us | {m[0] / r[0]:.2f}x |")
+if memory:
+    keys, rss, hwm, secs = memory
+    print(f"\nA fresh mount reading a bucket of {int(keys):,} keys: ready in {secs} s, daemon RSS {int(rss)//1024} MiB (peak {int(hwm)//1024} MiB).")
 PY
 out=docs/benchmarks.md
 [ "$BENCH_ON" = tmpfs ] || out=docs/benchmarks-disk.md

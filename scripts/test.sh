@@ -6,8 +6,20 @@ cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 . scripts/env.sh
 
+# Leftovers of an earlier run that was killed: test mounts, their daemons and servers.
+cleanup() {
+  for m in $(awk '$2 ~ /syncfs-test-/ {print $2}' /proc/mounts); do
+    umount -l "$m" 2>/dev/null || true
+  done
+  pkill -f 'syncfs mount /tmp/syncfs-test-' 2>/dev/null || true
+}
+cleanup
+trap cleanup EXIT
+
 started=$(date +%s)
 cargo build --release --locked --all-targets
 # Mount tests start their own daemons; a few at a time keeps two cores busy without timeouts.
-cargo test --release --locked -- --test-threads="${SYNCFS_TEST_THREADS:-4}"
+# A hung filesystem must fail the run, not stall CI: the whole suite gets 25 minutes.
+timeout --kill-after=30 "${SYNCFS_TEST_TIMEOUT:-1500}" \
+  cargo test --release --locked -- --test-threads="${SYNCFS_TEST_THREADS:-4}"
 echo "test.sh: all tests passed in $(( $(date +%s) - started )) s"

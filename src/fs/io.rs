@@ -104,6 +104,31 @@ impl Core {
         }
 
         let existing = self.inodes.lock().get(ino).and_then(|n| n.stage.clone());
+        if !writable && existing.is_none() && created.is_none() {
+            // A reader with no writer around: the tree's file is the committed content, and a
+            // stage would only cost a lookup and a lock. Should a writer come later, this
+            // handle keeps reading what it opened (close-to-open).
+            let file = Arc::new(self.open_tree_file(ino, libc::O_RDONLY)?);
+            self.inodes.lock().get_mut(ino).ok_or(FsError::UnknownInode(ino))?.opens += 1;
+            self.handles.lock().insert(
+                fh,
+                Arc::new(Handle {
+                    ino,
+                    io: HandleIo::Direct(file),
+                    append,
+                    writable,
+                }),
+            );
+            // No cached pages across opens: a reader that opened the previous content just
+            // before another node's change can read it after the invalidation and so refill
+            // the inode's page cache with old pages.
+            return Ok(Opened {
+                fh,
+                passthrough: None,
+                keep_cache: false,
+                needs_flush: false,
+            });
+        }
         let stage = match existing {
             Some(stage) => {
                 if truncate {

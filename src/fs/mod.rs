@@ -203,7 +203,8 @@ pub struct Opened {
     pub needs_flush: bool,
 }
 
-/// Kernel caches the core asks to drop when content changes behind them.
+/// Kernel caches the core asks to drop when content changes behind them. Implementations
+/// must not block the caller: the kernel may need a pending request answered first.
 pub trait KernelCache: Send + Sync {
     /// Drops cached attributes and pages of an inode.
     fn invalidate_inode(&self, ino: Ino);

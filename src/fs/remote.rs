@@ -106,15 +106,16 @@ impl Core {
         })
     }
 
+    /// Hands the invalidations to the kernel-notification thread. Not written from here: the
+    /// kernel takes the directory's lock to drop a name, a pending request in that directory
+    /// (an exclusive create waiting for NATS) can hold it, and its reply needs a runtime
+    /// worker, which this very call would block.
     fn send(&self, inval: Vec<Invalidate>) {
+        let Some(k) = self.kernel.get() else { return };
         for i in inval {
             match i {
-                Invalidate::Inode(ino) => self.invalidate_inode(ino),
-                Invalidate::Entry(parent, name) => {
-                    if let Some(k) = self.kernel.get() {
-                        k.invalidate_entry(parent, &name);
-                    }
-                }
+                Invalidate::Inode(ino) => k.invalidate_inode(ino),
+                Invalidate::Entry(parent, name) => k.invalidate_entry(parent, &name),
             }
         }
     }
@@ -127,6 +128,10 @@ impl Core {
 
     /// Opens (creating what is missing) the directory `rel` below the root.
     fn ensure_dir(&self, rel: &Path, inval: &mut Vec<Invalidate>) -> Result<Arc<OwnedFd>, FsError> {
+        // Usually it exists: one openat2 instead of a walk.
+        if let Some(dir) = self.existing_dir(rel)? {
+            return Ok(dir);
+        }
         let mut dir = self.root.clone();
         for c in rel.components() {
             let Component::Normal(name) = c else {

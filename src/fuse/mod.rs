@@ -749,8 +749,10 @@ fn xattr_reply(value: Vec<u8>, size: u32, reply: ReplyXattr) {
     }
 }
 
-/// Sends the core's invalidations to the kernel from a thread of their own: a notification
-/// written from inside a request handler can deadlock against that very request.
+/// Sends the core's invalidations to the kernel from a thread of their own. Writing one from a
+/// request handler, or from a runtime worker, can deadlock: dropping a name takes the
+/// directory's lock, which a pending request in that directory may hold while its reply waits
+/// for the very thread that would be blocked.
 pub struct Invalidator {
     tx: Mutex<mpsc::Sender<Invalidation>>,
 }
