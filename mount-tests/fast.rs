@@ -436,3 +436,21 @@ fn status_shows_the_embedded_server_for_other_nodes_to_join() {
     assert!(wait_content(&b.path("fast/casual/greeting"), "hi\n"));
     assert_eq!(b.status()["nats"]["embedded"], false);
 }
+
+#[test]
+fn kv_paths_refuse_what_kv_cannot_store() {
+    let server = NatsServer::start();
+    let ns = nodes(&server, 1);
+    let m = &ns[0];
+    m.sh_ok("echo v > fast/casual/f && mkdir fast/casual/d && echo w > fast/casual/d/g");
+    let err = std::os::unix::fs::symlink("f", m.path("fast/casual/l")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EPERM));
+    let err = std::fs::hard_link(m.path("fast/casual/f"), m.path("fast/casual/h")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EPERM));
+    // A directory rename is not atomic in KV: EXDEV, and mv copies instead.
+    let err = std::fs::rename(m.path("fast/casual/d"), m.path("fast/casual/e")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EXDEV));
+    m.sh_ok("mv fast/casual/d fast/casual/e");
+    assert_eq!(m.sh_ok("cat fast/casual/e/g"), "w\n");
+    assert!(!m.path("fast/casual/d").exists());
+}

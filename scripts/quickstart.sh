@@ -32,7 +32,10 @@ Try it:
   cd $mnt
   echo hello > notes.txt && cat notes.txt
   getfattr -n user.syncfs.tier notes.txt
-  syncfs policy explain --mount $mnt notes.txt
+  (set -o noclobber; echo me > fast/claims/job1)
+  (set -o noclobber; echo you > fast/claims/job1)
+  getfattr -d -m - fast/claims/job1
+  syncfs policy explain --mount $mnt fast/claims/job1
   syncfs status $mnt
   syncfs umount $mnt
 TOUR
