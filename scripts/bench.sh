@@ -130,8 +130,8 @@ rows = [
     (f"sequential write {mib} MiB + fsync", "seq_write_fsync_mbps", "MB/s"),
     (f"sequential read {mib} MiB" + (" (cold cache)" if bench_on != "tmpfs" else ""), "seq_read_mbps", "MB/s"),
 ]
-print("# Benchmarks\n")
-print("Measured by `scripts/bench.sh` (the numbers below are its output, rewritten on every run).\n")
+print("## Measured\n")
+print("By `scripts/bench.sh`: this part is its output, rewritten on every run.\n")
 print(f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
 print(f"- machine: {cores} vCPU ({cpu}), {int(mem)//1024//1024} GiB RAM, kernel {platform.release()}")
 print(f"- command: `FILES={files} ROUNDS={rounds} MIB={mib} SEQ_ROUNDS={seq_rounds} BENCH_ON={bench_on} scripts/bench.sh`")
@@ -166,7 +166,7 @@ for line in open(kvpath):
         memory = parts[1:]
     elif len(parts) == 3:
         kv[parts[0]] = (float(parts[1]), float(parts[2]))
-print("\n## Fast tier (NATS KV)\n")
+print("\n### Fast tier (NATS KV)\n")
 print("One nats-server 2.10 on loopback (store on the same tmpfs), two syncfs mounts on it, and")
 print("the same operations done directly with async-nats, all in this run (`benches/kvbench.rs`).\n")
 print("| operation | through the mount p50 / p99 | async-nats directly p50 / p99 | ratio (p50) |")
@@ -183,6 +183,19 @@ if memory:
 PY
 out=docs/benchmarks.md
 [ "$BENCH_ON" = tmpfs ] || out=docs/benchmarks-disk.md
-cp "$work/benchmarks.md" "$out"
+# The measured part goes between the markers; hand-written notes around it stay.
+python3 - "$out" "$work/benchmarks.md" <<'PY'
+import os, sys
+out, new = sys.argv[1], open(sys.argv[2]).read()
+begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
+block = f"{begin}\n{new}{end}\n"
+if os.path.exists(out) and begin in (old := open(out).read()) and end in old:
+    head, rest = old.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    text = head + block + tail.lstrip("\n")
+else:
+    text = block
+open(out, "w").write(text)
+PY
 echo "bench.sh: wrote $out"
-cat "$out"
+cat "$work/benchmarks.md"

@@ -510,10 +510,26 @@ impl Core {
     // ---- attributes -----------------------------------------------------------------------
 
     /// Attributes of a node. While a staged file has unsaved writes, size and times come from
-    /// its shadow, owner and mode from the tree.
+    /// its shadow, owner and mode from the tree. (The hottest metadata call: one lock.)
     pub fn getattr(&self, ino: Ino) -> Result<Attr, FsError> {
-        let mut st = self.stat_node(ino)?;
-        let stage = self.inodes.lock().get(ino).and_then(|n| n.stage.clone());
+        let (kind, ident, link, stage) = {
+            let table = self.inodes.lock();
+            let node = table.get(ino).ok_or(FsError::UnknownInode(ino))?;
+            (node.kind, node.ident, node.links.first().cloned(), node.stage.clone())
+        };
+        let fast = match (kind, link) {
+            (Kind::Dir, _) | (_, None) => None,
+            (_, Some((parent, name))) => {
+                let dir = self.dir_fd(parent)?;
+                let st = tree::lstat_at(dir.as_fd(), &tree::cname(&name)?)?;
+                (Ident::of(&st) == ident).then_some(st)
+            }
+        };
+        let mut st = match fast {
+            Some(st) => st,
+            // Directories, files with no name left, and races with a rename or install.
+            None => self.stat_node(ino)?,
+        };
         if let Some(stage) = stage {
             if stage.owns_shadow() {
                 let shadow = tree::fstat(stage.file().as_fd())?;
