@@ -454,3 +454,50 @@ fn kv_paths_refuse_what_kv_cannot_store() {
     assert_eq!(m.sh_ok("cat fast/casual/e/g"), "w\n");
     assert!(!m.path("fast/casual/d").exists());
 }
+
+#[test]
+fn credentials_come_from_config_environment_or_url_and_never_reach_the_log() {
+    const PASSWORD: &str = "s3cret-pw-7391";
+    let server = NatsServer::start_with(&["--user", "syncfs", "--pass", PASSWORD]);
+    let with = |config: Option<String>, env: Vec<(String, String)>, url: String| Options {
+        nats: vec![url],
+        config,
+        env,
+        policies: Some(SHORT.into()),
+        ..Default::default()
+    };
+    let a = Mount::with(with(
+        Some(format!("nats:\n  user: syncfs\n  password: {PASSWORD}\n")),
+        vec![],
+        server.url(),
+    ));
+    let b = Mount::with(with(
+        None,
+        vec![
+            ("SYNCFS_NATS_USER".into(), "syncfs".into()),
+            ("SYNCFS_NATS_PASSWORD".into(), PASSWORD.into()),
+        ],
+        server.url(),
+    ));
+    let c = Mount::with(with(None, vec![], format!("nats://syncfs:{PASSWORD}@127.0.0.1:{}", server.port)));
+    a.sh_ok("echo authenticated > fast/casual/who");
+    assert!(wait_content(&b.path("fast/casual/who"), "authenticated\n"));
+    assert!(wait_content(&c.path("fast/casual/who"), "authenticated\n"));
+    assert_eq!(c.status()["nats"]["url"], server.url(), "the status URL is redacted");
+    // Wrong credentials stop the mount with a reason, and nothing stays mounted.
+    let mut wrong = Mount::prepare();
+    let out = wrong.try_mount(&with(
+        Some("nats:\n  user: syncfs\n  password: not-it\n".into()),
+        vec![],
+        server.url(),
+    ));
+    assert!(!out.status.success());
+    assert!(text(&out).contains("refused the credentials"), "{}", text(&out));
+    assert!(!crate::harness::is_mounted(&wrong.mnt));
+    // No log and no status shows the password.
+    for m in [&a, &b, &c] {
+        let log = std::fs::read_to_string(m.state.join("syncfs.log")).unwrap();
+        assert!(!log.contains(PASSWORD), "password in {}", m.state.display());
+        assert!(!m.status().to_string().contains(PASSWORD));
+    }
+}

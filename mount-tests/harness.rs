@@ -59,6 +59,8 @@ pub struct Options {
     pub nats: Vec<String>,
     /// A policy table to seed the sync root with (`policies_seed`).
     pub policies: Option<String>,
+    /// Environment variables for `syncfs mount`.
+    pub env: Vec<(String, String)>,
 }
 
 /// A mounted syncfs in a temporary directory, unmounted on drop.
@@ -135,8 +137,11 @@ impl Mount {
             std::fs::write(&path, config).unwrap();
             args.extend(["--config".into(), path.display().to_string()]);
         }
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = syncfs(&refs);
+        let out = Command::new(bin())
+            .args(&args)
+            .envs(opts.env.iter().cloned())
+            .output()
+            .expect("run syncfs");
         self.mounted = out.status.success();
         out
     }

@@ -37,6 +37,11 @@ pub struct NatsServer {
 impl NatsServer {
     /// A standalone server with its own store.
     pub fn start() -> NatsServer {
+        NatsServer::start_with(&[])
+    }
+
+    /// A standalone server with extra command-line options (e.g. `--user`, `--pass`).
+    pub fn start_with(extra: &[&str]) -> NatsServer {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
         let port = free_port();
@@ -48,6 +53,7 @@ impl NatsServer {
             _tmp: Some(tmp),
         };
         s.args = vec!["-js".into(), "-a".into(), "127.0.0.1".into(), "-p".into(), port.to_string()];
+        s.args.extend(extra.iter().map(|a| a.to_string()));
         s.spawn();
         s
     }

@@ -129,6 +129,8 @@ pub enum ConnState {
     Connected,
     /// Lost; reconnecting.
     Disconnected,
+    /// The server refused the credentials.
+    Refused,
 }
 
 impl ConnState {
@@ -138,6 +140,7 @@ impl ConnState {
             ConnState::Connecting => "connecting",
             ConnState::Connected => "connected",
             ConnState::Disconnected => "disconnected",
+            ConnState::Refused => "credentials refused",
         }
     }
 }
@@ -198,15 +201,41 @@ impl Nats {
                         async_nats::Event::Disconnected => {
                             events.send_modify(|s| s.0 = ConnState::Disconnected);
                         }
+                        async_nats::Event::ServerError(async_nats::ServerError::AuthorizationViolation) => {
+                            events.send_modify(|s| s.0 = ConnState::Refused);
+                        }
+                        // How a refused first connection is reported while retrying it.
+                        async_nats::Event::ClientError(async_nats::ClientError::Other(reason))
+                            if reason.contains("authoriz") || reason.contains("authenticat") =>
+                        {
+                            events.send_modify(|s| s.0 = ConnState::Refused);
+                        }
                         other => tracing::debug!(event = %other, "nats event"),
                     }
                 }
             });
-        if let (Some(user), Some(password)) = (&settings.user, &settings.password) {
-            options = options.user_and_password(user.clone(), password.0.clone());
+        let addrs = urls
+            .iter()
+            .map(|u| u.parse::<async_nats::ServerAddr>().map_err(|e| anyhow!("invalid NATS URL {}: {e}", redact(u))))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        // async-nats reads no credentials from URLs: take `user:password@` (or a lone
+        // `token@`) from the first URL that has them, unless the config or environment did.
+        let mut user = settings.user.clone().zip(settings.password.clone());
+        let mut token = settings.token.clone();
+        if user.is_none() && token.is_none() {
+            if let Some(addr) = addrs.iter().find(|a| a.username().is_some()) {
+                let name = addr.username().unwrap_or_default().to_string();
+                match addr.password() {
+                    Some(pw) => user = Some((name, Secret(pw.to_string()))),
+                    None => token = Some(Secret(name)),
+                }
+            }
         }
-        if let Some(token) = &settings.token {
-            options = options.token(token.0.clone());
+        if let Some((user, password)) = user {
+            options = options.user_and_password(user, password.0);
+        }
+        if let Some(token) = token {
+            options = options.token(token.0);
         }
         if let Some(creds) = &settings.credentials {
             options = options
@@ -223,10 +252,6 @@ impl Nats {
         if settings.tls_required {
             options = options.require_tls(true);
         }
-        let addrs = urls
-            .iter()
-            .map(|u| u.parse::<async_nats::ServerAddr>().map_err(|e| anyhow!("invalid NATS URL {}: {e}", redact(u))))
-            .collect::<anyhow::Result<Vec<_>>>()?;
         let shown = urls.first().map(|u| redact(u)).unwrap_or_default();
         let client = options
             .connect(addrs)
@@ -245,8 +270,20 @@ impl Nats {
             state: rx,
         });
         let mut state = nats.state.clone();
-        let connected = tokio::time::timeout(wait, state.wait_for(|s| s.0 == ConnState::Connected)).await;
-        if connected.is_ok() {
+        let settled = tokio::time::timeout(
+            wait,
+            state.wait_for(|s| matches!(s.0, ConnState::Connected | ConnState::Refused)),
+        )
+        .await
+        .map(|s| s.map(|s| s.0));
+        if matches!(settled, Ok(Ok(ConnState::Refused))) {
+            nats.client.clone().drain().await.ok();
+            bail!(
+                "NATS at {shown} refused the credentials (authorization violation); check \
+                 nats.user/password, nats.token or nats.credentials, or SYNCFS_NATS_*"
+            );
+        }
+        if matches!(settled, Ok(Ok(ConnState::Connected))) {
             nats.check_server().await?;
             tracing::info!(url = %shown, version = %nats.client.server_info().version, "connected to NATS");
         } else {
