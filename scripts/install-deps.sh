@@ -4,8 +4,10 @@
 set -euo pipefail
 
 # fuse3: fusermount3 and /etc/fuse.conf; attr: getfattr/setfattr; util-linux: setpriv;
-# bindfs: the benchmark's FUSE baseline; gcc/libc6-dev: crates that build C code.
-PACKAGES=(fuse3 attr git bindfs python3 util-linux coreutils gcc libc6-dev ca-certificates curl debian-archive-keyring)
+# bindfs: the benchmark's FUSE baseline; gcc/libc6-dev: crates that build C code;
+# pkg-config/libssl-dev: libgit2's https and ssh transports.
+PACKAGES=(fuse3 attr git bindfs python3 util-linux coreutils gcc libc6-dev ca-certificates curl debian-archive-keyring
+          pkg-config libssl-dev)
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then

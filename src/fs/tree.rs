@@ -510,3 +510,36 @@ pub fn copy_user_xattrs(from: BorrowedFd<'_>, to: BorrowedFd<'_>) -> io::Result<
     }
     Ok(())
 }
+
+/// Reads the regular file at `rel` (relative to `root`) without following any symlink on the
+/// way; `None` when it does not exist. Also returns its permission bits.
+pub fn read_file(root: BorrowedFd<'_>, rel: &std::path::Path) -> io::Result<Option<(Vec<u8>, u32)>> {
+    use std::io::Read;
+    let parent = rel.parent().unwrap_or(std::path::Path::new(""));
+    let Some(name) = rel.file_name() else {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    };
+    let dir = if parent.as_os_str().is_empty() {
+        None
+    } else {
+        match resolve_dir(root, &cname(parent.as_os_str())?) {
+            Ok(fd) => Some(fd),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+    };
+    let dir_fd = dir.as_ref().map(|d| { use std::os::fd::AsFd; d.as_fd() }).unwrap_or(root);
+    let fd = match open_at(dir_fd, &cname(name)?, libc::O_RDONLY, 0) {
+        Ok(fd) => fd,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ELOOP)) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut file = std::fs::File::from(fd);
+    let st = { use std::os::fd::AsFd; fstat(file.as_fd())? };
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Ok(None);
+    }
+    let mut data = Vec::with_capacity(st.st_size as usize);
+    file.read_to_end(&mut data)?;
+    Ok(Some((data, st.st_mode & 0o7777)))
+}
