@@ -68,7 +68,7 @@ fn eperm_read_only_syncfs_attributes() {
     // SAFETY: valid C strings.
     assert_ne!(unsafe { libc::removexattr(c(&f).as_ptr(), n.as_ptr()) }, 0);
     assert_eq!(last_errno(), libc::EPERM);
-    assert_eq!(getxattr(&f, "user.syncfs.tier", 64).unwrap(), b"local");
+    assert_eq!(getxattr(&f, "user.syncfs.tier", 64).unwrap(), b"git");
 }
 
 #[test]

@@ -46,6 +46,10 @@ pub fn sh_ok_in(dir: &Path, script: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A table that keeps every path on the node (the local tier): for tests of POSIX behaviour
+/// that git or NATS paths deliberately do not have (hard links, symlinks, passthrough).
+pub const LOCAL_TABLE: &str = "policies:\n  - pattern: \"**\"\n    tier: local\n";
+
 /// Options of a test mount.
 #[derive(Debug, Default, Clone)]
 pub struct Options {
@@ -61,6 +65,18 @@ pub struct Options {
     pub policies: Option<String>,
     /// Environment variables for `syncfs mount`.
     pub env: Vec<(String, String)>,
+    /// `--git-remote`
+    pub git_remote: Option<String>,
+}
+
+impl Options {
+    /// Every path local (see [`LOCAL_TABLE`]).
+    pub fn local() -> Options {
+        Options {
+            policies: Some(LOCAL_TABLE.into()),
+            ..Options::default()
+        }
+    }
 }
 
 /// A mounted syncfs in a temporary directory, unmounted on drop.
@@ -75,9 +91,14 @@ pub struct Mount {
 }
 
 impl Mount {
-    /// Mounts with default options.
+    /// Mounts with default options (the built-in policy table).
     pub fn start() -> Mount {
         Mount::with(Options::default())
+    }
+
+    /// Mounts with every path local.
+    pub fn local() -> Mount {
+        Mount::with(Options::local())
     }
 
     /// A mount point and state directory, not mounted yet.
@@ -125,6 +146,9 @@ impl Mount {
         }
         for url in &opts.nats {
             args.extend(["--nats".into(), url.clone()]);
+        }
+        if let Some(remote) = &opts.git_remote {
+            args.extend(["--git-remote".into(), remote.clone()]);
         }
         let mut config = opts.config.clone().unwrap_or_default();
         if let Some(policies) = &opts.policies {

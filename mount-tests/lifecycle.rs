@@ -223,9 +223,10 @@ fn policy_check_and_explain() {
     assert!(text(&out).contains("built-in temp files rule"), "{}", text(&out));
 
     let m = Mount::start();
-    let out = syncfs(&["policy", "explain", "--mount", &m.mnt.display().to_string(), &m.path("a/b").display().to_string()]);
+    let out = syncfs(&["policy", "explain", "--mount", &m.mnt.display().to_string(), &m.path("durable/a/b.yml").display().to_string()]);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("path:        a/b"), "{}", text(&out));
+    assert!(text(&out).contains("path:        durable/a/b.yml"), "{}", text(&out));
+    assert!(text(&out).contains("labels=union"), "{}", text(&out));
     assert!(text(&out).contains("(as mounted)"), "{}", text(&out));
 }
 

@@ -327,7 +327,7 @@ fn run_model(mount: &Mount, cases: u32) {
 
 #[test]
 fn model_passthrough_mount() {
-    let m = Mount::start();
+    let m = Mount::local();
     run_model(&m, 250);
 }
 
@@ -335,7 +335,7 @@ fn model_passthrough_mount() {
 fn model_mount_without_passthrough() {
     let m = Mount::with(Options {
         config: Some("fuse:\n  passthrough: false\n".into()),
-        ..Default::default()
+        ..Options::local()
     });
     run_model(&m, 120);
 }

@@ -4,7 +4,7 @@ use crate::harness::{peak_rss_kib, sh_ok_in, Mount, Options};
 
 #[test]
 fn shell_redirections_cat_and_append() {
-    let m = Mount::start();
+    let m = Mount::local();
     let out = m.sh_ok(
         r#"
         echo hello > a.txt
@@ -22,7 +22,7 @@ fn shell_redirections_cat_and_append() {
 
 #[test]
 fn cp_archive_of_a_tree_round_trips() {
-    let m = Mount::start();
+    let m = Mount::local();
     let src = m.base.path().join("src");
     sh_ok_in(
         m.base.path(),
@@ -61,7 +61,7 @@ fn cp_archive_of_a_tree_round_trips() {
 
 #[test]
 fn mv_rm_ln_chmod_find() {
-    let m = Mount::start();
+    let m = Mount::local();
     let out = m.sh_ok(
         r#"
         mkdir work && cd work
@@ -96,7 +96,7 @@ fn mv_rm_ln_chmod_find() {
 
 #[test]
 fn xattrs_with_getfattr_and_setfattr() {
-    let m = Mount::start();
+    let m = Mount::local();
     let out = m.sh_ok(
         r#"
         echo data > f
@@ -120,7 +120,7 @@ fn dd_large_file_streams_through_bounded_memory() {
     // Without passthrough every byte crosses the daemon, which must not hold the file.
     let m = Mount::with(Options {
         config: Some("fuse:\n  passthrough: false\n".into()),
-        ..Default::default()
+        ..Options::local()
     });
     assert_eq!(m.status()["fuse"]["passthrough"], false);
     let before = peak_rss_kib(m.pid());
@@ -146,7 +146,7 @@ fn dd_large_file_streams_through_bounded_memory() {
 
 #[test]
 fn passthrough_mount_serves_large_files() {
-    let m = Mount::start();
+    let m = Mount::local();
     assert_eq!(m.status()["fuse"]["passthrough"], true, "this kernel offers FUSE passthrough");
     let out = m.sh_ok(
         r#"
@@ -166,7 +166,7 @@ fn passthrough_mount_serves_large_files() {
 
 #[test]
 fn unlinked_open_files_and_fifos() {
-    let m = Mount::start();
+    let m = Mount::local();
     let out = m.sh_ok(
         r#"
         mkdir work && cd work
@@ -190,7 +190,7 @@ fn unlinked_open_files_and_fifos() {
 
 #[test]
 fn utimens_truncate_and_df() {
-    let m = Mount::start();
+    let m = Mount::local();
     let out = m.sh_ok(
         r#"
         touch -d '2020-01-02 03:04:05 UTC' t
@@ -207,7 +207,7 @@ fn utimens_truncate_and_df() {
 
 #[test]
 fn many_files_in_one_directory_list_completely() {
-    let m = Mount::start();
+    let m = Mount::local();
     let out = m.sh_ok(
         r#"
         mkdir many

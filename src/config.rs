@@ -6,9 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, Context};
 
 use crate::nats::{NatsSettings, Secret};
+use crate::tier::git::GitSettings;
 use crate::yaml::{self, Node};
 
 /// FUSE session settings.
@@ -52,8 +53,8 @@ pub struct MountConfig {
     /// NATS: servers (`--nats`, `nats.url`; none means the embedded default), credentials,
     /// TLS and bucket settings.
     pub nats: NatsSettings,
-    /// The durable tier's remote (`--git-remote`, `git.remote`).
-    pub git_remote: Option<String>,
+    /// The durable tier: its remote (`--git-remote`, `git.remote`), timing and credentials.
+    pub git: GitSettings,
 }
 
 /// Values read from a config file; `None` where the file is silent.
@@ -77,8 +78,8 @@ pub struct FileConfig {
     pub cache_ttl_ms: Option<u64>,
     /// `nats.*`
     pub nats: NatsSettings,
-    /// `git.remote`
-    pub git_remote: Option<String>,
+    /// `git.*`
+    pub git: GitSettings,
 }
 
 fn at(file: &Path, node: &Node, reason: impl std::fmt::Display) -> anyhow::Error {
@@ -225,13 +226,30 @@ impl FileConfig {
                     }
                 }
                 "git" => {
+                    let g = &mut cfg.git;
                     for (k, v) in entries(file, value, "`git`")? {
+                        let ms = |what: &str| number(file, v, what).map(|n| Duration::from_millis(n.max(1)));
                         match k.as_str().unwrap_or("") {
-                            "remote" => cfg.git_remote = Some(string(file, v, "git.remote")?),
+                            "remote" => g.remote = Some(string(file, v, "git.remote")?),
+                            "quiet_ms" => g.quiet = ms("git.quiet_ms")?,
+                            "max_delay_ms" => g.max_delay = ms("git.max_delay_ms")?,
+                            "fetch_interval_ms" => g.fetch_interval = ms("git.fetch_interval_ms")?,
+                            "username" => g.username = Some(string(file, v, "git.username")?),
+                            "password" => g.password = Some(Secret(string(file, v, "git.password")?)),
+                            "ssh_key" => g.ssh_key = Some(base.join(string(file, v, "git.ssh_key")?)),
+                            "ssh_passphrase" => {
+                                g.ssh_passphrase = Some(Secret(string(file, v, "git.ssh_passphrase")?))
+                            }
                             other => {
-                                return Err(at(file, k, format!("unknown key `git.{other}` (expected remote)")))
+                                return Err(at(file, k, format!(
+                                    "unknown key `git.{other}` (expected remote, quiet_ms, max_delay_ms, \
+                                     fetch_interval_ms, username, password, ssh_key, ssh_passphrase)"
+                                )))
                             }
                         }
+                    }
+                    if g.max_delay < g.quiet {
+                        return Err(at(file, value, "`git.max_delay_ms` must not be shorter than `git.quiet_ms`"));
                     }
                 }
                 other => {
@@ -286,11 +304,11 @@ impl MountConfig {
             nats.urls = flags.nats.clone();
         }
         let nats = nats.with_env();
-        let git_remote = flags.git_remote.clone().or(file.git_remote.clone());
-        // The git tier arrives in a later release; a setting for it must not be ignored quietly.
-        if git_remote.is_some() {
-            bail!("--git-remote / git.remote: the git tier is not available yet in this build");
+        let mut git = file.git.clone();
+        if let Some(remote) = &flags.git_remote {
+            git.remote = Some(remote.clone());
         }
+        let git = git.with_env();
         let defaults = FuseSettings::default();
         Ok(MountConfig {
             mountpoint,
@@ -308,7 +326,7 @@ impl MountConfig {
             policies_seed: file.policies_seed.clone(),
             log: file.log.clone().unwrap_or_else(|| "info".into()),
             nats,
-            git_remote,
+            git,
         })
     }
 }
@@ -437,13 +455,13 @@ mod tests {
         let cfg = MountConfig::resolve(&flags).unwrap();
         assert_eq!(cfg.node, "from-flag");
         assert_eq!(cfg.state_dir, dir.path().join("st"));
-        let refused = MountFlags {
+        let git = MountFlags {
             mountpoint: "/mnt/x".into(),
             git_remote: Some("/srv/git".into()),
-            state: Some("/tmp/s".into()),
+            config: Some(file.clone()),
             ..Default::default()
         };
-        assert!(MountConfig::resolve(&refused).unwrap_err().to_string().contains("not available yet"));
+        assert_eq!(MountConfig::resolve(&git).unwrap().git.remote.as_deref(), Some("/srv/git"));
         let nats = MountFlags {
             mountpoint: "/mnt/x".into(),
             nats: vec!["nats://a:4222".into(), "nats://b:4222".into()],

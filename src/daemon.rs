@@ -32,6 +32,7 @@ use crate::nats::embedded::Embedded;
 use crate::nats::Nats;
 use crate::policy::{PolicyTable, TierKind, DEFAULT_POLICY_FILE, POLICY_FILE};
 use crate::status::{FuseStatus, GitStatus, NatsStatus, Status, TierStatus, STATUS_XATTR};
+use crate::tier::git::{self, GitTier};
 use crate::tier::kv::KvTier;
 use crate::tier::local::LocalTier;
 use crate::tier::Tiers;
@@ -345,6 +346,8 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
     let _lock = lock_state_dir(&cfg.state_dir)?;
     let tree = cfg.state_dir.join("tree");
     let spool = cfg.state_dir.join("spool");
+    // A node joining a cluster takes the shared policy table from the git remote.
+    git::bootstrap(&cfg.state_dir, &cfg.git)?;
     let policies = Arc::new(load_policies(cfg, &tree)?);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -355,7 +358,9 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
         .context("cannot start the async runtime")?;
 
     // NATS, when a policy needs it: the configured cluster, or a private server of our own.
-    let uses_nats = policies.policies().iter().any(|p| p.tier == TierKind::NatsKv);
+    // (Git push notices use NATS too, when it is configured anyway.)
+    let uses_nats = policies.reachable().iter().any(|p| p.tier == TierKind::NatsKv)
+        || (!cfg.nats.urls.is_empty() && cfg.git.remote.is_some());
     let mut embedded = None;
     let nats = if uses_nats {
         let urls = if cfg.nats.urls.is_empty() {
@@ -388,6 +393,20 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
             Some(kv)
         }
         None => None,
+    };
+    let git = if policies.reachable().iter().any(|p| p.tier == TierKind::Git) {
+        let git = GitTier::open(
+            &cfg.state_dir,
+            &cfg.git,
+            &cfg.node,
+            policies.clone(),
+            nats.clone(),
+            runtime.handle().clone(),
+        )?;
+        tiers.add(Arc::new(git.clone()));
+        Some(git)
+    } else {
+        None
     };
     let core = Arc::new(
         Core::new(&tree, &spool, policies.clone(), tiers, CoreConfig::default())
@@ -437,7 +456,7 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
 
     let started_at = now_rfc3339();
     let status_cfg = cfg.clone();
-    let (status_nats, status_kv) = (nats.clone(), kv.clone());
+    let (status_nats, status_kv, status_git) = (nats.clone(), kv.clone(), git.clone());
     let weak: Weak<Core> = Arc::downgrade(&core);
     core.set_status(Box::new(move || {
         let Some(core) = weak.upgrade() else {
@@ -457,6 +476,7 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
                 )
             })
             .collect();
+        let git_info = status_git.as_ref().map(|g| g.info()).unwrap_or_default();
         let status = Status {
             version: 1,
             node: status_cfg.node.clone(),
@@ -489,14 +509,17 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
                 },
             },
             git: GitStatus {
-                remote: None,
-                last_push: None,
-                last_pull: None,
-                unpushed: 0,
+                remote: git_info.remote,
+                last_push: git_info.last_push,
+                last_pull: git_info.last_pull,
+                unpushed: git_info.unpushed,
+                uncommitted: git_info.uncommitted,
+                head: git_info.head,
+                error: git_info.error,
             },
             tiers,
             pending_writes: status_kv.as_ref().map(|k| k.pending() as u64).unwrap_or(0),
-            conflicts: Vec::new(),
+            conflicts: git_info.conflicts,
             policies: core.policies().policies().len(),
             inodes,
             open_files,

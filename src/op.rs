@@ -48,6 +48,14 @@ impl<T: Send + 'static, E: Send + 'static> Op<T, E> {
         }
     }
 
+    /// Calls `f` with the error, if the outcome is one.
+    pub fn inspect_err(self, f: impl FnOnce(&E) + Send + 'static) -> Self {
+        match self {
+            Op::Ready(result) => Op::Ready(result.inspect_err(f)),
+            Op::Pending(future) => Op::pending(async move { future.await.inspect_err(f) }),
+        }
+    }
+
     /// Converts the error type.
     pub fn err_into<E2: From<E> + Send + 'static>(self) -> Op<T, E2> {
         match self {

@@ -92,6 +92,15 @@ pub struct GitStatus {
     pub last_pull: Option<String>,
     /// Commits not yet on the remote.
     pub unpushed: u64,
+    /// Durable changes waiting for their commit (the quiet period).
+    #[serde(default)]
+    pub uncommitted: u64,
+    /// This node's branch commit.
+    #[serde(default)]
+    pub head: Option<String>,
+    /// The last error reaching the remote, until an exchange succeeds.
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// Counters of one tier.
@@ -135,16 +144,22 @@ impl Status {
             (None, _) => self.nats.state.clone(),
         };
         let _ = writeln!(s, "nats:         {nats}");
-        let git = match &self.git.remote {
+        let mut git = match &self.git.remote {
             Some(remote) => format!(
                 "{remote}, last push {}, last pull {}, {} commits unpushed",
                 self.git.last_push.as_deref().unwrap_or("never"),
                 self.git.last_pull.as_deref().unwrap_or("never"),
                 self.git.unpushed
             ),
-            None => "no remote".into(),
+            None => "no remote (local history only)".into(),
         };
+        if self.git.uncommitted > 0 {
+            let _ = write!(git, ", {} changes waiting for their commit", self.git.uncommitted);
+        }
         let _ = writeln!(s, "git:          {git}");
+        if let Some(e) = &self.git.error {
+            let _ = writeln!(s, "git error:    {e}");
+        }
         for (tier, t) in &self.tiers {
             let _ = writeln!(s, "tier {tier:<8} {} commits, {} refused", t.commits, t.refused);
         }

@@ -13,10 +13,10 @@ use super::tree::{self, Ident};
 use super::{Attr, Caller, Core, FsError, FsOp, Ino, Kind, Opened};
 use crate::op::Op;
 use crate::policy::{PolicyTable, POLICY_FILE};
-use crate::tier::{Revision, Target};
+use crate::tier::{Revision, Target, TierError};
 
-/// The largest file the core reads whole to validate.
-const MAX_VALIDATED_SIZE: u64 = 1 << 20;
+/// The largest file the core reads whole to validate (policy file, schema-checked documents).
+const MAX_VALIDATED_SIZE: u64 = 16 << 20;
 
 impl Core {
     fn handle(&self, fh: u64) -> Result<Arc<Handle>, FsError> {
@@ -482,6 +482,10 @@ impl Core {
             let result = this.commit_frozen(ino, &stage, &frozen, durable).await;
             if let Ok(target) = this.target_of(ino) {
                 this.count(target.policy.tier, result.is_ok());
+                match &result {
+                    Ok(()) => this.clear_refusal(&target),
+                    Err(e) => this.note_refusal(&target, e),
+                }
             }
             if result.is_err() {
                 stage.thaw(frozen);
@@ -503,7 +507,7 @@ impl Core {
         self.validate(&target, &frozen.file)?;
         let rev = self
             .tier(&target)
-            .commit(&target, frozen.file.clone(), stage.base())
+            .commit(&target, frozen.file.clone(), stage.base(), durable)
             .into_future()
             .await?;
         stage.set_base(rev.clone());
@@ -524,10 +528,12 @@ impl Core {
         }
     }
 
-    /// Checks content the core validates. The only such path so far is the policy file: it
-    /// must parse and name only tiers this build has, or the next mount would refuse it.
+    /// Checks content the core validates: the policy file must parse and name only tiers this
+    /// build has (or the next mount would refuse it); a document under a policy with a
+    /// `schema` must parse and satisfy it.
     pub(super) fn validate(&self, target: &Target, file: &File) -> Result<(), FsError> {
-        if target.path != Path::new(POLICY_FILE) {
+        let is_policy_file = target.path == Path::new(POLICY_FILE);
+        if !is_policy_file && target.policy.schema.is_none() {
             return Ok(());
         }
         let invalid = |reason: String| FsError::InvalidContent {
@@ -536,14 +542,53 @@ impl Core {
         };
         let len = file.metadata()?.len();
         if len > MAX_VALIDATED_SIZE {
-            return Err(invalid(format!("larger than {MAX_VALIDATED_SIZE} bytes")));
+            return Err(invalid(format!("larger than {MAX_VALIDATED_SIZE} bytes, the most syncfs validates")));
         }
         let mut bytes = vec![0u8; len as usize];
         file.read_exact_at(&mut bytes, 0)?;
-        let text = String::from_utf8(bytes).map_err(|_| invalid("not UTF-8 text".into()))?;
-        let at = |e: crate::policy::PolicyError| invalid(format!("line {}, column {}: {}", e.line, e.col, e.reason));
-        let table = PolicyTable::parse(&text, Path::new(POLICY_FILE)).map_err(at)?;
-        table.check_available(Path::new(POLICY_FILE)).map_err(at)
+        if let Some(schema) = &target.policy.schema {
+            self.schemas.check(schema, &target.path, &bytes).map_err(invalid)?;
+        }
+        if is_policy_file {
+            let text = String::from_utf8(bytes).map_err(|_| invalid("not UTF-8 text".into()))?;
+            let at = |e: crate::policy::PolicyError| invalid(format!("line {}, column {}: {}", e.line, e.col, e.reason));
+            let table = PolicyTable::parse(&text, Path::new(POLICY_FILE)).map_err(at)?;
+            table.check_available(Path::new(POLICY_FILE)).map_err(at)?;
+        }
+        Ok(())
+    }
+
+    /// Checks a merge result against the path's schema (the durable tier's merges): an invalid
+    /// result becomes a conflict instead.
+    pub fn check_schema(&self, path: &Path, content: &[u8]) -> Result<(), String> {
+        let target = self.target(path.to_path_buf());
+        match &target.policy.schema {
+            Some(schema) => self.schemas.check(schema, path, content),
+            None => Ok(()),
+        }
+    }
+
+    /// Records why a commit of `target` was refused, for `user.syncfs.error` and the log.
+    pub(super) fn note_refusal(&self, target: &Target, e: &FsError) {
+        let reason = match e {
+            FsError::InvalidContent { reason, .. } => reason.clone(),
+            FsError::Tier(t @ (TierError::Refused(_) | TierError::Invalid(_) | TierError::TooBig(_))) => t.to_string(),
+            _ => return,
+        };
+        tracing::warn!(path = %target.path.display(), %reason, "write refused; the stored version is unchanged");
+        self.errors.lock().insert(target.path.clone(), reason);
+    }
+
+    fn clear_refusal(&self, target: &Target) {
+        let mut errors = self.errors.lock();
+        if !errors.is_empty() {
+            errors.remove(&target.path);
+        }
+    }
+
+    /// Why the last write of `path` was refused, if it was.
+    pub(super) fn refusal(&self, path: &Path) -> Option<String> {
+        self.errors.lock().get(path).cloned()
     }
 
     /// Replaces the tree's file of `ino` with a committed shadow: same owner, mode and user

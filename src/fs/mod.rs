@@ -268,6 +268,9 @@ pub struct Core {
     dir_fds: Mutex<LruCache<Ino, Arc<OwnedFd>>>,
     kernel: OnceLock<Arc<dyn KernelCache>>,
     status: OnceLock<Box<dyn Fn() -> Vec<u8> + Send + Sync>>,
+    schemas: crate::schema::Schemas,
+    /// Why the last commit of a path was refused (`user.syncfs.error`), until one succeeds.
+    errors: Mutex<HashMap<PathBuf, String>>,
     /// Commit counters, by tier.
     pub counters: HashMap<TierKind, Counters>,
     /// Read and write requests the core served itself (passthrough ones never reach it).
@@ -330,7 +333,7 @@ impl Core {
                 spool_dir.display()
             ))));
         }
-        for policy in policies.policies() {
+        for policy in policies.reachable() {
             if tiers.get(policy.tier).is_none() {
                 return Err(FsError::Io(std::io::Error::other(format!(
                     "tier {} is not available",
@@ -340,8 +343,11 @@ impl Core {
         }
         let counters = tiers.kinds().into_iter().map(|k| (k, Counters::default())).collect();
         let cache = NonZeroUsize::new(config.dir_fd_cache.max(1)).expect("at least one");
+        let root = Arc::new(root);
         Ok(Core {
-            root: Arc::new(root),
+            schemas: crate::schema::Schemas::new(root.clone()),
+            errors: Mutex::new(HashMap::new()),
+            root,
             spool: Arc::new(Spool::open(spool_fd)?),
             policies,
             tiers,
@@ -419,7 +425,7 @@ impl Core {
 
     /// Whether writes to `target` are staged (synced tiers, and files the core validates).
     fn is_staged(&self, target: &Target) -> bool {
-        self.tier(target).write_mode() == WriteMode::Staged || validated(&target.path)
+        self.tier(target).write_mode() == WriteMode::Staged || validates(target)
     }
 
     /// An `O_PATH` fd of a directory node, from the cache or resolved beneath the root.
@@ -558,6 +564,11 @@ impl Core {
             if set.atime != SetTime::Omit || set.mtime != SetTime::Omit {
                 let fd = this.node_fd(ino)?;
                 tree::utimens_fd(fd.as_fd(), set.atime, set.mtime)?;
+                // A shadow waiting for its commit replaces the tree's file, times included.
+                let stage = this.inodes.lock().get(ino).and_then(|n| n.stage.clone());
+                if let Some(stage) = stage.filter(|s| s.owns_shadow()) {
+                    tree::utimens_fd(stage.file().as_fd(), set.atime, set.mtime)?;
+                }
             }
             this.getattr(ino)
         })
@@ -830,7 +841,7 @@ impl Core {
                 to_tier: to.policy.tier,
             });
         }
-        let content = if kind == Kind::File && (validated(&to.path) || self.is_staged(&from)) {
+        let content = if kind == Kind::File && (validates(&to) || self.is_staged(&from)) {
             match self.open_at(parent, name) {
                 Ok(file) => Some(Arc::new(file)),
                 Err(e) => return Op::err(e),
@@ -838,8 +849,9 @@ impl Core {
         } else {
             None
         };
-        if let (Some(file), true) = (&content, validated(&to.path)) {
+        if let (Some(file), true) = (&content, validates(&to)) {
             if let Err(e) = self.validate(&to, file) {
+                self.note_refusal(&to, &e);
                 return Op::err(e);
             }
         }
@@ -889,14 +901,20 @@ impl Core {
         })();
         let (file, base) = match prepared {
             Ok(p) => p,
-            Err(e) => return Op::err(e),
+            Err(e) => {
+                self.note_refusal(&to, &e);
+                return Op::err(e);
+            }
         };
         let this = self.clone();
         let name = name.to_os_string();
         let new_name = new_name.to_os_string();
+        let refused = to.clone();
+        let noted = self.clone();
         self.tier(&to)
-            .commit(&to, file.clone(), base)
+            .commit(&to, file.clone(), base, false)
             .err_into()
+            .inspect_err(move |e| noted.note_refusal(&refused, e))
             .and_then(move |rev| {
                 // The revision named the old content; the moved file must not carry it on.
                 match tree::remove_xattr(file.as_fd(), c"user.syncfs.rev") {
@@ -1045,9 +1063,10 @@ fn check_name(name: &OsStr) -> Result<(), FsError> {
     Ok(())
 }
 
-/// Whether the core validates writes to this path before they replace the stored file.
-fn validated(path: &Path) -> bool {
-    path == Path::new(POLICY_FILE)
+/// Whether the core validates writes to this path before they replace the stored file: the
+/// policy file, and paths whose policy names a schema.
+fn validates(target: &Target) -> bool {
+    target.path == Path::new(POLICY_FILE) || target.policy.schema.is_some()
 }
 
 #[cfg(test)]

@@ -38,6 +38,13 @@ impl RemoteSink for CoreSink {
         core.apply_remote(path, change, rev).map_err(|e| e.to_string())
     }
 
+    fn validate(&self, path: &Path, content: &[u8]) -> Result<(), String> {
+        match self.0.upgrade() {
+            Some(core) => core.check_schema(path, content),
+            None => Ok(()),
+        }
+    }
+
     fn files(&self, dir: &Path) -> Vec<PathBuf> {
         let Some(core) = self.0.upgrade() else {
             return Vec::new();

@@ -215,8 +215,8 @@ fn invalid_policy_file_is_refused_and_the_old_one_kept() {
     assert_eq!(f.read_all(ino), before);
 
     // A tier this build does not have is refused too: the next mount would not start.
-    let git = f.write_file(ino, libc::O_WRONLY | libc::O_TRUNC, b"policies:\n  - pattern: x\n    tier: git\n");
-    assert!(git.unwrap_err().to_string().contains("not available yet"));
+    let stream = f.write_file(ino, libc::O_WRONLY | libc::O_TRUNC, b"policies:\n  - pattern: x\n    tier: nats-stream\n");
+    assert!(stream.unwrap_err().to_string().contains("not available yet"));
 
     let good = b"policies:\n  - pattern: \"notes/**\"\n    tier: local\n";
     f.write_file(ino, libc::O_WRONLY | libc::O_TRUNC, good).unwrap();

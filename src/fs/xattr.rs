@@ -83,6 +83,7 @@ impl Core {
         Ok(match short {
             "tier" => Some(target.policy.tier.name().as_bytes().to_vec()),
             "policy" => Some(target.policy.pattern.as_bytes().to_vec()),
+            "error" => self.refusal(&target.path).map(String::into_bytes),
             _ => self.tier(&target).attribute(&target, name),
         })
     }

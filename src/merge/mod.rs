@@ -199,6 +199,29 @@ pub fn merge_file(
     }
 }
 
+/// A conflict over the whole file without merging: the newer side stays in place, the older is
+/// kept beside it. Used when a merge result breaks the path's schema. `reason` names the
+/// dispute in the conflict file's header.
+pub fn keep_newer(a: Side<'_>, b: Side<'_>, reason: &str) -> Outcome {
+    let (newer, older) = if (a.stamp, a.commit) >= (b.stamp, b.commit) { (a, b) } else { (b, a) };
+    match older.content {
+        None => Outcome {
+            content: newer.content.map(<[u8]>::to_vec),
+            conflict: None,
+        },
+        Some(loser) => Outcome {
+            content: newer.content.map(<[u8]>::to_vec),
+            conflict: Some(Conflict {
+                loser: loser.to_vec(),
+                loser_stamp: older.stamp.clone(),
+                loser_commit: older.commit.to_string(),
+                winner_commit: newer.commit.to_string(),
+                fields: vec![reason.to_string()],
+            }),
+        },
+    }
+}
+
 /// Where a conflict's losing version is kept: `NAME.conflict-<stamp>-<node>` beside the file.
 pub fn conflict_path(path: &Path, stamp: &Stamp) -> PathBuf {
     let node: String = stamp

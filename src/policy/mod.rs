@@ -255,13 +255,11 @@ impl Policy {
 /// Globs of the built-in temp-file rule, matched in every directory.
 pub const TEMP_FILE_GLOBS: [&str; 4] = ["*.swp", "*~", ".#*", "*.tmp"];
 
-/// Tier and consistency of the built-in last rule. SPEC section 2 names `git` + `lww`; until
-/// the git tier exists the catch-all is `local`, because the default table may only name
-/// tiers that this build has.
-pub const CATCH_ALL: (TierKind, Consistency) = (TierKind::Local, Consistency::None);
+/// Tier and consistency of the built-in last rule (SPEC section 2): durable, last write wins.
+pub const CATCH_ALL: (TierKind, Consistency) = (TierKind::Git, Consistency::Lww);
 
 /// The tiers this build can serve. A policy naming any other stops the mount.
-pub const AVAILABLE_TIERS: [TierKind; 2] = [TierKind::Local, TierKind::NatsKv];
+pub const AVAILABLE_TIERS: [TierKind; 3] = [TierKind::Git, TierKind::Local, TierKind::NatsKv];
 
 /// The policy file written into a new sync root on its first mount.
 pub const DEFAULT_POLICY_FILE: &str = include_str!("default.yml");
@@ -308,13 +306,21 @@ impl PolicyTable {
         &self.policies
     }
 
+    /// The rules some path can match: all of them up to the first `**` (the rules after it,
+    /// the built-in catch-all included, are shadowed). A mount needs the tiers of these only.
+    pub fn reachable(&self) -> &[Arc<Policy>] {
+        match self.policies.iter().position(|p| p.pattern == "**") {
+            Some(i) => &self.policies[..=i],
+            None => &self.policies,
+        }
+    }
+
     /// The policy file text this table was parsed from.
     pub fn source(&self) -> &str {
         &self.source
     }
 
-    /// Refuses tables that name a tier this build cannot serve, or a feature it lacks,
-    /// naming the rule's line.
+    /// Refuses tables that name a tier this build cannot serve, naming the rule's line.
     pub fn check_available(&self, file: &Path) -> Result<(), PolicyError> {
         for policy in &self.policies {
             if !matches!(policy.origin, Origin::File { .. }) {
@@ -327,15 +333,6 @@ impl PolicyTable {
                     line,
                     col,
                     format!("tier {} is not available yet", policy.tier),
-                ));
-            }
-            if policy.schema.is_some() {
-                let (line, col) = policy.positions.schema;
-                return Err(PolicyError::at(
-                    file,
-                    line,
-                    col,
-                    "schema validation is not available yet".to_string(),
                 ));
             }
         }

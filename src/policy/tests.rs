@@ -137,14 +137,14 @@ fn errors_name_line_and_reason() {
 
 #[test]
 fn unavailable_tiers_are_refused_with_their_line() {
-    let t = table(SEED);
+    let t = table("policies:\n  - pattern: \"log/**\"\n    tier: nats-stream\n    consistency: append\n");
     let e = t.check_available(Path::new("p.yml")).unwrap_err();
-    assert_eq!((e.line, e.col), (4, 11));
-    assert_eq!(e.reason, "tier git is not available yet");
-    let local = table("policies:\n  - pattern: \"**\"\n    tier: local\n");
-    local.check_available(Path::new("p.yml")).unwrap();
+    assert_eq!((e.line, e.col), (3, 11));
+    assert_eq!(e.reason, "tier nats-stream is not available yet");
+    let git = table("policies:\n  - pattern: \"durable/**\"\n    tier: git\n    consistency: merge\n");
+    git.check_available(Path::new("p.yml")).unwrap();
     let schema = table("policies:\n  - pattern: \"**\"\n    tier: local\n    schema: s.json\n");
-    assert!(schema.check_available(Path::new("p.yml")).unwrap_err().reason.contains("schema"));
+    schema.check_available(Path::new("p.yml")).unwrap();
 }
 
 #[test]
@@ -154,7 +154,13 @@ fn default_table_names_only_available_tiers() {
     for p in t.policies() {
         assert!(AVAILABLE_TIERS.contains(&p.tier), "{p:?}");
     }
-    assert_eq!(t.resolve("anything/at/all").tier, TierKind::Local);
+    assert_eq!(t.resolve("anything/at/all").tier, TierKind::Git);
+    assert_eq!(t.resolve("anything/at/all").consistency, Consistency::Lww);
+    let issue = t.resolve("durable/issues/1.yml");
+    assert_eq!((issue.tier, issue.consistency), (TierKind::Git, Consistency::Merge));
+    assert_eq!(issue.merge_rules.get("labels"), Some(&MergeRule::Union));
+    assert_eq!(t.resolve(".syncfs/policies.yml").consistency, Consistency::Lww);
+    assert_eq!(t.resolve("fast/claims/x").tier, TierKind::NatsKv);
 }
 
 #[test]

@@ -40,6 +40,7 @@ impl Tier for LocalTier {
         _at: &Target,
         _content: Arc<File>,
         _base: Option<Revision>,
+        _durable: bool,
     ) -> Op<Option<Revision>, TierError> {
         // Reached only for local files the core stages for validation (the policy file):
         // installing the shadow into the tree is all there is to do.

@@ -36,6 +36,7 @@
 //! Calls return an [`Op`]: ready when the tier answered without waiting (local disk), pending
 //! when it needs the network. The core never blocks a FUSE thread on a pending op.
 
+pub mod git;
 pub mod kv;
 pub mod local;
 
@@ -142,13 +143,15 @@ pub trait Tier: Send + Sync + 'static {
     fn create(&self, at: &Target, kind: Kind, exclusive: bool) -> Op<Option<Revision>, TierError>;
 
     /// Commits the complete new content of a staged file. `base` is the revision the writer
-    /// started from. Only called for [`WriteMode::Staged`] tiers (and validated local files).
+    /// started from; `durable` is set for `fsync` (a tier that batches should not wait for its
+    /// next batch). Only called for [`WriteMode::Staged`] tiers (and validated local files).
     /// `None` means accepted without a revision yet (queued while offline).
     fn commit(
         &self,
         at: &Target,
         content: Arc<File>,
         base: Option<Revision>,
+        durable: bool,
     ) -> Op<Option<Revision>, TierError>;
 
     /// Whether content of revision `rev` may replace the tree's copy of `at` now; records it.
@@ -206,6 +209,11 @@ pub trait RemoteSink: Send + Sync {
     /// The regular files below `dir` in the tree, as paths relative to the sync root (for
     /// sweeping files whose keys vanished while the node was away).
     fn files(&self, dir: &Path) -> Vec<PathBuf>;
+
+    /// Checks content a tier produced itself (a merge result) against the path's schema.
+    fn validate(&self, _path: &Path, _content: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// The tiers of one mount, by kind.

@@ -206,7 +206,7 @@ impl KvTier {
         rt: tokio::runtime::Handle,
     ) -> anyhow::Result<KvTier> {
         let buckets: Vec<Bucket> = policies
-            .policies()
+            .reachable()
             .iter()
             .filter(|p| p.tier == TierKind::NatsKv)
             .map(|p| {
@@ -616,7 +616,13 @@ impl Tier for KvTier {
         })
     }
 
-    fn commit(&self, at: &Target, content: Arc<File>, base: Option<Revision>) -> Op<Option<Revision>, TierError> {
+    fn commit(
+        &self,
+        at: &Target,
+        content: Arc<File>,
+        base: Option<Revision>,
+        _durable: bool,
+    ) -> Op<Option<Revision>, TierError> {
         let inner = self.inner.clone();
         let at = at.clone();
         Op::pending(async move {

@@ -1,0 +1,640 @@
+//! The durable tier: git (`tier: git`).
+//!
+//! # Where things are
+//!
+//! - A bare repository per node under `--state/git` ([`repo`]). There is no working tree to
+//!   race with FUSE writes: the core serves the materialized tree, and each durable path knows
+//!   the blob the tree holds for it ([`Tier::revision`], `user.syncfs.rev`).
+//! - A close (or fsync) of a durable file writes its content as a blob at once and records the
+//!   change as *pending*: the blob, and the blob the writer started from (the merge base).
+//! - One thread per mount owns every ref move ([`worker`]). After a quiet period (`git.quiet_ms`,
+//!   1.5 s; at most `git.max_delay_ms`, 30 s, after the first change) and at fsync and unmount it
+//!   commits the pending changes with the node id and a hybrid-clock stamp as trailers, pushes
+//!   to the remote (never forcing; a refused push fetches, merges and retries with backoff),
+//!   fetches on a NATS notice from another node's push or on an interval, merges, and brings
+//!   the tree up to date through the core.
+//! - Merges happen in memory ([`crate::merge`]): a path one side changed takes that side; a
+//!   path both changed merges by its policy, field by field for `merge` YAML/JSON/TOML; what
+//!   cannot be merged keeps the newer version in place and the older beside it as a conflict
+//!   file, committed like any other file.
+//!
+//! # Crash safety
+//!
+//! A close that returned has its content in the tree. The ref [`repo::TREE`] names the commit
+//! the tree matches except for pending changes, so the next mount finds every change the
+//! daemon had not committed by comparing the tree with it, and commits them first.
+
+mod remote;
+pub mod repo;
+mod worker;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{Read, Seek, Write};
+use std::path::{Component, Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use git2::Oid;
+use parking_lot::Mutex;
+
+use self::remote::Remote;
+use self::repo::Repo;
+use self::worker::{Cmd, Worker};
+use super::{RemoteSink, Revision, Target, Tier, TierError, WriteMode};
+use crate::fs::Kind;
+use crate::nats::{Nats, Secret};
+use crate::op::Op;
+use crate::policy::{Consistency, MergeRule, PolicyTable, TierKind, POLICY_FILE};
+
+/// The largest document whose immutable fields are checked at write time.
+const MAX_CHECKED_SIZE: u64 = 16 << 20;
+
+/// How the durable tier reaches its remote, and how often it commits and fetches.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GitSettings {
+    /// The shared remote (a path, `file://`, `ssh://`, `https://` URL); none: local git only.
+    pub remote: Option<String>,
+    /// How long after the last change the pending changes are committed.
+    pub quiet: Duration,
+    /// The longest a change waits for its commit while changes keep coming.
+    pub max_delay: Duration,
+    /// How often the remote is fetched without a notice from another node.
+    pub fetch_interval: Duration,
+    /// User name for https (and ssh) remotes.
+    pub username: Option<String>,
+    /// Password or token for https remotes.
+    pub password: Option<Secret>,
+    /// A private key file for ssh remotes (else the ssh agent).
+    pub ssh_key: Option<PathBuf>,
+    /// The key's passphrase.
+    pub ssh_passphrase: Option<Secret>,
+}
+
+impl Default for GitSettings {
+    fn default() -> Self {
+        GitSettings {
+            remote: None,
+            quiet: Duration::from_millis(1500),
+            max_delay: Duration::from_secs(30),
+            fetch_interval: Duration::from_secs(10),
+            username: None,
+            password: None,
+            ssh_key: None,
+            ssh_passphrase: None,
+        }
+    }
+}
+
+impl GitSettings {
+    /// Fills credentials the config file left out from the environment.
+    pub fn with_env(mut self) -> Self {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        if self.username.is_none() {
+            self.username = var("SYNCFS_GIT_USERNAME");
+        }
+        if self.password.is_none() {
+            self.password = var("SYNCFS_GIT_PASSWORD").map(Secret);
+        }
+        if self.ssh_key.is_none() {
+            self.ssh_key = var("SYNCFS_GIT_SSH_KEY").map(PathBuf::from);
+        }
+        if self.ssh_passphrase.is_none() {
+            self.ssh_passphrase = var("SYNCFS_GIT_SSH_PASSPHRASE").map(Secret);
+        }
+        self
+    }
+}
+
+/// A local change not committed yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Pending {
+    /// The blob the change was made on: the merge base if the branch moved meanwhile.
+    base: Option<Oid>,
+    /// The new content; `None`: deleted.
+    blob: Option<Oid>,
+    /// Orders local changes (see [`State::gen`]).
+    gen: u64,
+}
+
+/// What the tier knows about paths. One lock; never held across I/O.
+#[derive(Debug, Default)]
+struct State {
+    /// The blob the tree holds for each durable file.
+    held: HashMap<PathBuf, Oid>,
+    /// Local changes waiting for their commit.
+    pending: BTreeMap<PathBuf, Pending>,
+    /// Counts local changes; the generation of each is recorded with it.
+    gen: u64,
+    /// The last local commit per path, until the core installs it.
+    local: HashMap<PathBuf, (Oid, u64)>,
+    /// For paths the worker updated from the branch: the generation at that moment. A local
+    /// install of an older generation is already part of what the worker installed.
+    merged_at: HashMap<PathBuf, u64>,
+    /// What the worker is installing right now, by path (`None`: a deletion).
+    applying: HashMap<PathBuf, Option<Oid>>,
+    /// The node that last changed each path, where known.
+    writers: HashMap<PathBuf, String>,
+}
+
+/// What `syncfs status` shows about the durable tier.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GitInfo {
+    /// The remote, without credentials.
+    pub remote: Option<String>,
+    /// Last successful push (RFC 3339).
+    pub last_push: Option<String>,
+    /// Last successful fetch (RFC 3339).
+    pub last_pull: Option<String>,
+    /// Commits on this node's branch that the remote does not have.
+    pub unpushed: u64,
+    /// Local changes not committed yet.
+    pub uncommitted: u64,
+    /// The branch's commit.
+    pub head: Option<String>,
+    /// The last error talking to the remote, until an exchange succeeds.
+    pub error: Option<String>,
+    /// Conflict files in the branch.
+    pub conflicts: Vec<String>,
+}
+
+pub(crate) struct Shared {
+    node: String,
+    policies: Arc<PolicyTable>,
+    tree_dir: PathBuf,
+    state: Mutex<State>,
+    info: Mutex<GitInfo>,
+    /// Blob writes and lookups from tier calls (the worker has its own handle).
+    objects: Mutex<Repo>,
+    tx: Mutex<mpsc::Sender<Cmd>>,
+}
+
+impl Shared {
+    fn send(&self, cmd: Cmd) {
+        let _ = self.tx.lock().send(cmd);
+    }
+
+    /// Records a local change of `path` and wakes the worker.
+    fn record(&self, path: &Path, base: Option<Oid>, blob: Option<Oid>, durable: bool) {
+        {
+            let mut st = self.state.lock();
+            st.gen += 1;
+            let gen = st.gen;
+            let base = st.pending.get(path).map(|p| p.base).unwrap_or(base);
+            st.pending.insert(path.to_path_buf(), Pending { base, blob, gen });
+            match blob {
+                Some(b) => {
+                    st.local.insert(path.to_path_buf(), (b, gen));
+                }
+                None => {
+                    st.held.remove(path);
+                    st.local.remove(path);
+                }
+            }
+            st.writers.insert(path.to_path_buf(), self.node.clone());
+        }
+        self.send(if durable { Cmd::CommitNow } else { Cmd::Dirty });
+    }
+}
+
+/// The git tier of a mount.
+#[derive(Clone)]
+pub struct GitTier {
+    shared: Arc<Shared>,
+    worker: Arc<Mutex<Option<Worker>>>,
+    rt: tokio::runtime::Handle,
+    nats: Option<Arc<Nats>>,
+    remote: Option<Remote>,
+}
+
+impl std::fmt::Debug for GitTier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GitTier").field("node", &self.shared.node).finish_non_exhaustive()
+    }
+}
+
+fn backend(e: impl std::fmt::Display) -> TierError {
+    TierError::Backend(format!("git: {e}"))
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, TierError> + Send + 'static) -> Result<T, TierError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| TierError::Backend(format!("blocking task: {e}")))?
+}
+
+/// Whether git can store a path: no component named `.git` (in any case).
+fn storable(path: &Path) -> bool {
+    path.components().all(|c| match c {
+        Component::Normal(name) => !name.to_string_lossy().eq_ignore_ascii_case(".git"),
+        _ => false,
+    })
+}
+
+/// Prepares a node's repository before its policy table is read: on the first mount with a
+/// remote, fetches it and adopts its branch, and puts the shared policy file into the tree
+/// so that this node starts with the cluster's table rather than seeding its own.
+pub fn bootstrap(state_dir: &Path, settings: &GitSettings) -> anyhow::Result<()> {
+    worker::set_timeouts();
+    let repo = Repo::open(&state_dir.join("git"))
+        .map_err(|e| anyhow::anyhow!("cannot open the git repository {}: {e}", state_dir.join("git").display()))?;
+    let Some(remote) = Remote::new(settings) else {
+        return Ok(());
+    };
+    if repo.target(repo::TREE).is_some() || repo.target(repo::MAIN).is_some() {
+        return Ok(());
+    }
+    if let Err(e) = remote.fetch(&repo.git) {
+        tracing::warn!(error = %e, "cannot fetch the git remote on the first mount; starting from this node's files");
+        return Ok(());
+    }
+    let Some(origin) = repo.target(repo::ORIGIN) else {
+        return Ok(());
+    };
+    repo.set_ref(repo::MAIN, origin, None, "syncfs: first mount, the remote's branch")?;
+    let policy_file = state_dir.join("tree").join(POLICY_FILE);
+    if !policy_file.exists() {
+        let tree = repo.tree_of(Some(origin))?;
+        if let Some(blob) = Repo::blob_at(tree.as_ref(), Path::new(POLICY_FILE)) {
+            std::fs::create_dir_all(policy_file.parent().expect("has a parent"))?;
+            std::fs::write(&policy_file, repo.read_blob(blob)?)?;
+            tracing::info!("took the policy table from the git remote");
+        }
+    }
+    Ok(())
+}
+
+/// Walks the tree for durable files: path relative to the root, and its blob id.
+fn scan_tree(tree_dir: &Path, policies: &PolicyTable) -> std::io::Result<HashMap<PathBuf, Oid>> {
+    let mut out = HashMap::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let entries = match std::fs::read_dir(tree_dir.join(&rel)) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let path = rel.join(entry.file_name());
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                stack.push(path);
+            } else if kind.is_file() && policies.resolve(&path).tier == TierKind::Git && storable(&path) {
+                let oid = Oid::hash_file(git2::ObjectType::Blob, tree_dir.join(&path)).map_err(std::io::Error::other)?;
+                out.insert(path, oid);
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl GitTier {
+    /// Opens the node's repository under `state_dir` and finds what the tree holds that was
+    /// never committed. Nothing moves until [`Tier::start`].
+    pub fn open(
+        state_dir: &Path,
+        settings: &GitSettings,
+        node: &str,
+        policies: Arc<PolicyTable>,
+        nats: Option<Arc<Nats>>,
+        rt: tokio::runtime::Handle,
+    ) -> anyhow::Result<GitTier> {
+        let dir = state_dir.join("git");
+        let tree_dir = state_dir.join("tree");
+        let open = || Repo::open(&dir).map_err(|e| anyhow::anyhow!("cannot open the git repository {}: {e}", dir.display()));
+        let repo = open()?;
+        let objects = open()?;
+        let held = scan_tree(&tree_dir, &policies)?;
+        // Changes in the tree that no commit has: the daemon stopped before committing them.
+        let synced_at = repo.target(repo::TREE);
+        let synced = match repo.tree_of(synced_at)? {
+            Some(tree) => Repo::files(&tree),
+            None => HashMap::new(),
+        };
+        let mut state = State { held: held.clone(), ..State::default() };
+        for (path, oid) in &held {
+            if synced.get(path) != Some(oid) {
+                objects
+                    .git
+                    .blob_path(&tree_dir.join(path))
+                    .map_err(|e| anyhow::anyhow!("cannot store {}: {e}", path.display()))?;
+                state.gen += 1;
+                state.pending.insert(path.clone(), Pending { base: synced.get(path).copied(), blob: Some(*oid), gen: state.gen });
+            }
+        }
+        for (path, oid) in &synced {
+            if !held.contains_key(path) && policies.resolve(path).tier == TierKind::Git {
+                state.gen += 1;
+                state.pending.insert(path.clone(), Pending { base: Some(*oid), blob: None, gen: state.gen });
+            }
+        }
+        if !state.pending.is_empty() {
+            tracing::info!(changes = state.pending.len(), "the tree holds changes no commit has (the last mount stopped before committing them); committing them now");
+        }
+        let remote = Remote::new(settings);
+        let (tx, rx) = mpsc::channel();
+        let shared = Arc::new(Shared {
+            node: node.to_string(),
+            policies,
+            tree_dir,
+            state: Mutex::new(state),
+            info: Mutex::new(GitInfo {
+                remote: remote.as_ref().map(|r| r.shown.clone()),
+                ..GitInfo::default()
+            }),
+            objects: Mutex::new(objects),
+            tx: Mutex::new(tx),
+        });
+        let worker = Worker::new(shared.clone(), repo, remote.clone(), settings, rx, nats.clone(), rt.clone());
+        Ok(GitTier {
+            shared,
+            worker: Arc::new(Mutex::new(Some(worker))),
+            rt,
+            nats,
+            remote,
+        })
+    }
+
+    /// What `syncfs status` shows.
+    pub fn info(&self) -> GitInfo {
+        let mut info = self.shared.info.lock().clone();
+        info.uncommitted = self.shared.state.lock().pending.len() as u64;
+        info
+    }
+
+    /// Asks the worker to fetch now (another node pushed).
+    pub fn fetch_now(&self) {
+        self.shared.send(Cmd::Fetch);
+    }
+
+    fn held(&self, path: &Path) -> Option<Oid> {
+        self.shared.state.lock().held.get(path).copied()
+    }
+
+    /// Checks `immutable` fields and stores the content as a blob.
+    fn store(&self, at: &Target, content: &File) -> Result<Oid, TierError> {
+        let rules = &at.policy.merge_rules;
+        let checks_immutable = at.policy.consistency == Consistency::Merge
+            && rules.values().any(|r| *r == MergeRule::Immutable)
+            && crate::merge::format_of(&at.path).is_some();
+        let mut reader = content.try_clone()?;
+        reader.rewind()?;
+        if checks_immutable {
+            if let Some(old) = self.held(&at.path) {
+                let len = content.metadata()?.len();
+                if len > MAX_CHECKED_SIZE {
+                    return Err(TierError::Refused(format!(
+                        "{} is larger than {MAX_CHECKED_SIZE} bytes, the most syncfs checks for immutable fields",
+                        at.path.display()
+                    )));
+                }
+                let mut new = Vec::with_capacity(len as usize);
+                reader.read_to_end(&mut new)?;
+                let objects = self.shared.objects.lock();
+                let old = objects.read_blob(old).map_err(backend)?;
+                let changed = crate::merge::immutable_changes(&at.path, rules, &old, &new);
+                if !changed.is_empty() {
+                    return Err(TierError::Refused(format!(
+                        "{}: the immutable field{} {} cannot change once written",
+                        at.path.display(),
+                        if changed.len() > 1 { "s" } else { "" },
+                        changed.join(", ")
+                    )));
+                }
+                return objects.git.blob(&new).map_err(backend);
+            }
+        }
+        let objects = self.shared.objects.lock();
+        let mut writer = objects.git.blob_writer(None).map_err(backend)?;
+        std::io::copy(&mut reader, &mut writer)?;
+        writer.flush()?;
+        writer.commit().map_err(backend)
+    }
+}
+
+fn revision(oid: Oid) -> Revision {
+    Revision(oid.to_string())
+}
+
+/// The revision the worker passes for a deletion it installs.
+const DELETED: &str = "deleted";
+
+impl Tier for GitTier {
+    fn kind(&self) -> TierKind {
+        TierKind::Git
+    }
+
+    fn write_mode(&self) -> WriteMode {
+        WriteMode::Staged
+    }
+
+    fn revision(&self, at: &Target) -> Option<Revision> {
+        self.held(&at.path).map(revision)
+    }
+
+    fn create(&self, at: &Target, _kind: Kind, _exclusive: bool) -> Op<Option<Revision>, TierError> {
+        // Exclusivity is this node's own O_EXCL: git has no cluster-wide create.
+        if !storable(&at.path) {
+            return Op::err(TierError::Refused(format!("git cannot store {} (a name .git)", at.path.display())));
+        }
+        Op::ok(None)
+    }
+
+    fn commit(&self, at: &Target, content: Arc<File>, base: Option<Revision>, durable: bool) -> Op<Option<Revision>, TierError> {
+        if !storable(&at.path) {
+            return Op::err(TierError::Refused(format!("git cannot store {}", at.path.display())));
+        }
+        let this = self.clone();
+        let at = at.clone();
+        Op::pending(async move {
+            blocking(move || {
+                let blob = this.store(&at, &content)?;
+                let base = base.and_then(|r| Oid::from_str(&r.0).ok()).or_else(|| this.held(&at.path));
+                this.shared.record(&at.path, base, Some(blob), durable);
+                Ok(Some(revision(blob)))
+            })
+            .await
+        })
+    }
+
+    fn admit(&self, at: &Target, rev: Option<&Revision>) -> bool {
+        let mut st = self.shared.state.lock();
+        let path = &at.path;
+        if let (Some(expected), Some(rev)) = (st.applying.get(path).copied(), rev) {
+            let matches = match expected {
+                Some(oid) => rev.0 == oid.to_string(),
+                None => rev.0 == DELETED,
+            };
+            if matches {
+                // The worker brings the branch's version: not over a newer local change.
+                if st.pending.contains_key(path) {
+                    return false;
+                }
+                match expected {
+                    Some(oid) => st.held.insert(path.clone(), oid),
+                    None => st.held.remove(path),
+                };
+                let gen = st.gen;
+                st.merged_at.insert(path.clone(), gen);
+                return true;
+            }
+        }
+        let Some(oid) = rev.and_then(|r| Oid::from_str(&r.0).ok()) else {
+            return true;
+        };
+        if let Some((blob, gen)) = st.local.get(path).copied() {
+            if blob == oid {
+                st.local.remove(path);
+                if st.merged_at.get(path).is_some_and(|m| *m >= gen) {
+                    // The worker already installed a version that includes this change.
+                    return false;
+                }
+            }
+        }
+        st.held.insert(path.clone(), oid);
+        true
+    }
+
+    fn remove(&self, at: &Target, kind: Kind) -> Op<(), TierError> {
+        if kind == Kind::File {
+            let base = self.held(&at.path);
+            self.shared.record(&at.path, base, None, false);
+        }
+        Op::ok(())
+    }
+
+    fn rename(&self, from: &Target, to: &Target, kind: Kind, content: Option<Arc<File>>) -> Op<(), TierError> {
+        if kind == Kind::Dir {
+            return Op::err(TierError::CrossDevice(format!(
+                "{} is a directory of git paths: it moves by copy and delete",
+                from.path.display()
+            )));
+        }
+        if !storable(&to.path) {
+            return Op::err(TierError::Refused(format!("git cannot store {}", to.path.display())));
+        }
+        let Some(content) = content else {
+            return Op::err(TierError::Backend("a git file moved without its content".into()));
+        };
+        let this = self.clone();
+        let (from, to) = (from.clone(), to.clone());
+        Op::pending(async move {
+            blocking(move || {
+                let blob = match this.held(&from.path) {
+                    Some(b) => b,
+                    None => this.store(&to, &content)?,
+                };
+                let from_base = this.held(&from.path);
+                let to_base = this.held(&to.path);
+                this.shared.record(&from.path, from_base, None, false);
+                this.shared.record(&to.path, to_base, Some(blob), false);
+                // No install follows a rename: the tree's file moves as it is.
+                let mut st = this.shared.state.lock();
+                st.held.insert(to.path.clone(), blob);
+                st.local.remove(&to.path);
+                Ok(())
+            })
+            .await
+        })
+    }
+
+    fn supports_hard_links(&self) -> bool {
+        false
+    }
+
+    fn attribute(&self, at: &Target, name: &str) -> Option<Vec<u8>> {
+        match name {
+            "user.syncfs.rev" => self.held(&at.path).map(|o| o.to_string().into_bytes()),
+            "user.syncfs.node" => {
+                if let Some(w) = self.shared.state.lock().writers.get(&at.path) {
+                    return Some(w.clone().into_bytes());
+                }
+                let node = worker::last_writer(&self.shared.objects.lock(), &at.path)?;
+                self.shared.state.lock().writers.insert(at.path.clone(), node.clone());
+                Some(node.into_bytes())
+            }
+            "user.syncfs.conflicts" => {
+                let names = self.conflicts_of(&at.path);
+                (!names.is_empty()).then(|| names.join("\n").into_bytes())
+            }
+            _ => None,
+        }
+    }
+
+    fn start(&self, sink: Arc<dyn RemoteSink>) {
+        let Some(worker) = self.worker.lock().take() else { return };
+        worker.spawn(sink);
+        if let (Some(nats), Some(remote)) = (&self.nats, &self.remote) {
+            let subject = worker::notice_subject(remote);
+            let client = nats.client.clone();
+            let shared = self.shared.clone();
+            self.rt.spawn(async move {
+                use futures::StreamExt;
+                let mut sub = match client.subscribe(subject.clone()).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot subscribe to git push notices; fetching on the interval only");
+                        return;
+                    }
+                };
+                while let Some(msg) = sub.next().await {
+                    let from = String::from_utf8_lossy(&msg.payload);
+                    if from.split(' ').next() != Some(shared.node.as_str()) {
+                        shared.send(Cmd::Fetch);
+                    }
+                }
+            });
+        }
+    }
+
+    fn shutdown(&self) -> Op<(), TierError> {
+        let shared = self.shared.clone();
+        Op::pending(async move {
+            blocking(move || {
+                let (ack, done) = mpsc::channel();
+                shared.send(Cmd::Shutdown(ack));
+                // Commits what is pending and tries one push; a remote that does not answer
+                // in time keeps the commits for the next mount.
+                let _ = done.recv_timeout(Duration::from_secs(9));
+                Ok(())
+            })
+            .await
+        })
+    }
+}
+
+impl GitTier {
+    /// The conflict files beside `path` in the tree (resolved beneath the tree's root: a
+    /// symlink on the way cannot lead the listing elsewhere).
+    fn conflicts_of(&self, path: &Path) -> Vec<String> {
+        use std::os::fd::AsFd;
+        use std::os::unix::ffi::OsStrExt;
+        let Some(name) = path.file_name() else { return Vec::new() };
+        let mut prefix = name.as_bytes().to_vec();
+        prefix.extend_from_slice(b".conflict-");
+        let parent = path.parent().unwrap_or(Path::new(""));
+        let Ok(root) = std::fs::File::open(&self.shared.tree_dir) else { return Vec::new() };
+        let dir = if parent.as_os_str().is_empty() {
+            Ok(std::os::fd::OwnedFd::from(root))
+        } else {
+            match crate::fs::tree::cname(parent.as_os_str()) {
+                Ok(c) => crate::fs::tree::resolve_dir(root.as_fd(), &c),
+                Err(_) => return Vec::new(),
+            }
+        };
+        let Ok(dir) = dir else { return Vec::new() };
+        let mut names: Vec<String> = crate::fs::tree::read_dir(dir.as_fd())
+            .map(|entries| {
+                entries
+                    .into_iter()
+                    .filter(|e| e.name.as_bytes().starts_with(&prefix))
+                    .map(|e| e.name.to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+}
