@@ -5,6 +5,7 @@
 
 mod errors;
 mod fast;
+mod git;
 mod harness;
 mod lifecycle;
 mod model;

@@ -369,34 +369,48 @@ impl Core {
             return Op::err(FsError::UnknownHandle(fh));
         };
         let ino = handle.ino;
-        let this = self.clone();
-        let finish = move |()| {
-            this.finish_release(ino);
-            Ok(())
+        let (stage, commit) = match &handle.io {
+            HandleIo::Staged(stage) => (Some(stage.clone()), handle.writable && stage.needs_commit()),
+            HandleIo::Direct(_) => (None, false),
         };
-        match &handle.io {
-            HandleIo::Staged(stage) if handle.writable && stage.needs_commit() => {
+        // From here on the handle's stage is referenced by `stage` and by other handles only.
+        drop(handle);
+        match stage {
+            Some(stage) if commit => {
                 let this = self.clone();
                 let commit = self.commit(ino, stage.clone(), Commit::Release);
                 Op::pending(async move {
                     if let Err(e) = commit.into_future().await {
                         tracing::warn!(ino, error = %e, "commit at release failed; the stored file is unchanged");
                     }
-                    this.finish_release(ino);
+                    this.finish_release(ino, Some(stage));
                     Ok(())
                 })
             }
-            _ => Op::Ready(Ok(())).and_then(finish),
+            stage => {
+                self.finish_release(ino, stage);
+                Op::ok(())
+            }
         }
     }
 
-    fn finish_release(&self, ino: Ino) {
+    /// Counts a handle of `ino` closed; `stage` is the handle's stage, if it had one.
+    fn finish_release(&self, ino: Ino, stage: Option<Arc<Stage>>) {
         let mut table = self.inodes.lock();
         let Some(node) = table.get_mut(ino) else {
             return;
         };
         node.opens = node.opens.saturating_sub(1);
         let mut refused = false;
+        if let Some(stage) = stage {
+            // A stage another node's change detached from the inode, closed by its last
+            // handle: nothing else will drop its shadow.
+            let detached = !node.stage.as_ref().is_some_and(|s| Arc::ptr_eq(s, &stage));
+            if detached && Arc::strong_count(&stage) == 1 {
+                refused |= stage.is_refused();
+                stage.discard();
+            }
+        }
         if node.opens == 0 {
             node.file = None;
             if let Some(stage) = node.stage.take() {
@@ -434,7 +448,13 @@ impl Core {
                 }
                 return Ok(None);
             }
-            let existing = self.inodes.lock().get(ino).and_then(|n| n.stage.clone());
+            // The caller's own stage (it may have been detached by another node's change),
+            // else the inode's.
+            let own = match handle.as_ref().map(|h| &h.io) {
+                Some(HandleIo::Staged(stage)) => Some(stage.clone()),
+                _ => None,
+            };
+            let existing = own.or_else(|| self.inodes.lock().get(ino).and_then(|n| n.stage.clone()));
             match existing {
                 Some(stage) => {
                     stage.set_len(size)?;
@@ -579,7 +599,7 @@ impl Core {
         self.errors.lock().insert(target.path.clone(), reason);
     }
 
-    fn clear_refusal(&self, target: &Target) {
+    pub(super) fn clear_refusal(&self, target: &Target) {
         let mut errors = self.errors.lock();
         if !errors.is_empty() {
             errors.remove(&target.path);

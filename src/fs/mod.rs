@@ -859,15 +859,21 @@ impl Core {
         let this = self.clone();
         let name = name.to_os_string();
         let new_name = new_name.to_os_string();
+        let noted = (self.clone(), to.clone());
         self.tier(&from)
             .rename(&from, &to, kind, content)
             .err_into()
+            .inspect_err(move |e| noted.0.note_refusal(&noted.1, e))
             .and_then(move |()| {
-                match this.rename_local(parent, &name, new_parent, &new_name, flags, None) {
+                let moved = match this.rename_local(parent, &name, new_parent, &new_name, flags, None) {
                     // The tier's own changes came back through its watch and were applied first.
                     Err(e) if synced && e.errno() == libc::ENOENT => Ok(None),
                     other => other,
+                };
+                if moved.is_ok() {
+                    this.clear_refusal(&to);
                 }
+                moved
             })
     }
 
@@ -922,7 +928,11 @@ impl Core {
                     _ => {}
                 }
                 let admit = || this.tier(&to).admit(&to, rev.as_ref());
-                this.rename_local(parent, &name, new_parent, &new_name, 0, Some(&admit))
+                let moved = this.rename_local(parent, &name, new_parent, &new_name, 0, Some(&admit));
+                if moved.is_ok() {
+                    this.clear_refusal(&to);
+                }
+                moved
             })
     }
 

@@ -78,6 +78,15 @@ fn walk(dir: &OwnedFd, rel: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
+/// Lets programs that open the file from now on see the new content: writers that have it
+/// open keep their own stage (what they read and wrote) and commit it against the base they
+/// started from when they close.
+fn detach_stage(table: &mut super::inode::InodeTable, ino: Ino) {
+    if let Some(node) = table.get_mut(ino) {
+        node.stage = None;
+    }
+}
+
 /// What to tell the kernel once the table lock is released.
 enum Invalidate {
     Inode(Ino),
@@ -228,6 +237,7 @@ impl Core {
                 match old.and_then(|st| table.by_ident(Ident::of(&st))) {
                     Some(ino) => {
                         table.set_ident(ino, new);
+                        detach_stage(&mut table, ino);
                         inval.push(Invalidate::Inode(ino));
                     }
                     None => {
@@ -256,8 +266,11 @@ impl Core {
                     return Ok(());
                 }
                 tree::unlink_at(dir.as_fd(), &cname, false)?;
-                if let (Some(ino), Some(parent)) = (table.by_ident(Ident::of(&st)), parent_ino) {
-                    table.unlink(ino, parent, name, st.st_nlink <= 1);
+                if let Some(ino) = table.by_ident(Ident::of(&st)) {
+                    detach_stage(&mut table, ino);
+                    if let Some(parent) = parent_ino {
+                        table.unlink(ino, parent, name, st.st_nlink <= 1);
+                    }
                 }
                 drop(table);
                 if let Some(parent) = parent_ino {

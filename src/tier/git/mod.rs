@@ -373,39 +373,47 @@ impl GitTier {
         self.shared.state.lock().held.get(path).copied()
     }
 
-    /// Checks `immutable` fields and stores the content as a blob.
-    fn store(&self, at: &Target, content: &File) -> Result<Oid, TierError> {
+    /// Refuses content that changes an `immutable` field of the document the tree holds at
+    /// `at` (EPERM at close, fsync or rename; the stored version stays).
+    fn check_immutable(&self, at: &Target, content: &File) -> Result<Option<Vec<u8>>, TierError> {
         let rules = &at.policy.merge_rules;
-        let checks_immutable = at.policy.consistency == Consistency::Merge
+        let checks = at.policy.consistency == Consistency::Merge
             && rules.values().any(|r| *r == MergeRule::Immutable)
             && crate::merge::format_of(&at.path).is_some();
+        let Some(old) = self.held(&at.path).filter(|_| checks) else {
+            return Ok(None);
+        };
+        let len = content.metadata()?.len();
+        if len > MAX_CHECKED_SIZE {
+            return Err(TierError::Refused(format!(
+                "{} is larger than {MAX_CHECKED_SIZE} bytes, the most syncfs checks for immutable fields",
+                at.path.display()
+            )));
+        }
+        let mut new = Vec::with_capacity(len as usize);
         let mut reader = content.try_clone()?;
         reader.rewind()?;
-        if checks_immutable {
-            if let Some(old) = self.held(&at.path) {
-                let len = content.metadata()?.len();
-                if len > MAX_CHECKED_SIZE {
-                    return Err(TierError::Refused(format!(
-                        "{} is larger than {MAX_CHECKED_SIZE} bytes, the most syncfs checks for immutable fields",
-                        at.path.display()
-                    )));
-                }
-                let mut new = Vec::with_capacity(len as usize);
-                reader.read_to_end(&mut new)?;
-                let objects = self.shared.objects.lock();
-                let old = objects.read_blob(old).map_err(backend)?;
-                let changed = crate::merge::immutable_changes(&at.path, rules, &old, &new);
-                if !changed.is_empty() {
-                    return Err(TierError::Refused(format!(
-                        "{}: the immutable field{} {} cannot change once written",
-                        at.path.display(),
-                        if changed.len() > 1 { "s" } else { "" },
-                        changed.join(", ")
-                    )));
-                }
-                return objects.git.blob(&new).map_err(backend);
-            }
+        reader.read_to_end(&mut new)?;
+        let old = self.shared.objects.lock().read_blob(old).map_err(backend)?;
+        let changed = crate::merge::immutable_changes(&at.path, rules, &old, &new);
+        if !changed.is_empty() {
+            return Err(TierError::Refused(format!(
+                "{}: the immutable field{} {} cannot change once written",
+                at.path.display(),
+                if changed.len() > 1 { "s" } else { "" },
+                changed.join(", ")
+            )));
         }
+        Ok(Some(new))
+    }
+
+    /// Checks `immutable` fields and stores the content as a blob.
+    fn store(&self, at: &Target, content: &File) -> Result<Oid, TierError> {
+        if let Some(bytes) = self.check_immutable(at, content)? {
+            return self.shared.objects.lock().git.blob(&bytes).map_err(backend);
+        }
+        let mut reader = content.try_clone()?;
+        reader.rewind()?;
         let objects = self.shared.objects.lock();
         let mut writer = objects.git.blob_writer(None).map_err(backend)?;
         std::io::copy(&mut reader, &mut writer)?;
@@ -522,6 +530,8 @@ impl Tier for GitTier {
         let (from, to) = (from.clone(), to.clone());
         Op::pending(async move {
             blocking(move || {
+                // Moving a document over another must keep its immutable fields too.
+                this.check_immutable(&to, &content)?;
                 let blob = match this.held(&from.path) {
                     Some(b) => b,
                     None => this.store(&to, &content)?,

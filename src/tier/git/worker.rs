@@ -301,15 +301,17 @@ impl Worker {
     }
 
     /// Adds a merge outcome to a tree update; returns the conflict file's path, if any.
-    fn write_outcome(&self, update: &mut TreeUpdateBuilder, path: &Path, outcome: &merge::Outcome) -> Result<Option<PathBuf>, git2::Error> {
+    /// `present`: the path is in the tree the update applies to.
+    fn write_outcome(&self, update: &mut TreeUpdateBuilder, path: &Path, outcome: &merge::Outcome, present: bool) -> Result<Option<PathBuf>, git2::Error> {
         match &outcome.content {
             Some(content) => {
                 let blob = self.repo.git.blob(content)?;
                 update.upsert(path, blob, FileMode::Blob);
             }
-            None => {
+            None if present => {
                 update.remove(path);
             }
+            None => {}
         }
         let Some(conflict) = &outcome.conflict else { return Ok(None) };
         let at = merge::conflict_path(path, &conflict.loser_stamp);
@@ -333,10 +335,16 @@ impl Worker {
         for (path, change) in &snapshot {
             let on_branch = Repo::blob_at(head_tree.as_ref(), path);
             if on_branch == change.base || on_branch == change.blob {
-                match change.blob {
-                    Some(blob) => update.upsert(path, blob, FileMode::Blob),
-                    None => update.remove(path),
-                };
+                match (change.blob, on_branch) {
+                    (Some(blob), _) => {
+                        update.upsert(path, blob, FileMode::Blob);
+                    }
+                    (None, Some(_)) => {
+                        update.remove(path);
+                    }
+                    // Made and removed between two commits: nothing to record.
+                    (None, None) => continue,
+                }
                 lines.push(format!("{} {}", if change.blob.is_some() { "M" } else { "D" }, path.display()));
                 continue;
             }
@@ -356,7 +364,7 @@ impl Worker {
                 Side { content: ours_content.as_deref(), stamp: &stamp, commit: &local_label },
                 Side { content: theirs_content.as_deref(), stamp: &theirs_stamp, commit: &theirs_label },
             )?;
-            let conflict = self.write_outcome(&mut update, path, &outcome)?;
+            let conflict = self.write_outcome(&mut update, path, &outcome, on_branch.is_some())?;
             lines.push(format!("merged {}", path.display()));
             if let Some(c) = conflict {
                 lines.push(format!("conflict {}", c.display()));
@@ -485,10 +493,16 @@ impl Worker {
         let mut lines = Vec::new();
         for (path, t) in &theirs {
             if !ours.contains_key(path) {
+                // Only theirs changed it; ours still has the base's version, if any.
                 match t {
-                    Some(blob) => update.upsert(path, *blob, FileMode::Blob),
-                    None => update.remove(path),
-                };
+                    Some(blob) => {
+                        update.upsert(path, *blob, FileMode::Blob);
+                    }
+                    None if Repo::blob_at(Some(&ours_tree), path).is_some() => {
+                        update.remove(path);
+                    }
+                    None => {}
+                }
                 continue;
             }
             if !both.contains(path) {
@@ -507,7 +521,7 @@ impl Worker {
                 Side { content: theirs_content.as_deref(), stamp: ts, commit: &tc },
             )?;
             lines.push(format!("merged {}", path.display()));
-            if let Some(c) = self.write_outcome(&mut update, path, &outcome)? {
+            if let Some(c) = self.write_outcome(&mut update, path, &outcome, o.is_some())? {
                 lines.push(format!("conflict {}", c.display()));
             }
         }
