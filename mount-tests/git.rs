@@ -442,3 +442,54 @@ fn revisions_are_blob_ids_and_a_new_node_takes_the_shared_policy_table() {
     assert!(wait_for(Duration::from_secs(10), || !b.path("durable/h2.txt").exists()));
     let _ = last_errno();
 }
+
+#[test]
+fn history_view_lists_every_version_read_only_and_diffable() {
+    let m = Mount::with(Options {
+        node: Some("h".into()),
+        config: Some(QUICK.into()),
+        ..Default::default()
+    });
+    for v in 1..=3 {
+        m.sh_ok(&format!("mkdir -p durable && printf 'id: 7\\nversion: {v}\\n' > durable/h.yml"));
+        wait_committed(&m);
+    }
+    let out = m.sh_ok(
+        r#"ls .syncfs | grep -x history
+ls .syncfs/history/durable
+cd .syncfs/history/durable/h.yml
+ls
+cat $(ls | head -1)
+cat $(ls | tail -1)
+if diff $(ls | head -1) $(ls | tail -1) > /dev/null; then echo same; else echo differ; fi"#,
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "history");
+    assert!(lines.contains(&"h.yml"), "{out}");
+    let versions: Vec<&&str> = lines.iter().filter(|l| l.len() > 20 && l.ends_with("-h.yml")).collect();
+    assert_eq!(versions.len(), 3, "{out}");
+    assert!(versions[0].starts_with("0001-") && versions[2].starts_with("0003-"), "{out}");
+    assert!(out.contains("id: 7\nversion: 1\nid: 7\nversion: 3\ndiffer\n"), "{out}");
+    // Read-only: nothing can change the view.
+    for script in [
+        "touch .syncfs/history/x",
+        "echo x > .syncfs/history/durable/h.yml/new",
+        "rm -f .syncfs/history/durable/h.yml/0001-*",
+        "echo x >> \"$(ls -d .syncfs/history/durable/h.yml/0001-*)\"",
+        "mkdir .syncfs/history/d",
+        "setfattr -n user.x -v 1 .syncfs/history/durable",
+        "mv .syncfs/history/durable moved",
+    ] {
+        let out = m.sh(script);
+        assert!(!out.status.success(), "{script} succeeded");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("Read-only file system"), "{script}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // A new version shows up the next time the directory is listed.
+    m.sh_ok("printf 'id: 7\\nversion: 4\\n' > durable/h.yml");
+    wait_committed(&m);
+    let listed = m.sh_ok("ls .syncfs/history/durable/h.yml | wc -l");
+    assert_eq!(listed.trim(), "4");
+    // The view is never committed.
+    let out = git(&["--git-dir", &m.state.join("git").display().to_string(), "ls-tree", "-r", "--name-only", "main"]);
+    assert!(!out.contains("history"), "{out}");
+}

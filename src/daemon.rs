@@ -413,6 +413,13 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
             .map_err(|e| anyhow!("cannot open the state directory: {e}"))?,
     );
     core.start_tiers();
+    if let Some(git) = &git {
+        // A remote that does not answer holds the mount at most this long (libgit2's own
+        // connect timeout is 10 s); its files then arrive once it does.
+        if !git.wait_ready(Duration::from_secs(15)) {
+            tracing::warn!("the git remote did not answer within 15 s; serving this node's files, the remote's follow");
+        }
+    }
     if let (Some(kv), Some(nats)) = (&kv, &nats) {
         // Serve what the cluster holds from the first read on; offline, the last known state.
         if nats.is_connected() && !runtime.block_on(kv.wait_synced(Duration::from_secs(30))) {

@@ -17,10 +17,13 @@ use parking_lot::Mutex;
 use crate::fs::tree;
 use crate::merge::{format_of, parse_value};
 
+/// A schema file's bytes and what they compiled to.
+type Compiled = (Vec<u8>, Arc<jsonschema::Validator>);
+
 /// Compiled schemas of a mount, by path in the sync root.
 pub struct Schemas {
     root: Arc<OwnedFd>,
-    cache: Mutex<HashMap<String, (Vec<u8>, Arc<jsonschema::Validator>)>>,
+    cache: Mutex<HashMap<String, Compiled>>,
 }
 
 impl std::fmt::Debug for Schemas {

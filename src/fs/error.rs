@@ -57,6 +57,9 @@ pub enum FsError {
         /// The path.
         path: PathBuf,
     },
+    /// A read-only path (the history view).
+    #[error("{0} is read-only (syncfs's history view)")]
+    ReadOnly(PathBuf),
     /// A `user.syncfs.*` attribute that only syncfs sets.
     #[error("{0} is read-only")]
     ReadOnlyAttribute(String),
@@ -99,6 +102,7 @@ impl FsError {
             FsError::CrossTier { .. } => libc::EXDEV,
             FsError::Unsupported { .. } => libc::EPERM,
             FsError::ReadOnlyAttribute(_) => libc::EPERM,
+            FsError::ReadOnly(_) => libc::EROFS,
             FsError::AttributeNamespace(_) => libc::EOPNOTSUPP,
             FsError::NoAttribute(_) => libc::ENODATA,
             FsError::Range { .. } => libc::ERANGE,

@@ -42,6 +42,8 @@ pub struct Node {
     pub file: Option<Arc<std::fs::File>>,
     /// The write stage of a staged file while it has open handles.
     pub stage: Option<Arc<Stage>>,
+    /// A directory of the history view (built when looked up or listed).
+    pub view: bool,
 }
 
 /// All nodes of a mount.
@@ -66,6 +68,7 @@ impl InodeTable {
                 opens: 0,
                 file: None,
                 stage: None,
+                view: false,
             },
         );
         InodeTable {
@@ -114,6 +117,7 @@ impl InodeTable {
                 opens: 0,
                 file: None,
                 stage: None,
+                view: false,
             },
         );
         self.by_ident.insert(ident, ino);

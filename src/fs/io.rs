@@ -48,6 +48,9 @@ impl Core {
                 return Err(FsError::os(libc::EINVAL));
             }
             let target = self.target_of(ino)?;
+            if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
+                super::writable(&target)?;
+            }
             self.open_handle(ino, flags, &target, None)
         })();
         Op::Ready(result)
@@ -202,7 +205,7 @@ impl Core {
         mode: u32,
         flags: i32,
     ) -> FsOp<(Attr, Opened)> {
-        let target = match self.target_in(parent, name) {
+        let target = match self.target_in(parent, name).and_then(|t| super::writable(&t).map(|()| t)) {
             Ok(t) => t,
             Err(e) => return Op::err(e),
         };

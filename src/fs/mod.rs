@@ -44,7 +44,7 @@ pub use inode::{Ino, ROOT};
 pub use tree::SetTime;
 
 use crate::op::Op;
-use crate::policy::{PolicyTable, TierKind, POLICY_FILE};
+use crate::policy::{PolicyTable, TierKind, HISTORY_DIR, POLICY_FILE};
 use crate::tier::{Revision, Target, Tier, Tiers, WriteMode};
 use handle::{DirHandle, Handle, Spool};
 use inode::InodeTable;
@@ -552,6 +552,9 @@ impl Core {
 
     /// Changes attributes. Changing the size of a staged file with no open stage commits.
     pub fn setattr(self: &Arc<Self>, ino: Ino, set: SetAttr, fh: Option<u64>) -> FsOp<Attr> {
+        if let Err(e) = self.target_of(ino).and_then(|t| writable(&t)) {
+            return Op::err(e);
+        }
         if let Err(e) = self.set_meta(ino, &set) {
             return Op::err(e);
         }
@@ -596,13 +599,25 @@ impl Core {
     /// Looks up `name` in `parent` and takes one kernel lookup on the result.
     pub fn lookup(&self, parent: Ino, name: &OsStr) -> Result<Attr, FsError> {
         check_name(name)?;
+        self.prepare_view(parent, Some(name));
         let dir = self.dir_fd(parent)?;
         let cname = tree::cname(name)?;
         // Stat and record under the table lock, so an install or rename in between cannot
         // pair this name with a stale backing inode.
         let mut table = self.inodes.lock();
         let st = tree::lstat_at(dir.as_fd(), &cname)?;
-        let ino = table.lookup(parent, name, Ident::of(&st), Kind::from_mode(st.st_mode));
+        let kind = Kind::from_mode(st.st_mode);
+        let ino = table.lookup(parent, name, Ident::of(&st), kind);
+        if kind == Kind::Dir {
+            let view = table.get(parent).is_some_and(|p| {
+                p.view || (name == "history" && p.links.first().is_some_and(|(g, n)| *g == ROOT && n == ".syncfs"))
+            });
+            if view {
+                if let Some(node) = table.get_mut(ino) {
+                    node.view = true;
+                }
+            }
+        }
         drop(table);
         let mut attr = Attr::from_stat(ino, &st);
         if Kind::from_mode(st.st_mode) == Kind::File {
@@ -648,7 +663,7 @@ impl Core {
         kind: Kind,
         make: impl FnOnce(&OwnedFd, &CString) -> std::io::Result<()> + Send + 'static,
     ) -> FsOp<Attr> {
-        let target = match self.target_in(parent, name) {
+        let target = match self.target_in(parent, name).and_then(|t| writable(&t).map(|()| t)) {
             Ok(t) => t,
             Err(e) => return Op::err(e),
         };
@@ -741,6 +756,7 @@ impl Core {
     pub fn link(&self, ino: Ino, new_parent: Ino, new_name: &OsStr) -> Result<Attr, FsError> {
         let from = self.target_of(ino)?;
         let to = self.target_in(new_parent, new_name)?;
+        writable(&to)?;
         if from.policy.tier != to.policy.tier {
             return Err(FsError::CrossTier {
                 op: "link",
@@ -769,7 +785,7 @@ impl Core {
 
     /// `unlink` and `rmdir`. Returns the node whose file lost its last name, if known.
     pub fn remove(self: &Arc<Self>, parent: Ino, name: &OsStr, is_dir: bool) -> FsOp<Option<Ino>> {
-        let target = match self.target_in(parent, name) {
+        let target = match self.target_in(parent, name).and_then(|t| writable(&t).map(|()| t)) {
             Ok(t) => t,
             Err(e) => return Op::err(e),
         };
@@ -821,6 +837,9 @@ impl Core {
             (Ok(f), Ok(t)) => (f, t),
             (Err(e), _) | (_, Err(e)) => return Op::err(e),
         };
+        if let Err(e) = writable(&from).and_then(|()| writable(&to)) {
+            return Op::err(e);
+        }
         let kind = match self.kind_at(parent, name) {
             Ok(k) => k,
             Err(e) => return Op::err(e),
@@ -991,8 +1010,36 @@ impl Core {
 
     // ---- directories ------------------------------------------------------------------------
 
+    /// Before a lookup in (or a listing of) a directory of the history view, lets the durable
+    /// tier bring that directory up to date. Only `.syncfs` (the view's parent) and the view's
+    /// own directories pay for a path: other lookups cost one comparison of the name.
+    fn prepare_view(&self, dir: Ino, name: Option<&OsStr>) {
+        let Some(git) = self.tiers.get(TierKind::Git) else { return };
+        let path = {
+            let table = self.inodes.lock();
+            let Some(node) = table.get(dir) else { return };
+            let syncfs_dir = node.links.first().is_some_and(|(p, l)| *p == ROOT && l == ".syncfs");
+            if !(syncfs_dir || node.view) {
+                return;
+            }
+            match table.path(dir) {
+                Some(p) => p,
+                None => return,
+            }
+        };
+        let in_view = path.starts_with(HISTORY_DIR);
+        let view_parent = path == Path::new(HISTORY_DIR).parent().expect("has a parent")
+            && name.is_none_or(|n| n == Path::new(HISTORY_DIR).file_name().expect("has a name"));
+        if in_view || view_parent {
+            if let Err(e) = git.prepare_view(self.root.as_fd(), &path) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot build the history view");
+            }
+        }
+    }
+
     /// Opens a directory: takes a snapshot of its entries.
     pub fn opendir(&self, ino: Ino) -> Result<u64, FsError> {
+        self.prepare_view(ino, None);
         let dir = self.dir_fd(ino)?;
         let entries = tree::read_dir(dir.as_fd())?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
@@ -1069,6 +1116,14 @@ fn check_name(name: &OsStr) -> Result<(), FsError> {
     }
     if bytes.len() > 255 {
         return Err(FsError::os(libc::ENAMETOOLONG));
+    }
+    Ok(())
+}
+
+/// Refuses changes to read-only paths (the history view).
+fn writable(target: &Target) -> Result<(), FsError> {
+    if target.policy.read_only {
+        return Err(FsError::ReadOnly(target.path.clone()));
     }
     Ok(())
 }

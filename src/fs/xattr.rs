@@ -90,6 +90,7 @@ impl Core {
 
     /// Sets an attribute.
     pub fn setxattr(&self, ino: Ino, name: &OsStr, value: &[u8], flags: i32) -> Result<(), FsError> {
+        super::writable(&self.target_of(ino)?)?;
         match classify(name) {
             Name::Syncfs(full) if full == REV && self.is_local(ino)? => {}
             Name::Syncfs(full) => return Err(FsError::ReadOnlyAttribute(full.to_string())),
@@ -126,6 +127,7 @@ impl Core {
 
     /// Removes an attribute.
     pub fn removexattr(&self, ino: Ino, name: &OsStr) -> Result<(), FsError> {
+        super::writable(&self.target_of(ino)?)?;
         match classify(name) {
             Name::Syncfs(full) if full == REV && self.is_local(ino)? => {}
             Name::Syncfs(full) => return Err(FsError::ReadOnlyAttribute(full.to_string())),

@@ -4,6 +4,7 @@
 //! tables of cases and can be called on any thread, including FUSE callbacks.
 //!
 //! Matching order is part of the user-facing contract (SPEC section 2):
+//! 0. the built-in history rule: `.syncfs/history/**` is a read-only view syncfs makes;
 //! 1. the built-in temp-file rule (`*.swp`, `*~`, `.#*`, `*.tmp` stay `local`), unless the file
 //!    says `local_temp_files: false`;
 //! 2. the file's policies, first match wins;
@@ -224,6 +225,8 @@ pub struct Policy {
     /// Line and column of the `tier:` value and of the `schema:` value, for errors that
     /// concern them after parsing.
     pub positions: Positions,
+    /// Nothing may change these paths through the mount (the history view): `EROFS`.
+    pub read_only: bool,
 }
 
 /// Positions of values inside a policy, 1-based (zero for built-in rules).
@@ -248,9 +251,13 @@ impl Policy {
             max_age: None,
             origin: Origin::Builtin(name),
             positions: Positions::default(),
+            read_only: false,
         }
     }
 }
+
+/// The read-only view of durable files' past versions (`.syncfs/history/<path>/`).
+pub const HISTORY_DIR: &str = ".syncfs/history";
 
 /// Globs of the built-in temp-file rule, matched in every directory.
 pub const TEMP_FILE_GLOBS: [&str; 4] = ["*.swp", "*~", ".#*", "*.tmp"];

@@ -9,7 +9,7 @@ use std::time::Duration;
 use globset::{GlobBuilder, GlobSetBuilder};
 
 use super::{
-    Consistency, MergeRule, Origin, Policy, PolicyTable, Positions, TierKind, CATCH_ALL,
+    Consistency, MergeRule, Origin, Policy, PolicyTable, Positions, TierKind, CATCH_ALL, HISTORY_DIR,
     TEMP_FILE_GLOBS,
 };
 use crate::yaml::{self, Node, Value};
@@ -143,6 +143,14 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<PolicyTable, PolicyError>
     let mut policies = Vec::new();
     let mut globs = GlobSetBuilder::new();
     let mut owners = Vec::new();
+    // The history view is syncfs's own: no table can sync or write it.
+    for glob in [HISTORY_DIR.to_string(), format!("{HISTORY_DIR}/**")] {
+        globs.add(compile_glob(&glob).expect("built-in globs compile"));
+        owners.push(policies.len());
+    }
+    let mut history = Policy::builtin("history view", &format!("{HISTORY_DIR}/**"), TierKind::Local, Consistency::None);
+    history.read_only = true;
+    policies.push(Arc::new(history));
     if local_temp_files {
         for glob in TEMP_FILE_GLOBS {
             globs.add(compile_glob(&format!("**/{glob}")).expect("built-in globs compile"));
@@ -362,6 +370,7 @@ fn parse_policy(cx: &Ctx<'_>, item: &Node) -> Result<Policy, PolicyError> {
         origin: Origin::File {
             line: item.line,
         },
+        read_only: false,
         positions: Positions {
             tier: (tier_node.line, tier_node.col),
             schema: schema_at,

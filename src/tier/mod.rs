@@ -177,6 +177,12 @@ pub trait Tier: Send + Sync + 'static {
     /// A read-only attribute the tier defines (`user.syncfs.rev`, ...), if the path has it.
     fn attribute(&self, at: &Target, name: &str) -> Option<Vec<u8>>;
 
+    /// Brings the directory `dir` (relative to the sync root) of the read-only history view
+    /// up to date in the tree whose root is `root`. Only the durable tier has history.
+    fn prepare_view(&self, _root: std::os::fd::BorrowedFd<'_>, _dir: &Path) -> io::Result<()> {
+        Ok(())
+    }
+
     /// Starts bringing other nodes' changes into the tree through `sink`.
     fn start(&self, _sink: Arc<dyn RemoteSink>) {}
 

@@ -18,12 +18,15 @@
 //!   cannot be merged keeps the newer version in place and the older beside it as a conflict
 //!   file, committed like any other file.
 //!
+//! - Past versions are readable in `.syncfs/history/<path>/` ([`history`]).
+//!
 //! # Crash safety
 //!
 //! A close that returned has its content in the tree. The ref [`repo::TREE`] names the commit
 //! the tree matches except for pending changes, so the next mount finds every change the
 //! daemon had not committed by comparing the tree with it, and commits them first.
 
+mod history;
 mod remote;
 pub mod repo;
 mod worker;
@@ -167,7 +170,13 @@ pub(crate) struct Shared {
     info: Mutex<GitInfo>,
     /// Blob writes and lookups from tier calls (the worker has its own handle).
     objects: Mutex<Repo>,
+    /// Reads for the history view and `user.syncfs.node`, which may walk long histories.
+    history: Mutex<Repo>,
+    /// The branch commit each directory of the history view was built from.
+    views: Mutex<HashMap<PathBuf, Option<Oid>>>,
     tx: Mutex<mpsc::Sender<Cmd>>,
+    /// Set once the worker's first cycle (commit, fetch, install) is done.
+    ready: (Mutex<bool>, parking_lot::Condvar),
 }
 
 impl Shared {
@@ -280,7 +289,9 @@ fn scan_tree(tree_dir: &Path, policies: &PolicyTable) -> std::io::Result<HashMap
             let path = rel.join(entry.file_name());
             let kind = entry.file_type()?;
             if kind.is_dir() {
-                stack.push(path);
+                if path != Path::new(crate::policy::HISTORY_DIR) {
+                    stack.push(path);
+                }
             } else if kind.is_file() && policies.resolve(&path).tier == TierKind::Git && storable(&path) {
                 let oid = Oid::hash_file(git2::ObjectType::Blob, tree_dir.join(&path)).map_err(std::io::Error::other)?;
                 out.insert(path, oid);
@@ -306,6 +317,7 @@ impl GitTier {
         let open = || Repo::open(&dir).map_err(|e| anyhow::anyhow!("cannot open the git repository {}: {e}", dir.display()));
         let repo = open()?;
         let objects = open()?;
+        let history = open()?;
         let held = scan_tree(&tree_dir, &policies)?;
         // Changes in the tree that no commit has: the daemon stopped before committing them.
         let synced_at = repo.target(repo::TREE);
@@ -345,7 +357,10 @@ impl GitTier {
                 ..GitInfo::default()
             }),
             objects: Mutex::new(objects),
+            history: Mutex::new(history),
+            views: Mutex::new(HashMap::new()),
             tx: Mutex::new(tx),
+            ready: (Mutex::new(false), parking_lot::Condvar::new()),
         });
         let worker = Worker::new(shared.clone(), repo, remote.clone(), settings, rx, nats.clone(), rt.clone());
         Ok(GitTier {
@@ -362,6 +377,18 @@ impl GitTier {
         let mut info = self.shared.info.lock().clone();
         info.uncommitted = self.shared.state.lock().pending.len() as u64;
         info
+    }
+
+    /// Waits until the first cycle has installed what the branch (and, if reachable, the
+    /// remote) holds, so that a node joining a cluster serves its files from the first read.
+    /// Returns whether it finished within `timeout`.
+    pub fn wait_ready(&self, timeout: Duration) -> bool {
+        let (lock, cond) = &self.shared.ready;
+        let mut ready = lock.lock();
+        if !*ready {
+            cond.wait_for(&mut ready, timeout);
+        }
+        *ready
     }
 
     /// Asks the worker to fetch now (another node pushed).
@@ -561,7 +588,7 @@ impl Tier for GitTier {
                 if let Some(w) = self.shared.state.lock().writers.get(&at.path) {
                     return Some(w.clone().into_bytes());
                 }
-                let node = worker::last_writer(&self.shared.objects.lock(), &at.path)?;
+                let node = worker::last_writer(&self.shared.history.lock(), &at.path)?;
                 self.shared.state.lock().writers.insert(at.path.clone(), node.clone());
                 Some(node.into_bytes())
             }
@@ -571,6 +598,10 @@ impl Tier for GitTier {
             }
             _ => None,
         }
+    }
+
+    fn prepare_view(&self, root: std::os::fd::BorrowedFd<'_>, dir: &Path) -> std::io::Result<()> {
+        history::prepare(&self.shared, root, dir)
     }
 
     fn start(&self, sink: Arc<dyn RemoteSink>) {

@@ -208,6 +208,14 @@ impl Worker {
             }
             self.apply_to_tree();
             self.update_info();
+            {
+                let (lock, cond) = &self.shared.ready;
+                let mut ready = lock.lock();
+                if !*ready {
+                    *ready = true;
+                    cond.notify_all();
+                }
+            }
             if let Some(ack) = shutdown.take() {
                 let _ = ack.send(());
                 return;
