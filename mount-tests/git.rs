@@ -493,3 +493,29 @@ if diff $(ls | head -1) $(ls | tail -1) > /dev/null; then echo same; else echo d
     let out = git(&["--git-dir", &m.state.join("git").display().to_string(), "ls-tree", "-r", "--name-only", "main"]);
     assert!(!out.contains("history"), "{out}");
 }
+
+#[test]
+fn fsync_and_unmount_commit_without_waiting_for_quiet() {
+    let opts = Options {
+        config: Some("git:\n  quiet_ms: 60000\n  max_delay_ms: 60000\n".into()),
+        ..Default::default()
+    };
+    let mut m = Mount::with(opts);
+    let show = |m: &Mount, rel: &str| {
+        let out = Command::new("git")
+            .arg("--git-dir")
+            .arg(m.state.join("git"))
+            .args(["show", &format!("main:{rel}")])
+            .output()
+            .unwrap();
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    // fsync returns once the change is in a commit.
+    m.sh_ok("mkdir -p durable && python3 -c \"import os; fd = os.open('durable/f.txt', os.O_CREAT | os.O_WRONLY, 0o644); os.write(fd, b'synced\\n'); os.fsync(fd); os.close(fd)\"");
+    assert_eq!(show(&m, "durable/f.txt").as_deref(), Some("synced\n"));
+    // A plain close waits for the quiet period; unmounting commits it.
+    m.sh_ok("echo closed > durable/g.txt");
+    assert_eq!(show(&m, "durable/g.txt"), None);
+    m.umount();
+    assert_eq!(show(&m, "durable/g.txt").as_deref(), Some("closed\n"));
+}

@@ -14,11 +14,16 @@ scripts/install-deps.sh
 cargo build --release --locked
 cargo bench --locked --bench fsbench --no-run >/dev/null 2>&1
 cargo bench --locked --bench kvbench --no-run >/dev/null 2>&1
+cargo bench --locked --bench gitbench --no-run >/dev/null 2>&1
 
 FILES=${FILES:-2000}
 LOCKS=${LOCKS:-1000}
 PROPS=${PROPS:-500}
 KEYS=${KEYS:-100000}
+GITPROPS=${GITPROPS:-30}
+GITPROPS_POLL=${GITPROPS_POLL:-10}
+GITFILES=${GITFILES:-1000}
+GITFSYNC=${GITFSYNC:-200}
 ROUNDS=${ROUNDS:-7}
 MIB=${MIB:-256}
 SEQ_ROUNDS=${SEQ_ROUNDS:-3}
@@ -30,8 +35,10 @@ if [ "$BENCH_ON" = tmpfs ]; then
 fi
 results="$work/results.txt"
 kvresults="$work/kv.txt"
+gitresults="$work/git.txt"
 : > "$results"
 : > "$kvresults"
+: > "$gitresults"
 
 cleanup() {
   for m in "$work"/*-mnt; do
@@ -111,9 +118,38 @@ c_pid=$("$SYNCFS" status "$work/kv-c-mnt" --json | python3 -c 'import json,sys; 
 c_keys=$("$SYNCFS" status "$work/kv-c-mnt" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["nats"]["keys"])')
 echo "memory $c_keys $(awk '/VmRSS/ {print $2}' /proc/$c_pid/status) $(awk '/VmHWM/ {print $2}' /proc/$c_pid/status) $(python3 -c "print(round($mounted - $started, 2))")" >> "$kvresults"
 
-python3 - "$results" "$FILES" "$ROUNDS" "$MIB" "$SEQ_ROUNDS" "$passthrough" "$BENCH_ON" "$kvresults" "$LOCKS" "$PROPS" > "$work/benchmarks.md" <<'PY'
+# The durable tier, with default timings (quiet 1.5 s, fetch interval 10 s): two mounts on the
+# bench's NATS server (push notices) and a bare remote; two more with their own embedded NATS
+# servers on another remote (no notices reach them: they fetch on the interval); the floor is
+# the same commit, push and fetch done directly with git2.
+gitrun() { cargo bench --locked --bench gitbench -q -- "$@" 2>/dev/null; }
+git init --quiet --bare -b main "$work/remote.git"
+git init --quiet --bare -b main "$work/remote-poll.git"
+mkdir -p "$work/git-a-mnt" "$work/git-b-mnt" "$work/git-c-mnt" "$work/git-d-mnt"
+"$SYNCFS" mount "$work/git-a-mnt" --state "$work/git-a" --node ga --nats "$url" --git-remote "$work/remote.git" >/dev/null
+"$SYNCFS" mount "$work/git-b-mnt" --state "$work/git-b" --node gb --nats "$url" --git-remote "$work/remote.git" >/dev/null
+"$SYNCFS" mount "$work/git-c-mnt" --state "$work/git-c" --node gc --git-remote "$work/remote-poll.git" >/dev/null
+"$SYNCFS" mount "$work/git-d-mnt" --state "$work/git-d" --node gd --git-remote "$work/remote-poll.git" >/dev/null
+gitrun prop "$work/git-a-mnt" "$work/git-b-mnt" "$GITPROPS" | sed 's/^prop_ms/prop_notice_ms/' >> "$gitresults"
+gitrun prop "$work/git-c-mnt" "$work/git-d-mnt" "$GITPROPS_POLL" | sed 's/^prop_ms/prop_poll_ms/' >> "$gitresults"
+gitrun raw-prop "$work" "$GITPROPS" >> "$gitresults"
+gitrun commits "$work/git-a-mnt" "$work/git-a" "$GITFILES" >> "$gitresults"
+gitrun fsync-commits "$work/git-a-mnt" "$work/git-a" "$GITFSYNC" >> "$gitresults"
+gitrun merge-doc 1000 >> "$gitresults"
+# 1000 issues edited on both nodes while the remote is away (A retitles, B rewrites the body),
+# then the remote comes back and a notice makes both try at once: seconds until they agree.
+gitrun prepare "$work/git-a-mnt" "$GITFILES" >/dev/null
+while [ "$(ls "$work/git-b-mnt/durable/bench-merge" 2>/dev/null | wc -l)" -lt "$GITFILES" ]; do sleep 0.2; done
+sleep 3
+mv "$work/remote.git" "$work/remote.away"
+gitrun edit "$work/git-a-mnt" title "$GITFILES" >/dev/null
+gitrun edit "$work/git-b-mnt" body "$GITFILES" >/dev/null
+mv "$work/remote.away" "$work/remote.git"
+gitrun converge "$url" "$work/remote.git" "$work/git-a-mnt" "$work/git-b-mnt" "$GITFILES" >> "$gitresults"
+
+python3 - "$results" "$FILES" "$ROUNDS" "$MIB" "$SEQ_ROUNDS" "$passthrough" "$BENCH_ON" "$kvresults" "$LOCKS" "$PROPS" "$gitresults" > "$work/benchmarks.md" <<'PY'
 import platform, statistics, subprocess, sys, datetime
-path, files, rounds, mib, seq_rounds, passthrough, bench_on, kvpath, locks, props = sys.argv[1:]
+path, files, rounds, mib, seq_rounds, passthrough, bench_on, kvpath, locks, props, gitpath = sys.argv[1:]
 data = {}
 for line in open(path):
     target, name, value = line.split()
@@ -180,6 +216,27 @@ for label, mount, raw in [
 if memory:
     keys, rss, hwm, secs = memory
     print(f"\nA fresh mount reading a bucket of {int(keys):,} keys: ready in {secs} s, daemon RSS {int(rss)//1024} MiB (peak {int(hwm)//1024} MiB).")
+
+g = {}
+for line in open(gitpath):
+    parts = line.split()
+    g[parts[0]] = parts[1:]
+print("\n### Durable tier (git)\n")
+print("Default timings (commit after 1.5 s of quiet, fetch every 10 s without a notice), a bare")
+print("remote on the same tmpfs, NATS notices through the bench's server (`benches/gitbench.rs`).\n")
+print("| measurement | result |")
+print("|---|---:|")
+pn, pp, raw = g["prop_notice_ms"], g["prop_poll_ms"], g["raw_prop_ms"]
+print(f"| propagation A -> B with the NATS notice: write+close on A until B reads it, p50 / p99 | {float(pn[0]):.0f} / {float(pn[1]):.0f} ms |")
+print(f"| propagation A -> B without notices (fetch interval), p50 / p99 | {float(pp[0]):.0f} / {float(pp[1]):.0f} ms |")
+print(f"| floor: git2 commit + push + fetch + read, no quiet period, p50 / p99 | {float(raw[0]):.1f} / {float(raw[1]):.1f} ms |")
+n, written, committed, made = g["close_commits"]
+print(f"| {n} small YAML files written (create+write+close each) | written in {float(written):.2f} s ({int(n)/float(written):.0f} files/s); all committed {float(committed):.2f} s after the first, in {made} commit(s) |")
+n, written, committed, made = g["fsync_commits"]
+print(f"| {n} small YAML files each written and fsync'ed (every fsync asks for a commit at once) | {float(committed):.2f} s until all committed, {made} commits: {int(made)/float(committed):.0f} commits/s, {int(n)/float(committed):.0f} files/s |")
+print(f"| in-memory merge of one YAML document, 1000 fields edited (500 per side), p50 / p99 | {float(g['merge_doc_ms'][0]):.1f} / {float(g['merge_doc_ms'][1]):.1f} ms |")
+n, secs = g["converge"]
+print(f"| {n} issues edited on both nodes offline (different fields), remote back: until both agree | {float(secs):.2f} s |")
 PY
 out=docs/benchmarks.md
 [ "$BENCH_ON" = tmpfs ] || out=docs/benchmarks-disk.md

@@ -184,7 +184,8 @@ impl Shared {
         let _ = self.tx.lock().send(cmd);
     }
 
-    /// Records a local change of `path` and wakes the worker.
+    /// Records a local change of `path` and wakes the worker. With `durable` (fsync), waits
+    /// until the change is in a commit on this node's branch.
     fn record(&self, path: &Path, base: Option<Oid>, blob: Option<Oid>, durable: bool) {
         {
             let mut st = self.state.lock();
@@ -203,7 +204,17 @@ impl Shared {
             }
             st.writers.insert(path.to_path_buf(), self.node.clone());
         }
-        self.send(if durable { Cmd::CommitNow } else { Cmd::Dirty });
+        if !durable {
+            self.send(Cmd::Dirty);
+            return;
+        }
+        let (ack, done) = mpsc::channel();
+        self.send(Cmd::CommitNow(ack));
+        // The change is safe on disk either way (the tree's file is synced by the core); this
+        // only bounds how long fsync waits for the commit itself.
+        if done.recv_timeout(Duration::from_secs(30)).is_err() {
+            tracing::warn!(path = %path.display(), "fsync: the commit did not finish within 30 s; it stays pending");
+        }
     }
 }
 
@@ -239,6 +250,12 @@ fn storable(path: &Path) -> bool {
         Component::Normal(name) => !name.to_string_lossy().eq_ignore_ascii_case(".git"),
         _ => false,
     })
+}
+
+/// The NATS subject on which nodes sharing the remote `url` announce their pushes (the
+/// payload is `<node> <commit>`); any message there makes the other nodes fetch at once.
+pub fn notice_subject_for(url: &str) -> String {
+    worker::subject_of(&crate::nats::redact(url))
 }
 
 /// Prepares a node's repository before its policy table is read: on the first mount with a

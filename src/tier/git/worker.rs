@@ -36,8 +36,8 @@ use crate::tier::{RemoteChange, RemoteSink, Revision};
 pub(crate) enum Cmd {
     /// A local change was recorded.
     Dirty,
-    /// A local change was fsynced: commit without waiting for quiet.
-    CommitNow,
+    /// A local change was fsynced: commit without waiting for quiet, then answer.
+    CommitNow(mpsc::Sender<()>),
     /// Another node pushed.
     Fetch,
     /// Unmount: commit, push once, then answer and stop.
@@ -63,7 +63,12 @@ pub(crate) fn set_timeouts() {
 
 /// The NATS subject other nodes' push notices arrive on: one per remote.
 pub(crate) fn notice_subject(remote: &Remote) -> String {
-    let url = remote.shown.trim_start_matches("file://").trim_end_matches('/');
+    super::notice_subject_for(&remote.shown)
+}
+
+/// The notice subject of a remote URL (without credentials).
+pub(crate) fn subject_of(url: &str) -> String {
+    let url = url.trim_start_matches("file://").trim_end_matches('/');
     let url = url.strip_suffix(".git").unwrap_or(url);
     let mut hash: u64 = 0xcbf29ce484222325;
     for b in url.bytes() {
@@ -165,6 +170,8 @@ impl Worker {
         let mut retry_at: Option<Instant> = None;
         let mut backoff = Duration::from_millis(500);
         let mut shutdown: Option<mpsc::Sender<()>> = None;
+        // fsyncs waiting for the next commit.
+        let mut waiting: Vec<mpsc::Sender<()>> = Vec::new();
         loop {
             let now = Instant::now();
             if let Some((first, last)) = dirty {
@@ -174,6 +181,9 @@ impl Worker {
                         Ok(made) => {
                             dirty = None;
                             push |= made;
+                            for ack in waiting.drain(..) {
+                                let _ = ack.send(());
+                            }
                         }
                         Err(e) => {
                             tracing::error!(error = %e, "cannot commit the pending changes; retrying after the quiet period");
@@ -241,9 +251,10 @@ impl Worker {
                 let now = Instant::now();
                 match cmd {
                     Cmd::Dirty => dirty = Some(dirty.map_or((now, now), |(f, _)| (f, now))),
-                    Cmd::CommitNow => {
+                    Cmd::CommitNow(ack) => {
                         dirty = Some(dirty.map_or((now, now), |(f, _)| (f, now)));
                         commit_now = true;
+                        waiting.push(ack);
                     }
                     Cmd::Fetch => {
                         fetch_at = now;
@@ -583,7 +594,10 @@ impl Worker {
                     if let Some((stamp, _)) = writers.get(path) {
                         st.writers.insert(path.clone(), stamp.node.clone());
                     }
-                    if st.held.get(path) == blob.as_ref() || st.pending.contains_key(path) {
+                    // Already there, about to be installed by the core (a local commit just
+                    // made), or changed again locally (merged in the next cycle).
+                    let installing = blob.is_some() && st.local.get(path).map(|(b, _)| b) == blob.as_ref();
+                    if st.held.get(path) == blob.as_ref() || installing || st.pending.contains_key(path) {
                         continue;
                     }
                     st.applying.insert(path.clone(), *blob);
