@@ -30,8 +30,9 @@ cat <<TOUR
 
 Try it:
   cd $mnt
-  echo hello > notes.txt && cat notes.txt
-  getfattr -n user.syncfs.tier notes.txt
+  mkdir -p durable/issues && printf 'id: 1\ntitle: Crash\n' > durable/issues/1.yml
+  getfattr -n user.syncfs.tier durable/issues/1.yml
+  ls .syncfs/history/durable/issues/1.yml/
   (set -o noclobber; echo me > fast/claims/job1)
   (set -o noclobber; echo you > fast/claims/job1)
   getfattr -d -m - fast/claims/job1
