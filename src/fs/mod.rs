@@ -599,7 +599,17 @@ impl Core {
     /// Looks up `name` in `parent` and takes one kernel lookup on the result.
     pub fn lookup(&self, parent: Ino, name: &OsStr) -> Result<Attr, FsError> {
         check_name(name)?;
-        self.prepare_view(parent, Some(name));
+        match self.lookup_once(parent, name) {
+            // A name of the history view that is not built yet (a new version, or the view
+            // itself): build that directory and look again. Other lookups never pay for it.
+            Err(e) if e.errno() == libc::ENOENT && self.prepare_view(parent, Some(name)) => {
+                self.lookup_once(parent, name)
+            }
+            other => other,
+        }
+    }
+
+    fn lookup_once(&self, parent: Ino, name: &OsStr) -> Result<Attr, FsError> {
         let dir = self.dir_fd(parent)?;
         let cname = tree::cname(name)?;
         // Stat and record under the table lock, so an install or rename in between cannot
@@ -1010,31 +1020,33 @@ impl Core {
 
     // ---- directories ------------------------------------------------------------------------
 
-    /// Before a lookup in (or a listing of) a directory of the history view, lets the durable
-    /// tier bring that directory up to date. Only `.syncfs` (the view's parent) and the view's
-    /// own directories pay for a path: other lookups cost one comparison of the name.
-    fn prepare_view(&self, dir: Ino, name: Option<&OsStr>) {
-        let Some(git) = self.tiers.get(TierKind::Git) else { return };
+    /// Before a listing of a directory of the history view, or when a name is missing in one,
+    /// lets the durable tier bring that directory up to date. Returns whether it did. Only
+    /// `.syncfs` (the view's parent) and the view's own directories pay for a path.
+    fn prepare_view(&self, dir: Ino, name: Option<&OsStr>) -> bool {
+        let Some(git) = self.tiers.get(TierKind::Git) else { return false };
         let path = {
             let table = self.inodes.lock();
-            let Some(node) = table.get(dir) else { return };
+            let Some(node) = table.get(dir) else { return false };
             let syncfs_dir = node.links.first().is_some_and(|(p, l)| *p == ROOT && l == ".syncfs");
             if !(syncfs_dir || node.view) {
-                return;
+                return false;
             }
             match table.path(dir) {
                 Some(p) => p,
-                None => return,
+                None => return false,
             }
         };
         let in_view = path.starts_with(HISTORY_DIR);
         let view_parent = path == Path::new(HISTORY_DIR).parent().expect("has a parent")
             && name.is_none_or(|n| n == Path::new(HISTORY_DIR).file_name().expect("has a name"));
-        if in_view || view_parent {
-            if let Err(e) = git.prepare_view(self.root.as_fd(), &path) {
-                tracing::warn!(path = %path.display(), error = %e, "cannot build the history view");
-            }
+        if !(in_view || view_parent) {
+            return false;
         }
+        if let Err(e) = git.prepare_view(self.root.as_fd(), &path) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot build the history view");
+        }
+        true
     }
 
     /// Opens a directory: takes a snapshot of its entries.
