@@ -391,8 +391,11 @@ impl GitTier {
 
     /// What `syncfs status` shows.
     pub fn info(&self) -> GitInfo {
+        // Pending changes first: the worker counts a commit as unpushed before it stops
+        // counting its changes as pending, so this order never misses one.
+        let uncommitted = self.shared.state.lock().pending.len() as u64;
         let mut info = self.shared.info.lock().clone();
-        info.uncommitted = self.shared.state.lock().pending.len() as u64;
+        info.uncommitted = uncommitted;
         info
     }
 

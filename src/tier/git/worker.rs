@@ -399,6 +399,9 @@ impl Worker {
             let parents: Vec<Oid> = head.into_iter().collect();
             let commit = self.repo.write_commit(new_tree, &parents, &summary, &body, &stamp)?;
             self.repo.set_ref(MAIN, commit, head, "syncfs: commit")?;
+            // Counted as unpushed before it stops counting as uncommitted: status never shows a
+            // moment where the change is neither.
+            self.count_unpushed();
             tracing::debug!(%commit, changes = n, "committed");
             self.commits_since_gc += 1;
             true
@@ -561,6 +564,7 @@ impl Worker {
         let body = lines.iter().take(50).cloned().collect::<Vec<_>>().join("\n");
         let commit = self.repo.write_commit(merged, &[main, origin], &summary, &body, &stamp)?;
         self.repo.set_ref(MAIN, commit, Some(main), "syncfs: merge")?;
+        self.count_unpushed();
         tracing::debug!(%commit, paths = both.len(), "merged the remote's branch");
         Ok(())
     }
@@ -641,14 +645,23 @@ impl Worker {
         }
     }
 
+    /// Commits on the branch the remote lacks, for status.
+    fn unpushed(&self) -> u64 {
+        match (self.remote.is_some(), self.repo.target(MAIN)) {
+            (true, Some(m)) => self.repo.commits_between(m, self.repo.target(ORIGIN)).map(|c| c.len() as u64).unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    fn count_unpushed(&self) {
+        let n = self.unpushed();
+        self.shared.info.lock().unpushed = n;
+    }
+
     /// Refreshes what `syncfs status` shows.
     fn update_info(&mut self) {
         let main = self.repo.target(MAIN);
-        let origin = self.repo.target(ORIGIN);
-        let unpushed = match (self.remote.is_some(), main) {
-            (true, Some(m)) => self.repo.commits_between(m, origin).map(|c| c.len() as u64).unwrap_or(0),
-            _ => 0,
-        };
+        let unpushed = self.unpushed();
         let conflicts = if main != self.conflicts_of {
             self.conflicts_of = main;
             let files = match self.repo.tree_of(main) {
