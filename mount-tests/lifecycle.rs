@@ -62,15 +62,15 @@ fn mount_failures_explain_and_leave_nothing_mounted() {
     assert!(msg.contains("policies.yml:3:11: unknown tier `gti`"), "{msg}");
     assert!(!is_mounted(&m.mnt));
 
-    // A policy naming a tier this build does not have.
+    // A policy pairing a tier with a consistency it cannot serve.
     std::fs::write(
         policies.join("policies.yml"),
-        "policies:\n  - pattern: \"log/**\"\n    tier: nats-stream\n    consistency: append\n",
+        "policies:\n  - pattern: \"log/**\"\n    tier: git\n    consistency: append\n",
     )
     .unwrap();
     let out = m.try_mount(&Options::default());
     assert!(!out.status.success());
-    assert!(text(&out).contains("policies.yml:3:11: tier nats-stream is not available yet"), "{}", text(&out));
+    assert!(text(&out).contains("policies.yml:4:18: tier git cannot serve consistency append"), "{}", text(&out));
     assert!(!is_mounted(&m.mnt));
 
     // A bad config key, with its line.

@@ -157,9 +157,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read {}", file.display()))?;
-            let table = match PolicyTable::parse(&text, &file)
-                .and_then(|t| t.check_available(&file).map(|()| t))
-            {
+            let table = match PolicyTable::parse(&text, &file) {
                 Ok(t) => t,
                 Err(e) => {
                     eprintln!("{e}");

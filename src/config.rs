@@ -9,7 +9,9 @@ use std::time::Duration;
 use anyhow::{anyhow, Context};
 
 use crate::nats::{NatsSettings, Secret};
+use crate::tier::blob::BlobSettings;
 use crate::tier::git::GitSettings;
+use crate::tier::stream::StreamSettings;
 use crate::yaml::{self, Node};
 
 /// FUSE session settings.
@@ -55,6 +57,10 @@ pub struct MountConfig {
     pub nats: NatsSettings,
     /// The durable tier: its remote (`--git-remote`, `git.remote`), timing and credentials.
     pub git: GitSettings,
+    /// The append tier's stream limits (`nats.stream.*`).
+    pub stream: StreamSettings,
+    /// The blob tier: object store, cache and collection (`nats.object_store.*`, `cache.*`).
+    pub blob: BlobSettings,
 }
 
 /// Values read from a config file; `None` where the file is silent.
@@ -80,6 +86,10 @@ pub struct FileConfig {
     pub nats: NatsSettings,
     /// `git.*`
     pub git: GitSettings,
+    /// `nats.stream.*`
+    pub stream: StreamSettings,
+    /// `nats.object_store.*` and `cache.*`
+    pub blob: BlobSettings,
 }
 
 fn at(file: &Path, node: &Node, reason: impl std::fmt::Display) -> anyhow::Error {
@@ -101,6 +111,14 @@ fn boolean(file: &Path, node: &Node, key: &str) -> anyhow::Result<bool> {
 fn number(file: &Path, node: &Node, key: &str) -> anyhow::Result<u64> {
     node.as_u64()
         .ok_or_else(|| at(file, node, format!("`{key}` must be a whole number")))
+}
+
+fn replicas(file: &Path, node: &Node, key: &str) -> anyhow::Result<usize> {
+    let r = number(file, node, key)?;
+    if !(1..=5).contains(&r) {
+        return Err(at(file, node, format!("`{key}` must be between 1 and 5")));
+    }
+    Ok(r as usize)
 }
 
 fn entries<'a>(file: &Path, node: &'a Node, what: &str) -> anyhow::Result<&'a [(Node, Node)]> {
@@ -213,16 +231,79 @@ impl FileConfig {
                                     }
                                 }
                             }
+                            "stream" => {
+                                let s = &mut cfg.stream;
+                                for (sk, sv) in entries(file, v, "`nats.stream`")? {
+                                    let positive = |what: &str| {
+                                        let n = number(file, sv, what)?;
+                                        if n == 0 || n > i64::MAX as u64 {
+                                            return Err(at(file, sv, format!("`{what}` must be a positive number")));
+                                        }
+                                        Ok(n)
+                                    };
+                                    match sk.as_str().unwrap_or("") {
+                                        "max_bytes" => s.max_bytes = Some(positive("nats.stream.max_bytes")? as i64),
+                                        "max_msgs" => s.max_msgs = Some(positive("nats.stream.max_msgs")? as i64),
+                                        "replicas" => s.replicas = replicas(file, sv, "nats.stream.replicas")?,
+                                        other => {
+                                            return Err(at(file, sk, format!(
+                                                "unknown key `nats.stream.{other}` (expected max_bytes, max_msgs, replicas)"
+                                            )))
+                                        }
+                                    }
+                                }
+                            }
+                            "object_store" => {
+                                let b = &mut cfg.blob;
+                                for (ok, ov) in entries(file, v, "`nats.object_store`")? {
+                                    let ms = |what: &str| number(file, ov, what).map(|n| Duration::from_millis(n.max(1)));
+                                    match ok.as_str().unwrap_or("") {
+                                        "bucket" => {
+                                            let name = string(file, ov, "nats.object_store.bucket")?;
+                                            if !name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-') {
+                                                return Err(at(file, ov, "`nats.object_store.bucket` may hold only letters, digits, `_` and `-`"));
+                                            }
+                                            b.bucket = name;
+                                        }
+                                        "replicas" => b.replicas = replicas(file, ov, "nats.object_store.replicas")?,
+                                        "chunk_bytes" => {
+                                            let n = number(file, ov, "nats.object_store.chunk_bytes")?;
+                                            if !(1024..=(8 << 20)).contains(&n) {
+                                                return Err(at(file, ov, "`nats.object_store.chunk_bytes` must be between 1024 and 8388608"));
+                                            }
+                                            b.chunk_bytes = n as usize;
+                                        }
+                                        "gc_interval_ms" => b.gc_interval = ms("nats.object_store.gc_interval_ms")?,
+                                        "gc_grace_ms" => b.gc_grace = ms("nats.object_store.gc_grace_ms")?,
+                                        other => {
+                                            return Err(at(file, ok, format!(
+                                                "unknown key `nats.object_store.{other}` (expected bucket, replicas, \
+                                                 chunk_bytes, gc_interval_ms, gc_grace_ms)"
+                                            )))
+                                        }
+                                    }
+                                }
+                            }
                             other => {
                                 return Err(at(file, k, format!(
                                     "unknown key `nats.{other}` (expected url, user, password, token, \
-                                     credentials, tls, kv, timeout_ms)"
+                                     credentials, tls, kv, stream, object_store, timeout_ms)"
                                 )))
                             }
                         }
                     }
                     if n.password.is_some() != n.user.is_some() {
                         return Err(at(file, value, "`nats.user` and `nats.password` go together"));
+                    }
+                }
+                "cache" => {
+                    for (k, v) in entries(file, value, "`cache`")? {
+                        match k.as_str().unwrap_or("") {
+                            "max_bytes" => cfg.blob.cache_max_bytes = number(file, v, "cache.max_bytes")?,
+                            other => {
+                                return Err(at(file, k, format!("unknown key `cache.{other}` (expected max_bytes)")))
+                            }
+                        }
                     }
                 }
                 "git" => {
@@ -258,7 +339,7 @@ impl FileConfig {
                         key,
                         format!(
                             "unknown key `{other}` (expected node, state, allow_other, log, \
-                             policies_seed, fuse, nats, git)"
+                             policies_seed, fuse, nats, git, cache)"
                         ),
                     ))
                 }
@@ -327,6 +408,8 @@ impl MountConfig {
             log: file.log.clone().unwrap_or_else(|| "info".into()),
             nats,
             git,
+            stream: file.stream.clone(),
+            blob: file.blob.clone(),
         })
     }
 }
@@ -432,6 +515,34 @@ mod tests {
         assert!(e.to_string().contains("between 1 and 5"), "{e}");
         let e = FileConfig::parse("nats:\n  passwd: x\n", Path::new("c.yml")).unwrap_err();
         assert!(e.to_string().starts_with("c.yml:2:3: unknown key `nats.passwd`"), "{e}");
+    }
+
+    #[test]
+    fn stream_blob_and_cache_keys_parse() {
+        let cfg = FileConfig::parse(
+            "nats:\n  stream: {max_bytes: 1048576, max_msgs: 10, replicas: 3}\n  object_store:\n    bucket: team_blobs\n    chunk_bytes: 65536\n    gc_interval_ms: 500\n    gc_grace_ms: 1000\ncache:\n  max_bytes: 1073741824\n",
+            Path::new("c.yml"),
+        )
+        .unwrap();
+        assert_eq!((cfg.stream.max_bytes, cfg.stream.max_msgs, cfg.stream.replicas), (Some(1 << 20), Some(10), 3));
+        assert_eq!((cfg.blob.bucket.as_str(), cfg.blob.chunk_bytes), ("team_blobs", 65536));
+        assert_eq!((cfg.blob.gc_interval, cfg.blob.gc_grace), (Duration::from_millis(500), Duration::from_secs(1)));
+        assert_eq!(cfg.blob.cache_max_bytes, 1 << 30);
+        let defaults = FileConfig::parse("node: x\n", Path::new("c.yml")).unwrap();
+        assert_eq!(defaults.stream, StreamSettings::default());
+        assert_eq!(defaults.blob, BlobSettings::default());
+        let cases = [
+            ("nats:\n  stream: {max_msgs: 0}\n", "c.yml:2:22: `nats.stream.max_msgs` must be a positive number"),
+            ("nats:\n  stream:\n    max_age: 3\n", "c.yml:3:5: unknown key `nats.stream.max_age`"),
+            ("nats:\n  object_store: {bucket: a.b}\n", "may hold only letters"),
+            ("nats:\n  object_store: {chunk_bytes: 12}\n", "between 1024 and 8388608"),
+            ("cache:\n  size: 3\n", "c.yml:2:3: unknown key `cache.size`"),
+            ("cache:\n  max_bytes: lots\n", "`cache.max_bytes` must be a whole number"),
+        ];
+        for (text, msg) in cases {
+            let e = FileConfig::parse(text, Path::new("c.yml")).unwrap_err();
+            assert!(e.to_string().contains(msg), "{text:?}: {e}");
+        }
     }
 
     #[test]

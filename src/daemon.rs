@@ -32,9 +32,12 @@ use crate::nats::embedded::Embedded;
 use crate::nats::Nats;
 use crate::policy::{PolicyTable, TierKind, DEFAULT_POLICY_FILE, POLICY_FILE};
 use crate::status::{FuseStatus, GitStatus, NatsStatus, Status, TierStatus, STATUS_XATTR};
+use crate::status::{BlobsStatus, StreamsStatus};
+use crate::tier::blob::BlobTier;
 use crate::tier::git::{self, GitTier};
 use crate::tier::kv::KvTier;
 use crate::tier::local::LocalTier;
+use crate::tier::stream::StreamTier;
 use crate::tier::Tiers;
 
 /// The environment variable that carries the readiness pipe's fd to the child.
@@ -278,9 +281,7 @@ fn load_policies(cfg: &MountConfig, tree: &Path) -> anyhow::Result<PolicyTable> 
     }
     let text = std::fs::read_to_string(&file)
         .with_context(|| format!("cannot read the policy file {}", file.display()))?;
-    let table = PolicyTable::parse(&text, &file)
-        .and_then(|t| t.check_available(&file).map(|()| t))
-        .map_err(|e| {
+    let table = PolicyTable::parse(&text, &file).map_err(|e| {
             anyhow!(
                 "invalid policy file: {e}\n(this is the sync root's {POLICY_FILE}; fix it there, \
                  or check a copy with `syncfs policy check FILE`)"
@@ -359,7 +360,10 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
 
     // NATS, when a policy needs it: the configured cluster, or a private server of our own.
     // (Git push notices use NATS too, when it is configured anyway.)
-    let uses_nats = policies.reachable().iter().any(|p| p.tier == TierKind::NatsKv)
+    let uses = |kind: TierKind| policies.reachable().iter().any(|p| p.tier == kind);
+    let uses_nats = uses(TierKind::NatsKv)
+        || uses(TierKind::NatsStream)
+        || uses(TierKind::ObjectStore)
         || (!cfg.nats.urls.is_empty() && cfg.git.remote.is_some());
     let mut embedded = None;
     let nats = if uses_nats {
@@ -380,7 +384,7 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
     let mut tiers = Tiers::default();
     tiers.add(Arc::new(LocalTier));
     let kv = match &nats {
-        Some(nats) => {
+        Some(nats) if uses(TierKind::NatsKv) => {
             std::fs::create_dir_all(cfg.state_dir.join("journal"))?;
             let kv = KvTier::new(
                 nats.clone(),
@@ -392,7 +396,37 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
             tiers.add(Arc::new(kv.clone()));
             Some(kv)
         }
-        None => None,
+        _ => None,
+    };
+    let stream = match &nats {
+        Some(nats) if uses(TierKind::NatsStream) => {
+            let stream = StreamTier::new(
+                nats.clone(),
+                &cfg.node,
+                policies.clone(),
+                cfg.stream.clone(),
+                &cfg.state_dir.join("streams"),
+                runtime.handle().clone(),
+            )?;
+            tiers.add(Arc::new(stream.clone()));
+            Some(stream)
+        }
+        _ => None,
+    };
+    let blob = match &nats {
+        Some(nats) if uses(TierKind::ObjectStore) => {
+            let blob = BlobTier::new(
+                nats.clone(),
+                &cfg.node,
+                policies.clone(),
+                cfg.blob.clone(),
+                &cfg.state_dir.join("blobs"),
+                runtime.handle().clone(),
+            )?;
+            tiers.add(Arc::new(blob.clone()));
+            Some(blob)
+        }
+        _ => None,
     };
     let git = if policies.reachable().iter().any(|p| p.tier == TierKind::Git) {
         let git = GitTier::open(
@@ -420,11 +454,26 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
             tracing::warn!("the git remote did not answer within 15 s; serving this node's files, the remote's follow");
         }
     }
-    if let (Some(kv), Some(nats)) = (&kv, &nats) {
+    if nats.as_ref().is_some_and(|n| n.is_connected()) {
         // Serve what the cluster holds from the first read on; offline, the last known state.
-        if nats.is_connected() && !runtime.block_on(kv.wait_synced(Duration::from_secs(30))) {
-            tracing::warn!("the KV buckets were not fully read within 30 s; serving what arrived so far");
-        }
+        let limit = Duration::from_secs(30);
+        runtime.block_on(async {
+            if let Some(kv) = &kv {
+                if !kv.wait_synced(limit).await {
+                    tracing::warn!("the KV buckets were not fully read within 30 s; serving what arrived so far");
+                }
+            }
+            if let Some(stream) = &stream {
+                if !stream.wait_synced(limit).await {
+                    tracing::warn!("the streams were not fully read within 30 s; serving what arrived so far");
+                }
+            }
+            if let Some(blob) = &blob {
+                if !blob.wait_synced(limit).await {
+                    tracing::warn!("the blob pointers were not fully read within 30 s; serving what arrived so far");
+                }
+            }
+        });
     }
 
     let overlay = crate::fs::tree::statfs(File::open(&tree)?.as_fd())
@@ -464,6 +513,8 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
     let started_at = now_rfc3339();
     let status_cfg = cfg.clone();
     let (status_nats, status_kv, status_git) = (nats.clone(), kv.clone(), git.clone());
+    let (status_stream, status_blob) = (stream.clone(), blob.clone());
+    let cache_max_bytes = cfg.blob.cache_max_bytes;
     let weak: Weak<Core> = Arc::downgrade(&core);
     core.set_status(Box::new(move || {
         let Some(core) = weak.upgrade() else {
@@ -530,6 +581,27 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
             policies: core.policies().policies().len(),
             inodes,
             open_files,
+            streams: status_stream
+                .as_ref()
+                .map(|s| {
+                    let (streams, files) = s.usage();
+                    StreamsStatus { streams, files }
+                })
+                .unwrap_or_default(),
+            blobs: status_blob
+                .as_ref()
+                .map(|b| {
+                    let u = b.usage();
+                    BlobsStatus {
+                        buckets: u.buckets,
+                        paths: u.paths,
+                        cached: u.cached,
+                        cached_bytes: u.cached_bytes,
+                        cache_max_bytes,
+                        gc: u.gc,
+                    }
+                })
+                .unwrap_or_default(),
         };
         serde_json::to_vec(&status).unwrap_or_default()
     }));

@@ -49,6 +49,38 @@ pub struct Status {
     pub inodes: usize,
     /// Open file handles.
     pub open_files: usize,
+    /// The append tier.
+    #[serde(default)]
+    pub streams: StreamsStatus,
+    /// The blob tier.
+    #[serde(default)]
+    pub blobs: BlobsStatus,
+}
+
+/// The append tier.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StreamsStatus {
+    /// Streams this mount uses.
+    pub streams: usize,
+    /// Files in them.
+    pub files: usize,
+}
+
+/// The blob tier.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct BlobsStatus {
+    /// Pointer buckets this mount uses.
+    pub buckets: usize,
+    /// Blob paths this node knows.
+    pub paths: usize,
+    /// Blobs in this node's cache.
+    pub cached: usize,
+    /// Bytes in this node's cache.
+    pub cached_bytes: u64,
+    /// The cache's bound (`cache.max_bytes`).
+    pub cache_max_bytes: u64,
+    /// The last garbage collection on this node.
+    pub gc: crate::tier::blob::gc::Report,
 }
 
 /// FUSE session details.
@@ -159,6 +191,26 @@ impl Status {
         let _ = writeln!(s, "git:          {git}");
         if let Some(e) = &self.git.error {
             let _ = writeln!(s, "git error:    {e}");
+        }
+        if self.streams.streams > 0 {
+            let _ = writeln!(s, "streams:      {} streams, {} files", self.streams.streams, self.streams.files);
+        }
+        if self.blobs.buckets > 0 {
+            let _ = writeln!(
+                s,
+                "blobs:        {} paths, {} cached ({} of {} MiB)",
+                self.blobs.paths,
+                self.blobs.cached,
+                self.blobs.cached_bytes >> 20,
+                self.blobs.cache_max_bytes >> 20
+            );
+            if let Some(at) = &self.blobs.gc.at {
+                let _ = writeln!(
+                    s,
+                    "blob gc:      {at}: {} objects, {} referenced, {} condemned, {} deleted",
+                    self.blobs.gc.objects, self.blobs.gc.referenced, self.blobs.gc.condemned, self.blobs.gc.deleted
+                );
+            }
         }
         for (tier, t) in &self.tiers {
             let _ = writeln!(s, "tier {tier:<8} {} commits, {} refused", t.commits, t.refused);

@@ -12,6 +12,13 @@
 //!
 //! Until the first write a stage reads the tree's file itself (`owned == None`), so opening for
 //! write costs no copy.
+//!
+//! An append handle (append tiers) shares the inode's [`Appender`]: the bytes programs wrote
+//! and no append has taken yet, in memory up to [`SPILL_AT`] and in a spool file beyond.
+//! At flush the bytes written so far become a *segment* with an id of its own; segments are
+//! handed to the tier in order, and one that fails stays queued, with its id, for the next
+//! flush to retry, so a retried append is never stored twice. Reads past the tree's file see
+//! the queued bytes.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -25,7 +32,10 @@ use parking_lot::Mutex;
 
 use super::inode::Ino;
 use super::tree::{self, RawDirEntry};
-use crate::tier::Revision;
+use crate::tier::{Appended, Revision};
+
+/// Appended bytes beyond this many go to a spool file instead of memory.
+pub const SPILL_AT: usize = 1 << 20;
 
 /// The spool directory: shadows of staged files live here until installed into the tree. It is
 /// on the same filesystem as the tree, so installing is a rename.
@@ -279,13 +289,177 @@ impl Stage {
     }
 }
 
+/// Bytes not yet handed to the tier: memory, then a spool file.
+#[derive(Debug, Default)]
+struct Spill {
+    mem: Vec<u8>,
+    file: Option<(Arc<File>, CString)>,
+    len: u64,
+}
+
+impl Spill {
+    fn push(&mut self, spool: &Spool, data: &[u8]) -> io::Result<()> {
+        if self.file.is_none() && self.mem.len() + data.len() > SPILL_AT {
+            let (file, name) = spool.create()?;
+            if let Err(e) = file.write_all_at(&self.mem, 0) {
+                spool.remove(&name);
+                return Err(e);
+            }
+            self.mem = Vec::new();
+            self.file = Some((Arc::new(file), name));
+        }
+        match &self.file {
+            Some((file, _)) => file.write_all_at(data, self.len)?,
+            None => self.mem.extend_from_slice(data),
+        }
+        self.len += data.len() as u64;
+        Ok(())
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        if offset >= self.len {
+            return Ok(0);
+        }
+        let n = buf.len().min((self.len - offset) as usize);
+        match &self.file {
+            Some((file, _)) => file.read_exact_at(&mut buf[..n], offset)?,
+            None => buf[..n].copy_from_slice(&self.mem[offset as usize..offset as usize + n]),
+        }
+        Ok(n)
+    }
+}
+
+/// A run of appended bytes taken for the tier, with the id its retries keep.
+#[derive(Debug)]
+struct Segment {
+    id: u64,
+    bytes: Spill,
+}
+
+impl Segment {
+    fn appended(&self) -> Appended {
+        match &self.bytes.file {
+            Some((file, _)) => Appended::File(file.clone(), self.bytes.len),
+            None => Appended::Bytes(bytes::Bytes::copy_from_slice(&self.bytes.mem)),
+        }
+    }
+}
+
+/// The shared append state of an inode of an append tier. See the module docs.
+#[derive(Debug)]
+pub struct Appender {
+    inner: Mutex<AppendInner>,
+    /// Serializes appends of this inode, so they reach the tier in the order written.
+    pub commit_lock: tokio::sync::Mutex<()>,
+    spool: Arc<Spool>,
+}
+
+#[derive(Debug, Default)]
+struct AppendInner {
+    /// Taken for the tier and not yet appended (a failed append waits here), oldest first.
+    queued: std::collections::VecDeque<Segment>,
+    /// Written since the last flush.
+    open: Spill,
+    /// The file was created on this node and nothing reached the tier yet: the last close
+    /// appends nothing, so that the (empty) file exists on every node.
+    created: bool,
+}
+
+impl Appender {
+    /// The append state of an inode; `created` when this open made the file.
+    pub fn new(spool: Arc<Spool>, created: bool) -> Appender {
+        Appender {
+            inner: Mutex::new(AppendInner {
+                created,
+                ..AppendInner::default()
+            }),
+            commit_lock: tokio::sync::Mutex::new(()),
+            spool,
+        }
+    }
+
+    /// Buffers bytes written at the end of the file.
+    pub fn push(&self, data: &[u8]) -> io::Result<()> {
+        self.inner.lock().open.push(&self.spool, data)
+    }
+
+    /// How many bytes are buffered (queued and open).
+    pub fn pending(&self) -> u64 {
+        let inner = self.inner.lock();
+        inner.queued.iter().map(|s| s.bytes.len).sum::<u64>() + inner.open.len
+    }
+
+    /// Reads buffered bytes: `offset` 0 is the first byte after the tree's file.
+    pub fn read_at(&self, buf: &mut [u8], mut offset: u64) -> io::Result<usize> {
+        let inner = self.inner.lock();
+        for spill in inner.queued.iter().map(|s| &s.bytes).chain([&inner.open]) {
+            if offset < spill.len {
+                return spill.read_at(buf, offset);
+            }
+            offset -= spill.len;
+        }
+        Ok(0)
+    }
+
+    /// Takes what was written for the tier: the open bytes become a segment with a new id
+    /// (`next_id`). With `all` (fsync, last close), a created file with nothing written
+    /// becomes an empty segment. Returns every queued segment, oldest first, as (id, bytes).
+    pub fn take(&self, all: bool, next_id: impl FnOnce() -> u64) -> Vec<(u64, Appended)> {
+        let mut inner = self.inner.lock();
+        let created_only = all && inner.created && inner.queued.is_empty() && inner.open.len == 0;
+        if inner.open.len > 0 || created_only {
+            let bytes = std::mem::take(&mut inner.open);
+            inner.queued.push_back(Segment { id: next_id(), bytes });
+        }
+        inner.queued.iter().map(|s| (s.id, s.appended())).collect()
+    }
+
+    /// The tier took the segment `id`: forget it.
+    pub fn done(&self, id: u64) {
+        let mut inner = self.inner.lock();
+        inner.created = false;
+        if let Some(i) = inner.queued.iter().position(|s| s.id == id) {
+            let segment = inner.queued.remove(i).expect("position is valid");
+            if let Some((_, name)) = &segment.bytes.file {
+                self.spool.remove(name);
+            }
+        }
+    }
+
+    /// Drops everything buffered (the file was truncated to zero).
+    pub fn clear(&self) {
+        let mut inner = self.inner.lock();
+        let open = std::mem::take(&mut inner.open);
+        for spill in inner.queued.drain(..).map(|s| s.bytes).chain([open]) {
+            if let Some((_, name)) = &spill.file {
+                self.spool.remove(name);
+            }
+        }
+    }
+}
+
+impl Drop for Appender {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
 /// How a handle reaches its content.
 #[derive(Debug)]
 pub enum HandleIo {
-    /// The tree's file, written in place.
+    /// The tree's file, written in place (or only read).
     Direct(Arc<File>),
     /// Through the inode's stage.
     Staged(Arc<Stage>),
+    /// Appends through the inode's appender; reads from the tree's file, then the appender.
+    Append {
+        /// The tree's file, read-only.
+        file: Arc<File>,
+        /// The inode's appender.
+        appender: Arc<Appender>,
+        /// Where this handle's next write lands if it continues its own run of writes.
+        next: AtomicU64,
+    },
 }
 
 /// An open file.
@@ -302,10 +476,10 @@ pub struct Handle {
 }
 
 impl Handle {
-    /// The file reads are served from now.
+    /// The file reads are served from now (for append handles: up to the tree's length).
     pub fn read_file(&self) -> Arc<File> {
         match &self.io {
-            HandleIo::Direct(file) => file.clone(),
+            HandleIo::Direct(file) | HandleIo::Append { file, .. } => file.clone(),
             HandleIo::Staged(stage) => stage.file(),
         }
     }

@@ -15,7 +15,7 @@ use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::handle::Stage;
+use super::handle::{Appender, Stage};
 use super::tree::Ident;
 use super::Kind;
 
@@ -42,6 +42,8 @@ pub struct Node {
     pub file: Option<Arc<std::fs::File>>,
     /// The write stage of a staged file while it has open handles.
     pub stage: Option<Arc<Stage>>,
+    /// The buffered appends of a file of an append tier while it has writers.
+    pub appender: Option<Arc<Appender>>,
     /// A directory of the history view (built when looked up or listed).
     pub view: bool,
 }
@@ -68,6 +70,7 @@ impl InodeTable {
                 opens: 0,
                 file: None,
                 stage: None,
+                appender: None,
                 view: false,
             },
         );
@@ -117,6 +120,7 @@ impl InodeTable {
                 opens: 0,
                 file: None,
                 stage: None,
+                appender: None,
                 view: false,
             },
         );

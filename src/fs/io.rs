@@ -8,12 +8,12 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::handle::{Frozen, Handle, HandleIo, Stage};
+use super::handle::{Appender, Frozen, Handle, HandleIo, Stage};
 use super::tree::{self, Ident};
 use super::{Attr, Caller, Core, FsError, FsOp, Ino, Kind, Opened};
 use crate::op::Op;
 use crate::policy::{PolicyTable, POLICY_FILE};
-use crate::tier::{Revision, Target, TierError};
+use crate::tier::{Revision, Target, TierError, WriteMode, CONTENT_TAG};
 
 /// The largest file the core reads whole to validate (policy file, schema-checked documents).
 const MAX_VALIDATED_SIZE: u64 = 16 << 20;
@@ -43,7 +43,7 @@ impl Core {
 
     /// `open` of a regular file.
     pub fn open(self: &Arc<Self>, ino: Ino, flags: i32) -> FsOp<Opened> {
-        let result = (|| {
+        let prepared = (|| {
             if self.kind(ino)? != Kind::File {
                 return Err(FsError::os(libc::EINVAL));
             }
@@ -51,24 +51,74 @@ impl Core {
             if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
                 super::writable(&target)?;
             }
-            self.open_handle(ino, flags, &target, None)
+            Ok(target)
         })();
-        Op::Ready(result)
+        let target = match prepared {
+            Ok(t) => t,
+            Err(e) => return Op::err(e),
+        };
+        let tier = self.tier(&target).clone();
+        let truncate = flags & libc::O_ACCMODE != libc::O_RDONLY && flags & libc::O_TRUNC != 0;
+        let this = self.clone();
+        if tier.write_mode() == WriteMode::Append && truncate {
+            // Opening an append file with O_TRUNC empties it: a purge, when it holds anything.
+            let size = match self.getattr(ino) {
+                Ok(a) => a.size,
+                Err(e) => return Op::err(e),
+            };
+            if size > 0 {
+                return self
+                    .purge(ino, &target)
+                    .and_then(move |()| this.open_handle(ino, flags & !libc::O_TRUNC, &target, None, None));
+            }
+        }
+        if tier.keeps_content() && !truncate && !self.has_stage(ino) {
+            match self.content_tag(ino) {
+                Err(e) => return Op::err(e),
+                Ok(Some(rev)) => {
+                    return tier
+                        .content(&target, &rev)
+                        .err_into()
+                        .and_then(move |file| this.open_handle(ino, flags, &target, None, Some(file)));
+                }
+                // Empty, or a file the tier has not stored yet: the tree's file is its content.
+                Ok(None) => {}
+            }
+        }
+        Op::Ready(self.open_handle(ino, flags, &target, None, None))
+    }
+
+    fn has_stage(&self, ino: Ino) -> bool {
+        self.inodes.lock().get(ino).is_some_and(|n| n.stage.is_some())
+    }
+
+    /// The revision a placeholder of a tier that keeps content stands for.
+    pub(super) fn content_tag(&self, ino: Ino) -> Result<Option<Revision>, FsError> {
+        let fd = self.node_fd(ino)?;
+        let tag = tree::get_xattr(fd.as_fd(), CONTENT_TAG)?;
+        Ok(tag.map(|t| Revision(String::from_utf8_lossy(&t).into_owned())))
     }
 
     /// Creates a handle on `ino`. `created` is the file `create` just opened, if any, with the
     /// revision the tier gave the new entry (`Some(None)`: new, but not stored in the tier yet).
+    /// `content` is the file that holds the current content when it is not the tree's file
+    /// (tiers that keep content).
     fn open_handle(
         &self,
         ino: Ino,
         flags: i32,
         target: &Target,
         created: Option<(File, Option<Option<Revision>>)>,
+        content: Option<Arc<File>>,
     ) -> Result<Opened, FsError> {
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let append = flags & libc::O_APPEND != 0;
         let truncate = writable && flags & libc::O_TRUNC != 0;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+
+        if self.tier(target).write_mode() == WriteMode::Append {
+            return self.open_append(ino, fh, writable, append, created);
+        }
 
         if !self.is_staged(target) {
             let existing = self.inodes.lock().get(ino).and_then(|n| n.file.clone());
@@ -111,7 +161,10 @@ impl Core {
             // A reader with no writer around: the tree's file is the committed content, and a
             // stage would only cost a lookup and a lock. Should a writer come later, this
             // handle keeps reading what it opened (close-to-open).
-            let file = Arc::new(self.open_tree_file(ino, libc::O_RDONLY)?);
+            let file = match content {
+                Some(file) => file,
+                None => Arc::new(self.open_tree_file(ino, libc::O_RDONLY)?),
+            };
             self.inodes.lock().get_mut(ino).ok_or(FsError::UnknownInode(ino))?.opens += 1;
             self.handles.lock().insert(
                 fh,
@@ -152,8 +205,11 @@ impl Core {
                     }
                     _ if truncate => Stage::empty(self.spool.clone(), tier.revision(target))?,
                     _ => {
-                        let file = self.open_tree_file(ino, libc::O_RDONLY)?;
-                        Stage::on(Arc::new(file), self.spool.clone(), tier.revision(target))
+                        let file = match content {
+                            Some(file) => file,
+                            None => Arc::new(self.open_tree_file(ino, libc::O_RDONLY)?),
+                        };
+                        Stage::on(file, self.spool.clone(), tier.revision(target))
                     }
                 };
                 let mut table = self.inodes.lock();
@@ -192,6 +248,100 @@ impl Core {
             passthrough: None,
             keep_cache: false,
             needs_flush: true,
+        })
+    }
+
+    /// A handle on a file of an append tier: readers read the tree's file; writers share the
+    /// inode's appender. The tree's file is never replaced (the tier appends to it in place),
+    /// so a reader that keeps it open (`tail -f`) sees every later append.
+    fn open_append(
+        &self,
+        ino: Ino,
+        fh: u64,
+        writable: bool,
+        append: bool,
+        created: Option<(File, Option<Option<Revision>>)>,
+    ) -> Result<Opened, FsError> {
+        let fresh = matches!(created, Some((_, Some(_))));
+        let file = match created {
+            Some((file, _)) => Arc::new(file),
+            None => Arc::new(self.open_tree_file(ino, libc::O_RDONLY)?),
+        };
+        let io = {
+            let mut table = self.inodes.lock();
+            let node = table.get_mut(ino).ok_or(FsError::UnknownInode(ino))?;
+            node.opens += 1;
+            if writable {
+                let appender = node
+                    .appender
+                    .get_or_insert_with(|| Arc::new(Appender::new(self.spool.clone(), fresh)))
+                    .clone();
+                let end = file.metadata()?.len() + appender.pending();
+                HandleIo::Append {
+                    file,
+                    appender,
+                    next: std::sync::atomic::AtomicU64::new(end),
+                }
+            } else {
+                HandleIo::Direct(file)
+            }
+        };
+        self.handles.lock().insert(fh, Arc::new(Handle { ino, io, append, writable }));
+        Ok(Opened {
+            fh,
+            passthrough: None,
+            keep_cache: false,
+            needs_flush: writable,
+        })
+    }
+
+    /// Empties a file of an append tier (truncation to zero): the tier purges it, then what
+    /// this node buffered for it is dropped too.
+    fn purge(self: &Arc<Self>, ino: Ino, target: &Target) -> FsOp<()> {
+        let this = self.clone();
+        let noted = (self.clone(), target.clone());
+        self.tier(target)
+            .purge(target)
+            .err_into()
+            .inspect_err(move |e| noted.0.note_refusal(&noted.1, e))
+            .and_then(move |()| {
+                let appender = this.inodes.lock().get(ino).and_then(|n| n.appender.clone());
+                if let Some(appender) = appender {
+                    appender.clear();
+                }
+                this.invalidate_inode(ino);
+                Ok(())
+            })
+    }
+
+    /// Hands what an append handle's inode buffered to the tier, in order (see
+    /// [`Appender`]). With `all` (fsync, last close) a created file with nothing written is
+    /// appended as empty, so it exists on every node.
+    fn append_commit(self: &Arc<Self>, ino: Ino, appender: Arc<Appender>, all: bool, durable: bool) -> FsOp<()> {
+        let this = self.clone();
+        Op::pending(async move {
+            let _order = appender.commit_lock.lock().await;
+            let segments = appender.take(all, || this.next_fh.fetch_add(1, Ordering::Relaxed));
+            if segments.is_empty() {
+                return Ok(());
+            }
+            let target = this.target_of(ino)?;
+            for (id, data) in segments {
+                let result = this.tier(&target).append(&target, id, data, durable).into_future().await;
+                this.count(target.policy.tier, result.is_ok());
+                match result {
+                    Ok(_) => appender.done(id),
+                    Err(e) => {
+                        let e = FsError::from(e);
+                        this.note_refusal(&target, &e);
+                        return Err(e);
+                    }
+                }
+            }
+            this.clear_refusal(&target);
+            // The tree grew by what was buffered: sizes the kernel fetched meanwhile counted it twice.
+            this.invalidate_inode(ino);
+            Ok(())
         })
     }
 
@@ -250,7 +400,7 @@ impl Core {
                     (file, ino, created)
                 };
                 let fresh = (created || rev.is_some()).then_some(rev);
-                let opened = match this.open_handle(ino, flags, &target, Some((file, fresh))) {
+                let opened = match this.open_handle(ino, flags, &target, Some((file, fresh)), None) {
                     Ok(o) => o,
                     Err(e) => {
                         this.forget(ino, 1);
@@ -264,7 +414,8 @@ impl Core {
     /// Reads up to `size` bytes at `offset`.
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
         self.io.reads.fetch_add(1, Ordering::Relaxed);
-        let file = self.handle(fh)?.read_file();
+        let handle = self.handle(fh)?;
+        let file = handle.read_file();
         let mut buf = vec![0u8; size as usize];
         let mut done = 0;
         while done < buf.len() {
@@ -273,6 +424,16 @@ impl Core {
                 Ok(n) => done += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e.into()),
+            }
+        }
+        if let HandleIo::Append { appender, .. } = &handle.io {
+            // What this node wrote and the tier has not appended yet follows the tree's file.
+            let len = file.metadata()?.len();
+            while done < buf.len() && offset + done as u64 >= len {
+                match appender.read_at(&mut buf[done..], offset + done as u64 - len)? {
+                    0 => break,
+                    n => done += n,
+                }
             }
         }
         buf.truncate(done);
@@ -299,6 +460,31 @@ impl Core {
                     stage.write_at(data, offset)?;
                 }
             }
+            HandleIo::Append { file, appender, next } => {
+                let target = self.target_of(handle.ino)?;
+                let checked = self.tier(&target).check_append(&target).map_err(FsError::from).and_then(|()| {
+                    let end = file.metadata()?.len() + appender.pending();
+                    // At the end of the file, or right after this handle's previous write
+                    // (another node's append may have moved the end meanwhile).
+                    if handle.append || offset == end || offset == next.load(Ordering::Relaxed) {
+                        return Ok(end);
+                    }
+                    Err(FsError::Tier(TierError::Refused(format!(
+                        "{} takes appends only: a write at offset {offset}, but the file ends at {end}",
+                        target.path.display()
+                    ))))
+                });
+                let end = match checked {
+                    Ok(end) => end,
+                    Err(e) => {
+                        self.note_refusal(&target, &e);
+                        return Err(e);
+                    }
+                };
+                appender.push(data)?;
+                let at = if handle.append { end } else { offset };
+                next.store(at + data.len() as u64, Ordering::Relaxed);
+            }
         }
         Ok(data.len() as u32)
     }
@@ -322,7 +508,7 @@ impl Core {
                 }
                 Ok(())
             }
-            HandleIo::Staged(_) => Err(FsError::os(libc::EOPNOTSUPP)),
+            HandleIo::Staged(_) | HandleIo::Append { .. } => Err(FsError::os(libc::EOPNOTSUPP)),
         }
     }
 
@@ -334,6 +520,7 @@ impl Core {
                 HandleIo::Staged(stage) if handle.writable => {
                     self.commit(handle.ino, stage.clone(), Commit::Flush)
                 }
+                HandleIo::Append { appender, .. } => self.append_commit(handle.ino, appender.clone(), false, false),
                 _ => Op::ok(()),
             },
         }
@@ -347,6 +534,7 @@ impl Core {
         };
         match &handle.io {
             HandleIo::Staged(stage) => self.commit(handle.ino, stage.clone(), Commit::Fsync),
+            HandleIo::Append { appender, .. } => self.append_commit(handle.ino, appender.clone(), true, true),
             HandleIo::Direct(file) => {
                 let file = file.clone();
                 Op::pending(async move {
@@ -372,9 +560,21 @@ impl Core {
             return Op::err(FsError::UnknownHandle(fh));
         };
         let ino = handle.ino;
+        if let HandleIo::Append { appender, .. } = &handle.io {
+            let this = self.clone();
+            let commit = self.append_commit(ino, appender.clone(), true, false);
+            drop(handle);
+            return Op::pending(async move {
+                if let Err(e) = commit.into_future().await {
+                    tracing::warn!(ino, error = %e, "append at release failed; it was not stored");
+                }
+                this.finish_release(ino, None);
+                Ok(())
+            });
+        }
         let (stage, commit) = match &handle.io {
             HandleIo::Staged(stage) => (Some(stage.clone()), handle.writable && stage.needs_commit()),
-            HandleIo::Direct(_) => (None, false),
+            HandleIo::Direct(_) | HandleIo::Append { .. } => (None, false),
         };
         // From here on the handle's stage is referenced by `stage` and by other handles only.
         drop(handle);
@@ -416,6 +616,7 @@ impl Core {
         }
         if node.opens == 0 {
             node.file = None;
+            node.appender = None;
             if let Some(stage) = node.stage.take() {
                 refused = stage.is_refused();
                 stage.discard();
@@ -430,7 +631,55 @@ impl Core {
     }
 
     /// Changes a file's size. A staged file changed without an open writer commits at once.
+    /// A file of an append tier can only be emptied (a purge), or "resized" to its own size.
     pub(super) fn resize(self: &Arc<Self>, ino: Ino, size: u64, fh: Option<u64>) -> FsOp<()> {
+        let special = (|| {
+            if self.kind(ino)? != Kind::File {
+                return Ok(None);
+            }
+            let target = self.target_of(ino)?;
+            let tier = self.tier(&target).clone();
+            if tier.write_mode() == WriteMode::Append {
+                let current = self.getattr(ino)?.size;
+                if size == current {
+                    return Ok(Some(Op::ok(())));
+                }
+                if size != 0 {
+                    let e = FsError::Tier(TierError::Refused(format!(
+                        "{} takes appends only: it can be truncated to zero, not to {size} bytes",
+                        target.path.display()
+                    )));
+                    self.note_refusal(&target, &e);
+                    return Err(e);
+                }
+                return Ok(Some(self.purge(ino, &target)));
+            }
+            let own_stage = fh.and_then(|fh| self.handle(fh).ok()).is_some_and(|h| matches!(h.io, HandleIo::Staged(_)));
+            if tier.keeps_content() && size > 0 && !own_stage && !self.has_stage(ino) {
+                // The tree holds a placeholder: the stage must start from the real content.
+                if let Some(rev) = self.content_tag(ino)? {
+                    let this = self.clone();
+                    let spool = self.spool.clone();
+                    let op = tier.content(&target, &rev).err_into::<FsError>().and_then(move |file| {
+                        let stage = Arc::new(Stage::on(file, spool, None));
+                        stage.set_len(size)?;
+                        Ok(stage)
+                    });
+                    return Ok(Some(Op::pending(async move {
+                        let stage = op.into_future().await?;
+                        let result = this.commit(ino, stage.clone(), Commit::Release).into_future().await;
+                        stage.discard();
+                        result
+                    })));
+                }
+            }
+            Ok(None)
+        })();
+        match special {
+            Err(e) => return Op::err(e),
+            Ok(Some(op)) => return op,
+            Ok(None) => {}
+        }
         let result = (|| {
             match self.kind(ino)? {
                 Kind::File => {}
@@ -575,8 +824,7 @@ impl Core {
         if is_policy_file {
             let text = String::from_utf8(bytes).map_err(|_| invalid("not UTF-8 text".into()))?;
             let at = |e: crate::policy::PolicyError| invalid(format!("line {}, column {}: {}", e.line, e.col, e.reason));
-            let table = PolicyTable::parse(&text, Path::new(POLICY_FILE)).map_err(at)?;
-            table.check_available(Path::new(POLICY_FILE)).map_err(at)?;
+            PolicyTable::parse(&text, Path::new(POLICY_FILE)).map_err(at)?;
         }
         Ok(())
     }
@@ -627,12 +875,24 @@ impl Core {
         durable: bool,
     ) -> Result<(), FsError> {
         let old = self.node_fd(ino)?;
-        tree::copy_metadata(old.as_fd(), shadow)?;
-        if durable {
-            shadow.sync_all()?;
-        }
-        let (dir, name, _) = self.locate(ino)?.ok_or(FsError::os(libc::ENOENT))?;
         let target = self.target_of(ino)?;
+        let placeholder = if self.tier(&target).keeps_content() {
+            // The tier holds the content now; the tree gets its placeholder.
+            let stub = self.placeholder(Ok(old.as_fd()), shadow.metadata()?.len(), rev.as_ref());
+            self.spool.remove(spool_name);
+            Some(stub?)
+        } else {
+            tree::copy_metadata(old.as_fd(), shadow)?;
+            if durable {
+                shadow.sync_all()?;
+            }
+            None
+        };
+        let (file, spool_name) = match &placeholder {
+            Some((file, name)) => (file, name),
+            None => (shadow, spool_name),
+        };
+        let (dir, name, _) = self.locate(ino)?.ok_or(FsError::os(libc::ENOENT))?;
         {
             let mut table = self.inodes.lock();
             if !self.tier(&target).admit(&target, rev.as_ref()) {
@@ -641,13 +901,49 @@ impl Core {
                 return Ok(());
             }
             tree::rename_at(self.spool.dir().as_fd(), spool_name, dir.as_fd(), &name, 0)?;
-            table.set_ident(ino, Ident::of(&tree::fstat(shadow.as_fd())?));
+            table.set_ident(ino, Ident::of(&tree::fstat(file.as_fd())?));
         }
         if durable {
             File::from(tree::open_at(dir.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?)
                 .sync_all()?;
         }
         Ok(())
+    }
+}
+
+impl Core {
+    /// A new placeholder in the spool for content a tier keeps: a sparse file of `size`
+    /// bytes with the metadata of `like` (or `mode`, for a new file) and the content's
+    /// revision as its tag.
+    pub(super) fn placeholder(
+        &self,
+        like: Result<std::os::fd::BorrowedFd<'_>, u32>,
+        size: u64,
+        rev: Option<&Revision>,
+    ) -> Result<(File, CString), FsError> {
+        let (file, name) = self.spool.create()?;
+        let made = (|| {
+            file.set_len(size)?;
+            match like {
+                Ok(like) => tree::copy_metadata(like, &file)?,
+                Err(mode) => tree::chmod_fd(file.as_fd(), mode)?,
+            }
+            match rev {
+                Some(rev) => tree::set_xattr(file.as_fd(), CONTENT_TAG, rev.0.as_bytes(), 0)?,
+                None => match tree::remove_xattr(file.as_fd(), CONTENT_TAG) {
+                    Err(e) if e.raw_os_error() != Some(libc::ENODATA) => return Err(e),
+                    _ => {}
+                },
+            }
+            Ok::<_, std::io::Error>(())
+        })();
+        match made {
+            Ok(()) => Ok((file, name)),
+            Err(e) => {
+                self.spool.remove(&name);
+                Err(e.into())
+            }
+        }
     }
 }
 

@@ -518,10 +518,10 @@ impl Core {
     /// Attributes of a node. While a staged file has unsaved writes, size and times come from
     /// its shadow, owner and mode from the tree. (The hottest metadata call: one lock.)
     pub fn getattr(&self, ino: Ino) -> Result<Attr, FsError> {
-        let (kind, ident, link, stage) = {
+        let (kind, ident, link, stage, appender) = {
             let table = self.inodes.lock();
             let node = table.get(ino).ok_or(FsError::UnknownInode(ino))?;
-            (node.kind, node.ident, node.links.first().cloned(), node.stage.clone())
+            (node.kind, node.ident, node.links.first().cloned(), node.stage.clone(), node.appender.clone())
         };
         let fast = match (kind, link) {
             (Kind::Dir, _) | (_, None) => None,
@@ -546,6 +546,10 @@ impl Core {
                 st.st_ctime = shadow.st_ctime;
                 st.st_ctime_nsec = shadow.st_ctime_nsec;
             }
+        }
+        if let Some(appender) = appender {
+            // Appends written here and not yet taken by the tier follow the tree's file.
+            st.st_size += appender.pending() as libc::off_t;
         }
         Ok(Attr::from_stat(ino, &st))
     }
@@ -956,6 +960,10 @@ impl Core {
                     Err(e) if e.raw_os_error() != Some(libc::ENODATA) => return Err(e.into()),
                     _ => {}
                 }
+                if this.tier(&to).keeps_content() {
+                    // The tier keeps the content: what moves into the tree is its placeholder.
+                    this.stub_in_place(parent, &name, &file, rev.as_ref())?;
+                }
                 let admit = || this.tier(&to).admit(&to, rev.as_ref());
                 let moved = this.rename_local(parent, &name, new_parent, &new_name, 0, Some(&admit));
                 if moved.is_ok() {
@@ -963,6 +971,22 @@ impl Core {
                 }
                 moved
             })
+    }
+
+    /// Replaces the file `name` in `parent` by a placeholder of its content (size, metadata,
+    /// the tag `rev`), keeping its node.
+    fn stub_in_place(&self, parent: Ino, name: &OsStr, file: &File, rev: Option<&Revision>) -> Result<(), FsError> {
+        let dir = self.dir_fd(parent)?;
+        let cname = tree::cname(name)?;
+        let (stub, spool_name) = self.placeholder(Ok(file.as_fd()), file.metadata()?.len(), rev)?;
+        let mut table = self.inodes.lock();
+        let st = tree::lstat_at(dir.as_fd(), &cname)?;
+        let ino = table.by_ident(Ident::of(&st));
+        tree::rename_at(self.spool.dir().as_fd(), &spool_name, dir.as_fd(), &cname, 0)?;
+        if let Some(ino) = ino {
+            table.set_ident(ino, Ident::of(&tree::fstat(stub.as_fd())?));
+        }
+        Ok(())
     }
 
     fn kind_at(&self, parent: Ino, name: &OsStr) -> Result<Kind, FsError> {

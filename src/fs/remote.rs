@@ -16,6 +16,7 @@
 
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Weak};
 
@@ -43,6 +44,22 @@ impl RemoteSink for CoreSink {
             Some(core) => core.check_schema(path, content),
             None => Ok(()),
         }
+    }
+
+    fn size(&self, path: &Path) -> Option<u64> {
+        let core = self.0.upgrade()?;
+        let dir = core.existing_dir(path.parent()?).ok()??;
+        let st = tree::lstat_at(dir.as_fd(), &tree::cname(path.file_name()?).ok()?).ok()?;
+        (Kind::from_mode(st.st_mode) == Kind::File).then_some(st.st_size as u64)
+    }
+
+    fn tagged(&self, path: &Path) -> bool {
+        let Some(core) = self.0.upgrade() else { return false };
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else { return false };
+        let Ok(Some(dir)) = core.existing_dir(parent) else { return false };
+        let Ok(cname) = tree::cname(name) else { return false };
+        let Ok(fd) = tree::open_path_at(dir.as_fd(), &cname) else { return false };
+        tree::get_xattr(fd.as_fd(), crate::tier::CONTENT_TAG).is_ok_and(|t| t.is_some())
     }
 
     fn files(&self, dir: &Path) -> Vec<PathBuf> {
@@ -201,29 +218,40 @@ impl Core {
         let cname = tree::cname(name)?;
         let mut inval = Vec::new();
         let result = (|| match change {
-            RemoteChange::File(bytes) => {
+            RemoteChange::File(_) | RemoteChange::Stub { .. } => {
                 let dir = self.ensure_dir(parent_rel, &mut inval)?;
                 let old = tree::lstat_at(dir.as_fd(), &cname).ok();
                 if old.as_ref().is_some_and(|st| Kind::from_mode(st.st_mode) != Kind::File) {
                     tracing::warn!(path = %path.display(), "a remote file and a local non-file share this name; keeping the local one");
                     return Ok(());
                 }
-                let (mut file, spool_name) = self.spool.create()?;
-                let prepared = (|| {
-                    file.write_all(&bytes)?;
-                    match &old {
-                        Some(_) => {
-                            let old_fd = tree::open_path_at(dir.as_fd(), &cname)?;
-                            tree::copy_metadata(old_fd.as_fd(), &file)?;
-                        }
-                        None => tree::chmod_fd(file.as_fd(), NEW_FILE_MODE)?,
+                let old_fd = match &old {
+                    Some(_) => Some(tree::open_path_at(dir.as_fd(), &cname)?),
+                    None => None,
+                };
+                let (file, spool_name) = match &change {
+                    RemoteChange::Stub { size } => {
+                        let like = old_fd.as_ref().map(|fd| fd.as_fd()).ok_or(NEW_FILE_MODE);
+                        self.placeholder(like, *size, rev.as_ref())?
                     }
-                    Ok::<_, FsError>(())
-                })();
-                if let Err(e) = prepared {
-                    self.spool.remove(&spool_name);
-                    return Err(e);
-                }
+                    RemoteChange::File(bytes) => {
+                        let (mut file, spool_name) = self.spool.create()?;
+                        let prepared = (|| {
+                            file.write_all(bytes)?;
+                            match &old_fd {
+                                Some(old_fd) => tree::copy_metadata(old_fd.as_fd(), &file)?,
+                                None => tree::chmod_fd(file.as_fd(), NEW_FILE_MODE)?,
+                            }
+                            Ok::<_, FsError>(())
+                        })();
+                        if let Err(e) = prepared {
+                            self.spool.remove(&spool_name);
+                            return Err(e);
+                        }
+                        (file, spool_name)
+                    }
+                    _ => unreachable!("matched above"),
+                };
                 let mut table = self.inodes.lock();
                 if !tier.admit(&target, rev.as_ref()) {
                     drop(table);
@@ -242,6 +270,51 @@ impl Core {
                     }
                     None => {
                         drop(table);
+                        if let Some(parent) = self.dir_ino(&dir) {
+                            inval.push(Invalidate::Entry(parent, name.to_os_string()));
+                        }
+                    }
+                }
+                Ok(())
+            }
+            RemoteChange::Append { at, bytes } => {
+                let dir = self.ensure_dir(parent_rel, &mut inval)?;
+                let table = self.inodes.lock();
+                if !tier.admit(&target, rev.as_ref()) {
+                    return Ok(());
+                }
+                let (fd, created) = match tree::open_at(
+                    dir.as_fd(),
+                    &cname,
+                    libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+                    NEW_FILE_MODE as libc::mode_t,
+                ) {
+                    Ok(fd) => (fd, true),
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => (tree::open_at(dir.as_fd(), &cname, libc::O_WRONLY, 0)?, false),
+                    Err(e) => return Err(e.into()),
+                };
+                let file = std::fs::File::from(fd);
+                let st = tree::fstat(file.as_fd())?;
+                if Kind::from_mode(st.st_mode) != Kind::File {
+                    tracing::warn!(path = %path.display(), "an appended file and a local non-file share this name; keeping the local one");
+                    return Ok(());
+                }
+                let len = st.st_size as u64;
+                if len < at {
+                    return Err(FsError::Io(std::io::Error::other(format!(
+                        "{} holds {len} bytes, fewer than the {at} an append expects",
+                        path.display()
+                    ))));
+                }
+                if len > at {
+                    file.set_len(at)?;
+                }
+                file.write_all_at(&bytes, at)?;
+                let ino = table.by_ident(Ident::of(&st));
+                drop(table);
+                match ino {
+                    Some(ino) if !created => inval.push(Invalidate::Inode(ino)),
+                    _ => {
                         if let Some(parent) = self.dir_ino(&dir) {
                             inval.push(Invalidate::Entry(parent, name.to_os_string()));
                         }

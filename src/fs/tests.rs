@@ -214,9 +214,9 @@ fn invalid_policy_file_is_refused_and_the_old_one_kept() {
     assert_eq!(std::fs::read(f.tree.join(POLICY_FILE)).unwrap(), before);
     assert_eq!(f.read_all(ino), before);
 
-    // A tier this build does not have is refused too: the next mount would not start.
-    let stream = f.write_file(ino, libc::O_WRONLY | libc::O_TRUNC, b"policies:\n  - pattern: x\n    tier: nats-stream\n");
-    assert!(stream.unwrap_err().to_string().contains("not available yet"));
+    // So is a table that pairs keys wrongly: the next mount would not start.
+    let stream = f.write_file(ino, libc::O_WRONLY | libc::O_TRUNC, b"policies:\n  - pattern: x\n    tier: git\n    purge: true\n");
+    assert!(stream.unwrap_err().to_string().contains("`purge` applies to nats-stream paths"));
 
     let good = b"policies:\n  - pattern: \"notes/**\"\n    tier: local\n";
     f.write_file(ino, libc::O_WRONLY | libc::O_TRUNC, good).unwrap();

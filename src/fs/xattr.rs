@@ -16,6 +16,7 @@ use std::os::unix::ffi::OsStrExt;
 use super::tree;
 use super::{Core, FsError, Ino, Kind, ROOT};
 use crate::policy::TierKind;
+use crate::tier::CONTENT_TAG;
 
 /// The prefix of the attributes syncfs defines.
 pub const SYNCFS_PREFIX: &str = "user.syncfs.";
@@ -84,7 +85,16 @@ impl Core {
             "tier" => Some(target.policy.tier.name().as_bytes().to_vec()),
             "policy" => Some(target.policy.pattern.as_bytes().to_vec()),
             "error" => self.refusal(&target.path).map(String::into_bytes),
-            _ => self.tier(&target).attribute(&target, name),
+            "content" => None,
+            _ => {
+                let tier = self.tier(&target);
+                match tier.attribute(&target, name) {
+                    // Not heard from the backend yet (offline since the mount): the placeholder
+                    // names the revision it stands for.
+                    None if name == REV && tier.keeps_content() => self.content_tag(ino)?.map(|r| r.0.into_bytes()),
+                    other => other,
+                }
+            }
         })
     }
 
@@ -114,7 +124,7 @@ impl Core {
             let fd = self.node_fd(ino)?;
             names = tree::list_xattr(fd.as_fd())?
                 .into_iter()
-                .filter(|n| n.as_bytes().starts_with(b"user."))
+                .filter(|n| n.as_bytes().starts_with(b"user.") && n.as_bytes() != CONTENT_TAG.to_bytes())
                 .collect();
         }
         if !self.is_local(ino)? && !names.iter().any(|n| n == REV) {

@@ -120,6 +120,31 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// Why a JetStream publish failed, after retries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublishFailure {
+    /// The subject's last sequence was not the expected one (compare-and-swap lost).
+    WrongLastSequence,
+    /// The message is larger than the server's `max_payload`.
+    TooBig,
+    /// No stream takes the subject.
+    NoStream,
+    /// The server did not answer or the connection is down; the publish may or may not have
+    /// landed (a retry with the same message id is safe).
+    Unavailable(String),
+}
+
+impl fmt::Display for PublishFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PublishFailure::WrongLastSequence => f.write_str("wrong last sequence"),
+            PublishFailure::TooBig => f.write_str("larger than the server's max_payload"),
+            PublishFailure::NoStream => f.write_str("no stream takes the subject"),
+            PublishFailure::Unavailable(reason) => f.write_str(reason),
+        }
+    }
+}
+
 /// The state of the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnState {
@@ -329,6 +354,48 @@ impl Nats {
     /// must be rebuilt.
     pub fn watch_state(&self) -> watch::Receiver<(ConnState, u64)> {
         self.state.clone()
+    }
+
+    /// Publishes one message to JetStream and waits for its acknowledgement; returns the
+    /// stream sequence it got. A lost acknowledgement is retried (twice, while connected) with
+    /// the same `msg_id`, which JetStream de-duplicates, so a retry never stores it twice (for
+    /// a duplicate, the ack names the original's sequence).
+    pub async fn publish(
+        &self,
+        subject: String,
+        payload: bytes::Bytes,
+        headers: async_nats::HeaderMap,
+        msg_id: &str,
+        expected_last_subject_sequence: Option<u64>,
+    ) -> Result<u64, PublishFailure> {
+        use async_nats::jetstream::context::PublishErrorKind as Kind;
+        let mut attempt = 0;
+        loop {
+            let mut message = jetstream::message::PublishMessage::build()
+                .payload(payload.clone())
+                .headers(headers.clone())
+                .message_id(msg_id);
+            if let Some(seq) = expected_last_subject_sequence {
+                message = message.expected_last_subject_sequence(seq);
+            }
+            let result = match self.js.send_publish(subject.clone(), message).await {
+                Ok(ack) => ack.await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(ack) => return Ok(ack.sequence),
+                Err(e) => match e.kind() {
+                    Kind::WrongLastSequence => return Err(PublishFailure::WrongLastSequence),
+                    Kind::MaxPayloadExceeded => return Err(PublishFailure::TooBig),
+                    Kind::StreamNotFound => return Err(PublishFailure::NoStream),
+                    Kind::TimedOut | Kind::BrokenPipe | Kind::MaxAckPending if attempt < 2 && self.is_connected() => {
+                        attempt += 1;
+                        tracing::debug!(%subject, attempt, "publish not acknowledged; retrying with the same message id");
+                    }
+                    _ => return Err(PublishFailure::Unavailable(e.to_string())),
+                },
+            }
+        }
     }
 
     /// The largest message the server accepts.

@@ -220,6 +220,9 @@ pub struct Policy {
     pub schema: Option<String>,
     /// How long a stream keeps messages (nats-stream only).
     pub max_age: Option<Duration>,
+    /// Programs may purge a file's messages by truncating it to zero or unlinking it
+    /// (nats-stream only; otherwise both are `EPERM`).
+    pub purge: bool,
     /// Where the rule is written.
     pub origin: Origin,
     /// Line and column of the `tier:` value and of the `schema:` value, for errors that
@@ -249,6 +252,7 @@ impl Policy {
             merge_rules: BTreeMap::new(),
             schema: None,
             max_age: None,
+            purge: false,
             origin: Origin::Builtin(name),
             positions: Positions::default(),
             read_only: false,
@@ -264,9 +268,6 @@ pub const TEMP_FILE_GLOBS: [&str; 4] = ["*.swp", "*~", ".#*", "*.tmp"];
 
 /// Tier and consistency of the built-in last rule (SPEC section 2): durable, last write wins.
 pub const CATCH_ALL: (TierKind, Consistency) = (TierKind::Git, Consistency::Lww);
-
-/// The tiers this build can serve. A policy naming any other stops the mount.
-pub const AVAILABLE_TIERS: [TierKind; 3] = [TierKind::Git, TierKind::Local, TierKind::NatsKv];
 
 /// The policy file written into a new sync root on its first mount.
 pub const DEFAULT_POLICY_FILE: &str = include_str!("default.yml");
@@ -327,24 +328,6 @@ impl PolicyTable {
         &self.source
     }
 
-    /// Refuses tables that name a tier this build cannot serve, naming the rule's line.
-    pub fn check_available(&self, file: &Path) -> Result<(), PolicyError> {
-        for policy in &self.policies {
-            if !matches!(policy.origin, Origin::File { .. }) {
-                continue;
-            }
-            if !AVAILABLE_TIERS.contains(&policy.tier) {
-                let (line, col) = policy.positions.tier;
-                return Err(PolicyError::at(
-                    file,
-                    line,
-                    col,
-                    format!("tier {} is not available yet", policy.tier),
-                ));
-            }
-        }
-        Ok(())
-    }
 }
 
 thread_local! {

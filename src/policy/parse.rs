@@ -191,6 +191,7 @@ fn parse_policy(cx: &Ctx<'_>, item: &Node) -> Result<Policy, PolicyError> {
     let mut merge_rules = None;
     let mut schema = None;
     let mut retention = None;
+    let mut purge = None;
     for (key, value) in entries {
         let slot = match key.as_str().unwrap_or("") {
             "pattern" => &mut pattern,
@@ -201,12 +202,13 @@ fn parse_policy(cx: &Ctx<'_>, item: &Node) -> Result<Policy, PolicyError> {
             "merge_rules" => &mut merge_rules,
             "schema" => &mut schema,
             "retention" => &mut retention,
+            "purge" => &mut purge,
             other => {
                 return Err(cx.err(
                     key,
                     format!(
                         "unknown key `{other}` (a policy has pattern, tier, consistency, ttl, \
-                         ephemeral, merge_rules, schema, retention)"
+                         ephemeral, merge_rules, schema, retention, purge)"
                     ),
                 ))
             }
@@ -326,6 +328,10 @@ fn parse_policy(cx: &Ctx<'_>, item: &Node) -> Result<Policy, PolicyError> {
         None => None,
         Some(node) => {
             let path = cx.string(node, "schema")?;
+            if matches!(tier, TierKind::NatsStream | TierKind::ObjectStore) {
+                // Appends are fragments of a document and blobs are not parsed at all.
+                return Err(cx.err(node, format!("`schema` applies to git, nats-kv and local paths, not {tier}")));
+            }
             if !is_root_relative(path) {
                 return Err(cx.err(
                     node,
@@ -358,6 +364,16 @@ fn parse_policy(cx: &Ctx<'_>, item: &Node) -> Result<Policy, PolicyError> {
         }
     };
 
+    let purge = match purge {
+        None => false,
+        Some(node) => {
+            if tier != TierKind::NatsStream {
+                return Err(cx.err(node, format!("`purge` applies to nats-stream paths, not {tier}")));
+            }
+            cx.boolean(node, "purge")?
+        }
+    };
+
     Ok(Policy {
         pattern: pattern.to_string(),
         tier,
@@ -367,6 +383,7 @@ fn parse_policy(cx: &Ctx<'_>, item: &Node) -> Result<Policy, PolicyError> {
         merge_rules,
         schema,
         max_age,
+        purge,
         origin: Origin::File {
             line: item.line,
         },

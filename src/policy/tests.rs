@@ -136,24 +136,36 @@ fn errors_name_line_and_reason() {
 }
 
 #[test]
-fn unavailable_tiers_are_refused_with_their_line() {
-    let t = table("policies:\n  - pattern: \"log/**\"\n    tier: nats-stream\n    consistency: append\n");
-    let e = t.check_available(Path::new("p.yml")).unwrap_err();
-    assert_eq!((e.line, e.col), (3, 11));
-    assert_eq!(e.reason, "tier nats-stream is not available yet");
-    let git = table("policies:\n  - pattern: \"durable/**\"\n    tier: git\n    consistency: merge\n");
-    git.check_available(Path::new("p.yml")).unwrap();
-    let schema = table("policies:\n  - pattern: \"**\"\n    tier: local\n    schema: s.json\n");
-    schema.check_available(Path::new("p.yml")).unwrap();
+fn stream_and_blob_keys_belong_to_their_tiers() {
+    let t = table("policies:\n  - pattern: \"log/**\"\n    tier: nats-stream\n    purge: true\n  - pattern: \"audit/**\"\n    tier: nats-stream\n");
+    assert!(t.resolve("log/x").purge);
+    assert!(!t.resolve("audit/x").purge, "purging is off unless the policy says so");
+    assert_eq!(t.resolve("audit/x").consistency, Consistency::Append);
+    let cases: &[(&str, usize, &str)] = &[
+        ("policies:\n  - pattern: x\n    tier: git\n    purge: true\n", 4, "`purge` applies to nats-stream paths, not git"),
+        ("policies:\n  - pattern: x\n    tier: nats-stream\n    purge: maybe\n", 4, "`purge` must be true or false"),
+        ("policies:\n  - pattern: x\n    tier: object-store\n    schema: s.json\n", 4, "`schema` applies to git, nats-kv and local paths, not object-store"),
+        ("policies:\n  - pattern: x\n    tier: nats-stream\n    schema: s.json\n", 4, "not nats-stream"),
+        ("policies:\n  - pattern: x\n    tier: object-store\n    consistency: lww\n", 4, "tier object-store cannot serve consistency lww"),
+    ];
+    for (text, line, reason) in cases {
+        let e = error(text);
+        assert_eq!(e.line, *line, "{text:?} -> {e}");
+        assert!(e.reason.contains(reason), "{text:?} -> {e}");
+    }
 }
 
 #[test]
-fn default_table_names_only_available_tiers() {
+fn default_table_has_every_tier() {
     let t = PolicyTable::default_table();
-    t.check_available(Path::new("default")).unwrap();
-    for p in t.policies() {
-        assert!(AVAILABLE_TIERS.contains(&p.tier), "{p:?}");
+    for tier in TierKind::ALL {
+        assert!(t.policies().iter().any(|p| p.tier == tier), "{tier} missing from the default table");
     }
+    let messages = t.resolve("fast/messages/t1.log");
+    assert_eq!((messages.tier, messages.consistency), (TierKind::NatsStream, Consistency::Append));
+    assert_eq!(messages.max_age, Some(Duration::from_secs(30 * 86_400)));
+    let blob = t.resolve("blobs/transcripts/a.bin");
+    assert_eq!((blob.tier, blob.consistency), (TierKind::ObjectStore, Consistency::ContentAddressed));
     assert_eq!(t.resolve("anything/at/all").tier, TierKind::Git);
     assert_eq!(t.resolve("anything/at/all").consistency, Consistency::Lww);
     let issue = t.resolve("durable/issues/1.yml");

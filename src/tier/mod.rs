@@ -33,12 +33,25 @@
 //! opened, or the revision a program named (`user.syncfs.rev` on a temporary file renamed over
 //! the target).
 //!
+//! Two kinds of tier change this picture:
+//!
+//! - An *append* tier ([`WriteMode::Append`]) takes only appends. The core buffers what
+//!   programs write and hands each buffered run to [`Tier::append`] at flush and fsync; the
+//!   tier publishes it and brings the tree's file up to date itself, in the backend's order
+//!   ([`RemoteChange::Append`]), before the call returns. Truncation to zero is
+//!   [`Tier::purge`]. The tree's copy of such a file is only ever changed by the tier.
+//! - A tier that [keeps content](Tier::keeps_content) itself (the blob tier) leaves a sparse
+//!   placeholder of the right size in the tree, tagged with the content's revision, and serves
+//!   reads from [`Tier::content`] (its cache).
+//!
 //! Calls return an [`Op`]: ready when the tier answered without waiting (local disk), pending
 //! when it needs the network. The core never blocks a FUSE thread on a pending op.
 
+pub mod blob;
 pub mod git;
 pub mod kv;
 pub mod local;
+pub mod stream;
 
 use std::fs::File;
 use std::io;
@@ -61,6 +74,49 @@ pub enum WriteMode {
     /// Programs write a private shadow copy; flush/fsync commit it to the tier and only then
     /// replace the tree's file. A refused commit leaves the tree's file untouched.
     Staged,
+    /// Programs may only append. Writes are buffered by the core and handed to
+    /// [`Tier::append`] at flush/fsync; the tier changes the tree's file itself.
+    Append,
+}
+
+/// Bytes programs appended to a file, as the core hands them to [`Tier::append`].
+#[derive(Debug, Clone)]
+pub enum Appended {
+    /// Held in memory (short appends).
+    Bytes(bytes::Bytes),
+    /// Spooled to disk: the first `len` bytes of the file (long appends).
+    File(Arc<File>, u64),
+}
+
+impl Appended {
+    /// How many bytes were appended.
+    pub fn len(&self) -> u64 {
+        match self {
+            Appended::Bytes(b) => b.len() as u64,
+            Appended::File(_, len) => *len,
+        }
+    }
+
+    /// Whether nothing was appended (a new file that was only created).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Up to `max` bytes starting at `offset`.
+    pub fn chunk(&self, offset: u64, max: usize) -> io::Result<bytes::Bytes> {
+        let end = self.len().min(offset + max as u64);
+        if offset >= end {
+            return Ok(bytes::Bytes::new());
+        }
+        match self {
+            Appended::Bytes(b) => Ok(b.slice(offset as usize..end as usize)),
+            Appended::File(file, _) => {
+                let mut buf = vec![0u8; (end - offset) as usize];
+                std::os::unix::fs::FileExt::read_exact_at(file.as_ref(), &mut buf, offset)?;
+                Ok(buf.into())
+            }
+        }
+    }
 }
 
 /// A path and the policy that governs it.
@@ -177,6 +233,47 @@ pub trait Tier: Send + Sync + 'static {
     /// A read-only attribute the tier defines (`user.syncfs.rev`, ...), if the path has it.
     fn attribute(&self, at: &Target, name: &str) -> Option<Vec<u8>>;
 
+    /// Appends bytes programs wrote to `at` ([`WriteMode::Append`] tiers). `id` is the same
+    /// when the core retries an append that failed, so a retry is never stored twice. Returns
+    /// once the tree's file holds the appended bytes, with the file's new revision.
+    fn append(&self, at: &Target, _id: u64, _data: Appended, _durable: bool) -> Op<Option<Revision>, TierError> {
+        Op::err(TierError::Unsupported {
+            op: "append",
+            tier: at.policy.tier,
+        })
+    }
+
+    /// Whether an append to `at` can be taken now; checked at every `write(2)` so that an
+    /// append tier fails fast (`EAGAIN`) while its backend is unreachable.
+    fn check_append(&self, _at: &Target) -> Result<(), TierError> {
+        Ok(())
+    }
+
+    /// Empties `at` ([`WriteMode::Append`] tiers: truncation to zero). Returns once the tree's
+    /// file is empty.
+    fn purge(&self, at: &Target) -> Op<(), TierError> {
+        Op::err(TierError::Unsupported {
+            op: "truncate",
+            tier: at.policy.tier,
+        })
+    }
+
+    /// Whether the tier keeps file content itself: the tree then holds a sparse placeholder
+    /// of the file's size, tagged with the content's revision ([`CONTENT_TAG`]), and reads
+    /// are served from [`Tier::content`].
+    fn keeps_content(&self) -> bool {
+        false
+    }
+
+    /// The file that holds the content of revision `rev` of `at` (fetched if needed), for
+    /// tiers that [keep content](Tier::keeps_content).
+    fn content(&self, at: &Target, _rev: &Revision) -> Op<Arc<File>, TierError> {
+        Op::err(TierError::Unsupported {
+            op: "content",
+            tier: at.policy.tier,
+        })
+    }
+
     /// Brings the directory `dir` (relative to the sync root) of the read-only history view
     /// up to date in the tree whose root is `root`. Only the durable tier has history.
     fn prepare_view(&self, _root: std::os::fd::BorrowedFd<'_>, _dir: &Path) -> io::Result<()> {
@@ -203,7 +300,26 @@ pub enum RemoteChange {
     Dir,
     /// The directory may go if it is empty (its last entry, or its marker, was removed).
     PruneDir,
+    /// Bytes appended to the file, which must hold exactly `at` bytes before them: a longer
+    /// file is cut to `at` first (so an interrupted apply can be redone); a shorter one is an
+    /// error. The file is created when missing and changed in place, so readers that have it
+    /// open (`tail -f`) see it grow.
+    Append {
+        /// The file's length before the bytes.
+        at: u64,
+        /// The bytes.
+        bytes: Vec<u8>,
+    },
+    /// The file's content is kept by the tier ([`Tier::keeps_content`]): the tree gets a
+    /// sparse placeholder of `size` bytes tagged with the change's revision.
+    Stub {
+        /// The content's size.
+        size: u64,
+    },
 }
+
+/// The attribute on a placeholder naming the revision of the content it stands for.
+pub const CONTENT_TAG: &std::ffi::CStr = c"user.syncfs.content";
 
 /// Where tiers deliver other nodes' changes: the filesystem core.
 pub trait RemoteSink: Send + Sync {
@@ -215,6 +331,17 @@ pub trait RemoteSink: Send + Sync {
     /// The regular files below `dir` in the tree, as paths relative to the sync root (for
     /// sweeping files whose keys vanished while the node was away).
     fn files(&self, dir: &Path) -> Vec<PathBuf>;
+
+    /// The size of the regular file at `path` in the tree, if there is one.
+    fn size(&self, _path: &Path) -> Option<u64> {
+        None
+    }
+
+    /// Whether the tree's file at `path` is a placeholder tagged with a revision
+    /// ([`CONTENT_TAG`]): content a tier that keeps content committed.
+    fn tagged(&self, _path: &Path) -> bool {
+        false
+    }
 
     /// Checks content a tier produced itself (a merge result) against the path's schema.
     fn validate(&self, _path: &Path, _content: &[u8]) -> Result<(), String> {

@@ -41,8 +41,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
-use async_nats::jetstream::context::PublishErrorKind;
-use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::Stream;
 use async_nats::HeaderMap;
 use bytes::Bytes;
@@ -53,7 +51,7 @@ use self::journal::{Journal, JournalOp, Record};
 use self::view::{Owned, View};
 use super::{RemoteSink, Revision, Target, Tier, TierError, WriteMode};
 use crate::fs::Kind;
-use crate::nats::Nats;
+use crate::nats::{Nats, PublishFailure};
 use crate::op::Op;
 use crate::policy::{Consistency, Policy, PolicyTable, TierKind};
 
@@ -321,50 +319,26 @@ impl Inner {
         msg_id: &str,
     ) -> Result<u64, PubError> {
         let subject = format!("{}{key}", self.buckets[bucket].prefix);
-        let mut attempt = 0;
-        loop {
-            let mut headers = HeaderMap::new();
-            headers.insert(NODE_HEADER, self.node.as_str());
-            let payload = match op {
-                KvOp::Put(value) => value.clone(),
-                KvOp::Delete => {
-                    headers.insert(KV_OPERATION, "DEL");
-                    Bytes::new()
+        let mut headers = HeaderMap::new();
+        headers.insert(NODE_HEADER, self.node.as_str());
+        let payload = match op {
+            KvOp::Put(value) => value.clone(),
+            KvOp::Delete => {
+                headers.insert(KV_OPERATION, "DEL");
+                Bytes::new()
+            }
+        };
+        self.nats
+            .publish(subject, payload, headers, msg_id, expected)
+            .await
+            .map_err(|e| match e {
+                PublishFailure::WrongLastSequence => PubError::WrongLastSequence,
+                PublishFailure::TooBig => PubError::Tier(TierError::TooBig(format!("{key}: larger than the server's max_payload"))),
+                PublishFailure::NoStream => {
+                    PubError::Tier(TierError::Backend(format!("bucket {} does not exist", self.buckets[bucket].name)))
                 }
-            };
-            let mut message = PublishMessage::build().payload(payload).headers(headers).message_id(msg_id);
-            if let Some(rev) = expected {
-                message = message.expected_last_subject_sequence(rev);
-            }
-            let result = match self.nats.js.send_publish(subject.clone(), message).await {
-                Ok(ack) => ack.await,
-                Err(e) => Err(e),
-            };
-            match result {
-                Ok(ack) => return Ok(ack.sequence),
-                Err(e) => match e.kind() {
-                    PublishErrorKind::WrongLastSequence => return Err(PubError::WrongLastSequence),
-                    PublishErrorKind::MaxPayloadExceeded => {
-                        return Err(PubError::Tier(TierError::TooBig(format!(
-                            "{key}: larger than the server's max_payload"
-                        ))))
-                    }
-                    PublishErrorKind::StreamNotFound => {
-                        return Err(PubError::Tier(TierError::Backend(format!(
-                            "bucket {} does not exist",
-                            self.buckets[bucket].name
-                        ))))
-                    }
-                    PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe | PublishErrorKind::MaxAckPending
-                        if attempt < 2 && self.nats.is_connected() =>
-                    {
-                        attempt += 1;
-                        tracing::debug!(key, attempt, "publish not acknowledged; retrying with the same message id");
-                    }
-                    _ => return Err(PubError::Tier(unavailable(e))),
-                },
-            }
-        }
+                PublishFailure::Unavailable(reason) => PubError::Tier(unavailable(reason)),
+            })
     }
 
     /// An exclusive create of `key` with an empty value. `Ok(Err(msg))` when the key exists

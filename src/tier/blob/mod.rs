@@ -1,0 +1,844 @@
+//! The blob tier: the NATS object store (`tier: object-store`, `consistency:
+//! content-addressed`).
+//!
+//! # Where things are
+//!
+//! - Content lives in one object store (`nats.object_store.bucket`, default `syncfs_blobs`),
+//!   one object per distinct content, named `sha256:<hex>` after its SHA-256: identical
+//!   content is stored once, whatever its names.
+//! - Names point at content through a KV bucket per policy (`syncfs_ptr_<pattern>_<hash>`):
+//!   the key is the path (the KV tier's encoding), the value `sha256:<hex> <size>`. Pointers
+//!   are last-write-wins; every node watches them.
+//! - On this node, the tree holds a sparse placeholder of each blob's size, tagged with its
+//!   revision (`user.syncfs.rev` = `sha256:<hex>`); the content is fetched when a program
+//!   first opens the file, verified against its digest, and kept in the on-disk cache
+//!   ([`cache`], bounded by `cache.max_bytes`), from which every later read is served.
+//!
+//! # Writes
+//!
+//! A program's writes go to a shadow in the spool (never to memory). At close the shadow is
+//! hashed, uploaded in chunks unless the object exists already, the pointer is published,
+//! and the shadow becomes the cache entry (a new name for the same inode, no copy). Blob
+//! writes need NATS: while it is unreachable they fail with `EAGAIN` and nothing changes.
+//!
+//! # Garbage collection
+//!
+//! Objects no pointer names are removed by [`gc`], safely against writers on any node that
+//! are about to point at them; see that module for the protocol.
+
+mod cache;
+pub mod gc;
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use async_nats::jetstream::consumer::{push, DeliverPolicy, ReplayPolicy};
+use async_nats::jetstream::object_store::{ObjectMetadata, ObjectStore};
+use async_nats::jetstream::stream::Stream;
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures::StreamExt;
+use parking_lot::Mutex;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+use tokio::sync::watch;
+
+pub use self::cache::hash_file;
+use self::cache::{Cache, Lookup};
+use super::kv::{bucket_name, key, pattern_root};
+use super::{RemoteChange, RemoteSink, Revision, Target, Tier, TierError, WriteMode};
+use crate::fs::Kind;
+use crate::nats::{ConnState, Nats, PublishFailure};
+use crate::op::Op;
+use crate::policy::{PolicyTable, TierKind};
+
+const NODE_HEADER: &str = "Syncfs-Node";
+const KV_OPERATION: &str = "KV-Operation";
+/// The revision prefix of blob content.
+const SHA256: &str = "sha256:";
+
+/// Settings of the blob tier (`nats.object_store.*` and `cache.*` in the config file).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobSettings {
+    /// The object store.
+    pub bucket: String,
+    /// Replicas of the object store and the pointer buckets.
+    pub replicas: usize,
+    /// Bytes per chunk of an object.
+    pub chunk_bytes: usize,
+    /// The most the on-disk cache holds.
+    pub cache_max_bytes: u64,
+    /// How often this node collects unreferenced objects.
+    pub gc_interval: Duration,
+    /// How long an object stays unreferenced before it may be removed.
+    pub gc_grace: Duration,
+}
+
+impl Default for BlobSettings {
+    fn default() -> Self {
+        BlobSettings {
+            bucket: "syncfs_blobs".into(),
+            replicas: 1,
+            chunk_bytes: 256 << 10,
+            cache_max_bytes: 4 << 30,
+            gc_interval: Duration::from_secs(3600),
+            gc_grace: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// One pointer bucket: the policy it serves.
+#[derive(Debug)]
+struct Bucket {
+    name: String,
+    policy: Arc<crate::policy::Policy>,
+    root: PathBuf,
+    /// `$KV.<name>.`
+    prefix: String,
+}
+
+/// What this node knows of a blob path: its newest pointer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    /// The pointer's KV revision.
+    seq: u64,
+    /// `sha256:<hex>`, or `None` when the newest pointer is a delete.
+    rev: Option<String>,
+    node: Option<String>,
+}
+
+pub(crate) struct Inner {
+    nats: Arc<Nats>,
+    node: String,
+    policies: Arc<PolicyTable>,
+    settings: BlobSettings,
+    buckets: Vec<Bucket>,
+    view: Mutex<HashMap<PathBuf, Entry>>,
+    cache: Cache,
+    store: Mutex<Option<ObjectStore>>,
+    marks: Mutex<Option<async_nats::jetstream::kv::Store>>,
+    pointer_streams: Mutex<Vec<Option<Stream>>>,
+    sink: OnceLock<Arc<dyn RemoteSink>>,
+    synced: watch::Sender<Vec<bool>>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    connection: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    rt: tokio::runtime::Handle,
+    /// Fetches in flight, one per digest, so concurrent opens download once.
+    fetching: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    msg_prefix: String,
+    next_msg: AtomicU64,
+    /// What the last collection did, for status.
+    pub(crate) gc_report: Mutex<gc::Report>,
+}
+
+/// The object-store tier of a mount.
+#[derive(Clone)]
+pub struct BlobTier {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for BlobTier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobTier").field("buckets", &self.inner.buckets).finish_non_exhaustive()
+    }
+}
+
+fn unavailable(reason: impl std::fmt::Display) -> TierError {
+    TierError::Unavailable {
+        tier: TierKind::ObjectStore,
+        reason: reason.to_string(),
+    }
+}
+
+fn backend(what: &str, e: impl std::fmt::Display) -> TierError {
+    TierError::Backend(format!("{what}: {e}"))
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, TierError> + Send + 'static) -> Result<T, TierError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| TierError::Backend(format!("blocking task: {e}")))?
+}
+
+/// The hex digest of a `sha256:<hex>` revision.
+fn digest_of(rev: &str) -> Result<&str, TierError> {
+    rev.strip_prefix(SHA256)
+        .filter(|h| h.len() == 64)
+        .ok_or_else(|| TierError::Backend(format!("not a blob revision: {rev}")))
+}
+
+/// Parses a pointer value, `sha256:<hex> <size>`.
+fn parse_pointer(value: &[u8]) -> Option<(String, u64)> {
+    let text = std::str::from_utf8(value).ok()?;
+    let (rev, size) = text.trim().split_once(' ')?;
+    digest_of(rev).ok()?;
+    Some((rev.to_string(), size.parse().ok()?))
+}
+
+/// Status figures of the blob tier.
+#[derive(Debug, Clone, Default)]
+pub struct BlobUsage {
+    /// Pointer buckets.
+    pub buckets: usize,
+    /// Blob paths this node knows.
+    pub paths: usize,
+    /// Cache entries.
+    pub cached: usize,
+    /// Bytes in the cache.
+    pub cached_bytes: u64,
+    /// The last garbage collection.
+    pub gc: gc::Report,
+}
+
+impl BlobTier {
+    /// A tier for every object-store policy of `policies`, caching content in `cache_dir`.
+    /// Nothing touches the network until [`Tier::start`].
+    pub fn new(
+        nats: Arc<Nats>,
+        node: &str,
+        policies: Arc<PolicyTable>,
+        settings: BlobSettings,
+        cache_dir: &Path,
+        rt: tokio::runtime::Handle,
+    ) -> anyhow::Result<BlobTier> {
+        let buckets: Vec<Bucket> = policies
+            .reachable()
+            .iter()
+            .filter(|p| p.tier == TierKind::ObjectStore)
+            .map(|p| {
+                let readable = bucket_name(&p.pattern);
+                let name = format!("syncfs_ptr_{}", readable.trim_start_matches("syncfs_"));
+                Bucket {
+                    prefix: format!("$KV.{name}."),
+                    name,
+                    policy: p.clone(),
+                    root: pattern_root(&p.pattern),
+                }
+            })
+            .collect();
+        let cache = Cache::open(cache_dir, settings.cache_max_bytes)
+            .map_err(|e| anyhow::anyhow!("cannot open the blob cache {}: {e}", cache_dir.display()))?;
+        let nonce = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let n = buckets.len();
+        Ok(BlobTier {
+            inner: Arc::new(Inner {
+                nats,
+                node: node.to_string(),
+                policies,
+                settings,
+                buckets,
+                view: Mutex::new(HashMap::new()),
+                cache,
+                store: Mutex::new(None),
+                marks: Mutex::new(None),
+                pointer_streams: Mutex::new(vec![None; n]),
+                sink: OnceLock::new(),
+                synced: watch::channel(vec![false; n]).0,
+                tasks: Mutex::new(Vec::new()),
+                connection: Mutex::new(None),
+                rt,
+                fetching: Mutex::new(HashMap::new()),
+                msg_prefix: format!("{node}-{nonce:x}-{}-", std::process::id()),
+                next_msg: AtomicU64::new(1),
+                gc_report: Mutex::new(gc::Report::default()),
+            }),
+        })
+    }
+
+    /// Waits until every pointer bucket has been read (or `timeout` passes).
+    pub async fn wait_synced(&self, timeout: Duration) -> bool {
+        let mut rx = self.inner.synced.subscribe();
+        let done = tokio::time::timeout(timeout, rx.wait_for(|s| s.iter().all(|b| *b))).await;
+        done.is_ok()
+    }
+
+    /// Figures for `syncfs status`.
+    pub fn usage(&self) -> BlobUsage {
+        let (cached, cached_bytes) = self.inner.cache.usage();
+        BlobUsage {
+            buckets: self.inner.buckets.len(),
+            paths: self.inner.view.lock().values().filter(|e| e.rev.is_some()).count(),
+            cached,
+            cached_bytes,
+            gc: self.inner.gc_report.lock().clone(),
+        }
+    }
+
+    /// Runs one garbage collection now (the periodic one runs every `gc_interval`).
+    pub async fn collect(&self) -> Result<gc::Report, TierError> {
+        gc::collect(&self.inner).await
+    }
+}
+
+impl Inner {
+    fn bucket_of(&self, at: &Target) -> Result<usize, TierError> {
+        self.buckets
+            .iter()
+            .position(|b| b.policy.pattern == at.policy.pattern)
+            .ok_or_else(|| TierError::Backend(format!("no pointer bucket for {}", at.policy.pattern)))
+    }
+
+    fn key_of(at: &Target) -> Result<String, TierError> {
+        key::encode(&at.path).map_err(|e| match e {
+            key::KeyError::TooLong => TierError::Io(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG)),
+            key::KeyError::NotAPath => TierError::Io(std::io::Error::from_raw_os_error(libc::EINVAL)),
+        })
+    }
+
+    fn store(&self) -> Result<ObjectStore, TierError> {
+        self.store.lock().clone().ok_or_else(|| unavailable("the object store is not ready"))
+    }
+
+    fn msg_id(&self) -> String {
+        format!("{}{}", self.msg_prefix, self.next_msg.fetch_add(1, Ordering::Relaxed))
+    }
+
+    fn is_own(&self, message: &async_nats::Message) -> bool {
+        message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+            .is_some_and(|id| id.as_str().starts_with(&self.msg_prefix))
+    }
+
+    fn connected(&self) -> Result<(), TierError> {
+        if self.nats.is_connected() {
+            Ok(())
+        } else {
+            Err(unavailable("not connected; blob writes are not queued"))
+        }
+    }
+
+    /// Publishes a pointer (`Some(rev, size)`) or its removal (`None`); returns its revision.
+    async fn point(&self, at: &Target, to: Option<(&str, u64)>) -> Result<u64, TierError> {
+        let bucket = self.bucket_of(at)?;
+        let subject = format!("{}{}", self.buckets[bucket].prefix, Self::key_of(at)?);
+        let mut headers = HeaderMap::new();
+        headers.insert(NODE_HEADER, self.node.as_str());
+        let payload = match to {
+            Some((rev, size)) => Bytes::from(format!("{rev} {size}")),
+            None => {
+                headers.insert(KV_OPERATION, "DEL");
+                Bytes::new()
+            }
+        };
+        let seq = self
+            .nats
+            .publish(subject, payload, headers, &self.msg_id(), None)
+            .await
+            .map_err(|e| match e {
+                PublishFailure::Unavailable(reason) => unavailable(reason),
+                other => backend("publishing a blob pointer", other),
+            })?;
+        let mut view = self.view.lock();
+        let newer = view.get(&at.path).is_none_or(|e| e.seq < seq);
+        if newer {
+            view.insert(
+                at.path.clone(),
+                Entry {
+                    seq,
+                    rev: to.map(|(r, _)| r.to_string()),
+                    node: Some(self.node.clone()),
+                },
+            );
+        }
+        Ok(seq)
+    }
+
+    /// Uploads `content` as object `rev` unless the store has it already.
+    async fn upload(&self, store: &ObjectStore, rev: &str, size: u64, content: &File, check: bool) -> Result<(), TierError> {
+        if check {
+            if let Ok(info) = store.info(rev).await {
+                if !info.deleted && info.size as u64 == size {
+                    return Ok(());
+                }
+            }
+        }
+        let mut reader = tokio::fs::File::from_std(content.try_clone()?);
+        tokio::io::AsyncSeekExt::seek(&mut reader, std::io::SeekFrom::Start(0)).await?;
+        let meta = ObjectMetadata {
+            name: rev.to_string(),
+            description: Some("syncfs blob content".into()),
+            chunk_size: Some(self.settings.chunk_bytes),
+            ..Default::default()
+        };
+        let info = store.put(meta, &mut reader).await.map_err(|e| {
+            if self.nats.is_connected() {
+                backend("uploading a blob", e)
+            } else {
+                unavailable(e)
+            }
+        })?;
+        if info.size as u64 != size {
+            return Err(TierError::Backend(format!("{rev}: uploaded {} bytes of {size}", info.size)));
+        }
+        Ok(())
+    }
+
+    /// Commits the complete content of a blob file (see the module docs).
+    async fn commit(&self, at: &Target, content: Arc<File>) -> Result<Option<Revision>, TierError> {
+        self.connected()?;
+        let store = self.store()?;
+        let file = content.clone();
+        let (hex, size) = blocking(move || Ok((hash_file(&file)?, file.metadata()?.len()))).await?;
+        let rev = format!("{SHA256}{hex}");
+        self.upload(&store, &rev, size, &content, true).await?;
+        self.point(at, Some((&rev, size))).await?;
+        gc::protect(self, &store, &rev, size, Some(&content)).await?;
+        if let Err(e) = self.cache.adopt(&hex, &content) {
+            tracing::warn!(error = %e, "cannot keep a committed blob in the cache");
+        }
+        Ok(Some(Revision(rev)))
+    }
+
+    /// The cached content of `rev`, fetched and verified if needed.
+    async fn content(&self, rev: &str) -> Result<Arc<File>, TierError> {
+        let hex = digest_of(rev)?.to_string();
+        let lock = self.fetching.lock().entry(hex.clone()).or_default().clone();
+        let _one = lock.lock().await;
+        let result = self.content_locked(rev, &hex).await;
+        self.fetching.lock().remove(&hex);
+        result
+    }
+
+    async fn content_locked(&self, rev: &str, hex: &str) -> Result<Arc<File>, TierError> {
+        match self.cache.lookup(hex) {
+            Lookup::Verified(file) => return Ok(Arc::new(file)),
+            Lookup::Unchecked(file) => {
+                let file = Arc::new(file);
+                let check = file.clone();
+                let actual = blocking(move || Ok(hash_file(&check)?)).await?;
+                if actual == hex {
+                    self.cache.checked(hex, &file);
+                    return Ok(file);
+                }
+                tracing::warn!(digest = %hex, actual = %actual, "a cached blob does not match its digest; fetching it again");
+                self.cache.discard(hex);
+            }
+            Lookup::Missing => {}
+        }
+        if !self.nats.is_connected() {
+            return Err(unavailable("not connected, and the content is not cached here"));
+        }
+        let store = self.store()?;
+        let mut object = store.get(rev).await.map_err(|e| backend("fetching a blob", e))?;
+        let (mut temp, temp_path) = self.cache.temp()?;
+        let fetched = async {
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; 256 << 10];
+            loop {
+                let n = object.read(&mut buf).await.map_err(|e| backend("fetching a blob", e))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                // Page-cache writes of at most a chunk: cheaper inline than a hop.
+                std::io::Write::write_all(&mut temp, &buf[..n])?;
+            }
+            Ok::<_, TierError>(cache::hex(&hasher.finalize()))
+        }
+        .await;
+        let actual = match fetched {
+            Ok(actual) => actual,
+            Err(e) => {
+                let _ = std::fs::remove_file(&temp_path);
+                return Err(e);
+            }
+        };
+        if actual != hex {
+            let _ = std::fs::remove_file(&temp_path);
+            return Err(TierError::Backend(format!("object {rev} holds content with digest {actual}")));
+        }
+        Ok(Arc::new(self.cache.insert(hex, &temp_path)?))
+    }
+
+    fn sink(&self) -> Option<&Arc<dyn RemoteSink>> {
+        self.sink.get()
+    }
+}
+
+impl Tier for BlobTier {
+    fn kind(&self) -> TierKind {
+        TierKind::ObjectStore
+    }
+
+    fn write_mode(&self) -> WriteMode {
+        WriteMode::Staged
+    }
+
+    fn keeps_content(&self) -> bool {
+        true
+    }
+
+    fn revision(&self, at: &Target) -> Option<Revision> {
+        self.inner.view.lock().get(&at.path).and_then(|e| e.rev.clone()).map(Revision)
+    }
+
+    fn create(&self, at: &Target, kind: Kind, _exclusive: bool) -> Op<Option<Revision>, TierError> {
+        match kind {
+            // The first commit makes the pointer (also for `touch`); directories are made
+            // where blobs arrive.
+            Kind::File | Kind::Dir => Op::ok(None),
+            _ => Op::err(TierError::Unsupported {
+                op: "special files",
+                tier: at.policy.tier,
+            }),
+        }
+    }
+
+    fn commit(&self, at: &Target, content: Arc<File>, _base: Option<Revision>, _durable: bool) -> Op<Option<Revision>, TierError> {
+        let inner = self.inner.clone();
+        let at = at.clone();
+        // The object and its pointer are acknowledged by JetStream before this returns: a
+        // commit is as durable as the store, whether or not the program asked with fsync.
+        Op::pending(async move { inner.commit(&at, content).await })
+    }
+
+    fn content(&self, _at: &Target, rev: &Revision) -> Op<Arc<File>, TierError> {
+        let Ok(hex) = digest_of(&rev.0) else {
+            return Op::err(TierError::Backend(format!("not a blob revision: {}", rev.0)));
+        };
+        // The common case (cached and unchanged) is answered without a hop to the runtime.
+        if let Lookup::Verified(file) = self.inner.cache.lookup(hex) {
+            return Op::ok(Arc::new(file));
+        }
+        let inner = self.inner.clone();
+        let rev = rev.0.clone();
+        Op::pending(async move { inner.content(&rev).await })
+    }
+
+    fn admit(&self, at: &Target, rev: Option<&Revision>) -> bool {
+        let Some(rev) = rev else { return true };
+        // Content is identified by its digest: the newest pointer's content may land, and
+        // no other (an older commit, or an older remote pointer).
+        match self.inner.view.lock().get(&at.path) {
+            None => true,
+            Some(e) => e.rev.as_deref() == Some(rev.0.as_str()),
+        }
+    }
+
+    fn remove(&self, at: &Target, kind: Kind) -> Op<(), TierError> {
+        if kind == Kind::Dir || self.revision(at).is_none() {
+            return Op::ok(());
+        }
+        let inner = self.inner.clone();
+        let at = at.clone();
+        Op::pending(async move {
+            inner.connected()?;
+            inner.point(&at, None).await?;
+            Ok(())
+        })
+    }
+
+    fn rename(&self, from: &Target, to: &Target, kind: Kind, _content: Option<Arc<File>>) -> Op<(), TierError> {
+        if kind != Kind::File {
+            return Op::err(TierError::CrossDevice(format!(
+                "{}: directories of object-store paths cannot be renamed atomically",
+                from.path.display()
+            )));
+        }
+        let Some(rev) = self.revision(from) else {
+            // Never committed (or not heard of): only the local name moves.
+            return Op::ok(());
+        };
+        let inner = self.inner.clone();
+        let (from, to) = (from.clone(), to.clone());
+        Op::pending(async move {
+            inner.connected()?;
+            let store = inner.store()?;
+            let info = store.info(&rev.0).await.map_err(|e| backend("looking up a blob", e))?;
+            let size = info.size as u64;
+            inner.point(&to, Some((&rev.0, size))).await?;
+            let cached = match inner.cache.lookup(digest_of(&rev.0)?) {
+                Lookup::Verified(f) | Lookup::Unchecked(f) => Some(Arc::new(f)),
+                Lookup::Missing => None,
+            };
+            gc::protect(&inner, &store, &rev.0, size, cached.as_ref()).await?;
+            inner.point(&from, None).await?;
+            Ok(())
+        })
+    }
+
+    fn supports_hard_links(&self) -> bool {
+        false
+    }
+
+    fn attribute(&self, at: &Target, name: &str) -> Option<Vec<u8>> {
+        let view = self.inner.view.lock();
+        let e = view.get(&at.path).filter(|e| e.rev.is_some())?;
+        match name {
+            "user.syncfs.rev" => e.rev.clone().map(String::into_bytes),
+            "user.syncfs.node" => e.node.clone().map(String::into_bytes),
+            _ => None,
+        }
+    }
+
+    fn start(&self, sink: Arc<dyn RemoteSink>) {
+        let _ = self.inner.sink.set(sink);
+        let task = self.inner.rt.spawn(supervise(self.inner.clone()));
+        let collector = self.inner.rt.spawn(gc::run(self.inner.clone()));
+        self.inner.tasks.lock().extend([task, collector]);
+    }
+
+    fn shutdown(&self) -> Op<(), TierError> {
+        let inner = self.inner.clone();
+        Op::pending(async move {
+            let tasks: Vec<_> = inner.tasks.lock().drain(..).chain(inner.connection.lock().take()).collect();
+            for task in &tasks {
+                task.abort();
+            }
+            for task in tasks {
+                let _ = task.await;
+            }
+            Ok(())
+        })
+    }
+}
+
+// ---- other nodes' pointers ------------------------------------------------------------------
+
+/// Runs for the life of the mount: on every connection, prepares the store and buckets and
+/// watches every pointer bucket.
+async fn supervise(inner: Arc<Inner>) {
+    if let Some(sink) = inner.sink().cloned() {
+        let roots: Vec<PathBuf> = inner.buckets.iter().map(|b| b.root.clone()).filter(|r| !r.as_os_str().is_empty()).collect();
+        let _ = tokio::task::spawn_blocking(move || {
+            for root in roots {
+                if let Err(e) = sink.apply(&root, RemoteChange::Dir, None) {
+                    tracing::warn!(root = %root.display(), error = %e, "cannot create a policy's directory");
+                }
+            }
+        })
+        .await;
+    }
+    let mut state = inner.nats.watch_state();
+    let mut handled = 0u64;
+    loop {
+        let generation = match state.wait_for(|s| s.0 == ConnState::Connected && s.1 > handled).await {
+            Ok(s) => s.1,
+            Err(_) => return,
+        };
+        handled = generation;
+        inner.synced.send_modify(|s| s.iter_mut().for_each(|b| *b = false));
+        let this = inner.clone();
+        let conn_state = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                match prepare(&this).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::error!(error = %format!("{e:#}"), "the NATS object store is not usable yet; retrying");
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                        if conn_state.borrow().1 != generation {
+                            return;
+                        }
+                    }
+                }
+            }
+            futures::future::join_all((0..this.buckets.len()).map(|b| watch_bucket(this.clone(), b))).await;
+        });
+        if let Some(previous) = inner.connection.lock().replace(task) {
+            previous.abort();
+        }
+    }
+}
+
+async fn prepare(inner: &Arc<Inner>) -> anyhow::Result<()> {
+    use async_nats::jetstream::{kv, object_store, stream::StorageType};
+    inner.nats.check_server().await?;
+    let js = &inner.nats.js;
+    let store = match js.get_object_store(&inner.settings.bucket).await {
+        Ok(s) => s,
+        Err(_) => {
+            let config = object_store::Config {
+                bucket: inner.settings.bucket.clone(),
+                description: Some("syncfs: blob content by SHA-256".into()),
+                storage: StorageType::File,
+                num_replicas: inner.settings.replicas.max(1),
+                ..Default::default()
+            };
+            match js.create_object_store(config).await {
+                Ok(s) => s,
+                Err(create) => js
+                    .get_object_store(&inner.settings.bucket)
+                    .await
+                    .map_err(|_| anyhow::anyhow!("cannot create the object store {}: {create}", inner.settings.bucket))?,
+            }
+        }
+    };
+    *inner.store.lock() = Some(store);
+    let kv_config = |bucket: String, description: String| kv::Config {
+        bucket,
+        description,
+        history: 1,
+        num_replicas: inner.settings.replicas.max(1),
+        storage: StorageType::File,
+        ..Default::default()
+    };
+    let mut buckets = vec![(gc::marks_bucket(&inner.settings.bucket), "syncfs: blobs condemned by garbage collection".to_string())];
+    buckets.extend(inner.buckets.iter().map(|b| (b.name.clone(), format!("syncfs: blob paths matching {}", b.policy.pattern))));
+    for (i, (name, description)) in buckets.into_iter().enumerate() {
+        let store = match js.get_key_value(&name).await {
+            Ok(s) => s,
+            Err(_) => match js.create_key_value(kv_config(name.clone(), description)).await {
+                Ok(s) => s,
+                Err(create) => js
+                    .get_key_value(&name)
+                    .await
+                    .map_err(|_| anyhow::anyhow!("cannot create the KV bucket {name}: {create}"))?,
+            },
+        };
+        if i == 0 {
+            *inner.marks.lock() = Some(store);
+        } else {
+            inner.pointer_streams.lock()[i - 1] = Some(store.stream.clone());
+        }
+    }
+    Ok(())
+}
+
+async fn watch_bucket(inner: Arc<Inner>, bucket: usize) {
+    loop {
+        match run_watch(&inner, bucket).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(bucket = %inner.buckets[bucket].name, error = %format!("{e:#}"), "blob pointer watch failed; restarting");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+async fn run_watch(inner: &Arc<Inner>, bucket: usize) -> anyhow::Result<()> {
+    let b = &inner.buckets[bucket];
+    let stream = inner.pointer_streams.lock()[bucket].clone().ok_or_else(|| anyhow::anyhow!("bucket not ready"))?;
+    let consumer = stream
+        .create_consumer(push::OrderedConfig {
+            deliver_subject: inner.nats.client.new_inbox(),
+            description: Some(format!("syncfs watch of {}", b.name)),
+            filter_subject: format!("{}>", b.prefix),
+            replay_policy: ReplayPolicy::Instant,
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            ..Default::default()
+        })
+        .await?;
+    let mut synced = consumer.cached_info().num_pending == 0;
+    let mut seen = HashSet::new();
+    if synced {
+        finish_sync(inner, bucket, &seen);
+    }
+    let mut messages = consumer.messages().await?;
+    loop {
+        let next = if synced {
+            messages.next().await
+        } else {
+            match tokio::time::timeout(Duration::from_secs(1), messages.next()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    finish_sync(inner, bucket, &seen);
+                    synced = true;
+                    continue;
+                }
+            }
+        };
+        let Some(message) = next else {
+            anyhow::bail!("the watch ended");
+        };
+        let message = message?;
+        let (seq, pending) = {
+            let info = message.info().map_err(|e| anyhow::anyhow!("{e}"))?;
+            (info.stream_sequence, info.pending)
+        };
+        if let Some(path) = handle(inner, bucket, &message.message, seq) {
+            seen.insert(path);
+        }
+        if !synced && pending == 0 {
+            finish_sync(inner, bucket, &seen);
+            synced = true;
+        }
+    }
+}
+
+/// Applies one pointer message. Returns the path it concerns.
+fn handle(inner: &Inner, bucket: usize, message: &async_nats::Message, seq: u64) -> Option<PathBuf> {
+    let b = &inner.buckets[bucket];
+    let k = message.subject.as_str().strip_prefix(&b.prefix)?;
+    let Some(key::Decoded::File(path)) = key::decode(k) else { return None };
+    if inner.policies.resolve(&path).pattern != b.policy.pattern {
+        return None;
+    }
+    let headers = message.headers.as_ref();
+    let op = headers.and_then(|h| h.get(KV_OPERATION)).map(|v| v.as_str().to_string());
+    let node = headers.and_then(|h| h.get(NODE_HEADER)).map(|v| v.as_str().to_string());
+    let pointer = if matches!(op.as_deref(), Some("DEL") | Some("PURGE")) {
+        None
+    } else {
+        match parse_pointer(&message.payload) {
+            Some(p) => Some(p),
+            None => {
+                tracing::warn!(path = %path.display(), "ignoring a blob pointer that is not `sha256:<hex> <size>`");
+                return Some(path);
+            }
+        }
+    };
+    let fresh = {
+        let mut view = inner.view.lock();
+        let fresh = view.get(&path).is_none_or(|e| e.seq < seq);
+        if fresh {
+            view.insert(
+                path.clone(),
+                Entry {
+                    seq,
+                    rev: pointer.as_ref().map(|(r, _)| r.clone()),
+                    node,
+                },
+            );
+        }
+        fresh
+    };
+    // This process's own pointers were installed by the core already.
+    if fresh && !inner.is_own(message) {
+        if let Some(sink) = inner.sink() {
+            let result = match pointer {
+                Some((rev, size)) => sink.apply(&path, RemoteChange::Stub { size }, Some(Revision(rev))),
+                None => sink.apply(&path, RemoteChange::Delete, None),
+            };
+            if let Err(e) = result {
+                tracing::warn!(path = %path.display(), error = %e, "cannot apply a remote blob pointer");
+            }
+        }
+    }
+    Some(path)
+}
+
+/// After a watch caught up: removes blob files whose pointer vanished while the node was away.
+fn finish_sync(inner: &Inner, bucket: usize, seen: &HashSet<PathBuf>) {
+    let b = &inner.buckets[bucket];
+    if let Some(sink) = inner.sink() {
+        let on_disk = tokio::task::block_in_place(|| sink.files(&b.root));
+        for path in on_disk {
+            if seen.contains(&path) || inner.policies.resolve(&path).pattern != b.policy.pattern {
+                continue;
+            }
+            // Only files that were committed (their placeholder names content) can have lost
+            // their pointer; an untagged file is a local write on its way.
+            let known = inner.view.lock().get(&path).cloned();
+            if known.is_some_and(|e| e.rev.is_some()) {
+                continue;
+            }
+            if sink.tagged(&path) {
+                tracing::debug!(path = %path.display(), "no longer in the pointer bucket; removing");
+                let _ = sink.apply(&path, RemoteChange::Delete, None);
+            }
+        }
+    }
+    inner.synced.send_modify(|s| s[bucket] = true);
+    tracing::info!(bucket = %b.name, paths = seen.len(), "view of the blob pointers is complete");
+}

@@ -1,0 +1,432 @@
+//! The append tier: NATS JetStream streams (`tier: nats-stream`, `consistency: append`).
+//!
+//! # Where things are
+//!
+//! - One stream per policy, named from its pattern like a KV bucket (`syncfs_fast_messages_…`),
+//!   with `max_age` from the policy's `retention.max_age_days` and size limits from the config
+//!   (`nats.stream.*`). A file is one subject, `syncfs.log.<stream>.<key>`, with the KV tier's
+//!   reversible path encoding, so no file name can address another file or a wildcard.
+//! - A message is one append: its payload is the appended bytes, unchanged. Appends larger
+//!   than the server's payload limit are split into parts (`Syncfs-Part: k/n`, `Syncfs-Append:
+//!   <id>`) that readers put back together ([`log`]). Truncation to zero and removal are
+//!   rollup messages (`Nats-Rollup: sub`, `Syncfs-Op: truncate|delete`): JetStream drops the
+//!   file's earlier messages, and every reader sees the operation at its place in the order.
+//!
+//! # How a file is kept
+//!
+//! The tree's copy of a file is the concatenation of its messages in stream order, and only
+//! this tier's applier writes it (one task per stream, reading every message in order, see
+//! [`sync`]). A program's append is published, then waits until the applier has put it in the
+//! tree, so `close()` returning means the line is in the file on this node, after every
+//! append the stream ordered before it. Files change in place (never replaced), so
+//! `tail -f` on any node follows them.
+//!
+//! Retries are idempotent: every message carries a `Nats-Msg-Id` derived from the append's
+//! id, which stays the same when the core retries a failed append. Appends never queue:
+//! while NATS is unreachable they fail at once with `EAGAIN`.
+//!
+//! The applier's state (per file: length, first and last sequence) is saved in
+//! `--state/streams/<stream>.json`; a restart cuts files back to the saved lengths and
+//! replays the stream from the saved point, so a crash never doubles or loses an append.
+//! Messages the stream no longer keeps (retention, size limits) leave every node's files
+//! the same way: a file whose oldest message is gone is rebuilt from what the stream still
+//! holds.
+
+mod log;
+mod sync;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use self::log::LogState;
+use super::kv::{bucket_name, key, pattern_root};
+use super::{Appended, RemoteSink, Revision, Target, Tier, TierError, WriteMode};
+use crate::fs::Kind;
+use crate::nats::{Nats, PublishFailure};
+use crate::op::Op;
+use crate::policy::{PolicyTable, TierKind};
+
+const NODE_HEADER: &str = "Syncfs-Node";
+const OP_HEADER: &str = "Syncfs-Op";
+const PART_HEADER: &str = "Syncfs-Part";
+const APPEND_HEADER: &str = "Syncfs-Append";
+/// Room left under the server's `max_payload` for headers.
+const HEADER_ROOM: usize = 1024;
+
+/// Limits of the streams syncfs creates (`nats.stream.*` in the config file).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamSettings {
+    /// Bytes a stream keeps at most (oldest messages go first); `None`: no limit.
+    pub max_bytes: Option<i64>,
+    /// Messages a stream keeps at most; `None`: no limit.
+    pub max_msgs: Option<i64>,
+    /// Replicas of each stream.
+    pub replicas: usize,
+}
+
+impl Default for StreamSettings {
+    fn default() -> Self {
+        StreamSettings {
+            max_bytes: None,
+            max_msgs: None,
+            replicas: 1,
+        }
+    }
+}
+
+/// One stream: the policy it serves and its files.
+pub(crate) struct Log {
+    /// The stream's name.
+    pub name: String,
+    /// The policy whose paths it holds.
+    pub policy: Arc<crate::policy::Policy>,
+    /// The literal directory prefix of the pattern, which always exists in the tree.
+    pub root: PathBuf,
+    /// `syncfs.log.<name>.`
+    pub prefix: String,
+    /// Files and gathers.
+    pub state: Mutex<LogState>,
+    /// The last sequence the applier handled.
+    pub applied: watch::Sender<u64>,
+    /// Where the state is saved.
+    pub state_file: PathBuf,
+}
+
+pub(crate) struct Inner {
+    nats: Arc<Nats>,
+    node: String,
+    policies: Arc<PolicyTable>,
+    settings: StreamSettings,
+    logs: Vec<Log>,
+    sink: OnceLock<Arc<dyn RemoteSink>>,
+    /// Logs whose applier has caught up in the current connection.
+    synced: watch::Sender<Vec<bool>>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    connection: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    rt: tokio::runtime::Handle,
+    /// The prefix of this process's message ids (node, boot nonce, pid).
+    msg_prefix: String,
+    next_msg: AtomicU64,
+}
+
+/// The nats-stream tier of a mount.
+#[derive(Clone)]
+pub struct StreamTier {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for StreamTier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.inner.logs.iter().map(|l| l.name.as_str()).collect();
+        f.debug_struct("StreamTier").field("streams", &names).finish_non_exhaustive()
+    }
+}
+
+fn unavailable(reason: impl std::fmt::Display) -> TierError {
+    TierError::Unavailable {
+        tier: TierKind::NatsStream,
+        reason: reason.to_string(),
+    }
+}
+
+impl StreamTier {
+    /// A tier for every nats-stream policy of `policies`, saving each stream's state under
+    /// `state_dir`. Nothing touches the network until [`Tier::start`].
+    pub fn new(
+        nats: Arc<Nats>,
+        node: &str,
+        policies: Arc<PolicyTable>,
+        settings: StreamSettings,
+        state_dir: &Path,
+        rt: tokio::runtime::Handle,
+    ) -> anyhow::Result<StreamTier> {
+        std::fs::create_dir_all(state_dir)?;
+        let spill = state_dir.join("parts");
+        // Gathered parts of an earlier run are gathered again from the stream.
+        let _ = std::fs::remove_dir_all(&spill);
+        let mut logs = Vec::new();
+        for p in policies.reachable().iter().filter(|p| p.tier == TierKind::NatsStream) {
+            let name = bucket_name(&p.pattern);
+            let state_file = state_dir.join(format!("{name}.json"));
+            let saved = match log::load(&state_file) {
+                Ok(saved) => saved.unwrap_or_default(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the stream state is unreadable; rebuilding the files from the stream");
+                    Default::default()
+                }
+            };
+            logs.push(Log {
+                prefix: format!("syncfs.log.{name}."),
+                state: Mutex::new(LogState::restore(saved, spill.clone())),
+                applied: watch::channel(0).0,
+                name,
+                policy: p.clone(),
+                root: pattern_root(&p.pattern),
+                state_file,
+            });
+        }
+        let nonce = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let n = logs.len();
+        Ok(StreamTier {
+            inner: Arc::new(Inner {
+                nats,
+                node: node.to_string(),
+                policies,
+                settings,
+                logs,
+                sink: OnceLock::new(),
+                synced: watch::channel(vec![false; n]).0,
+                tasks: Mutex::new(Vec::new()),
+                connection: Mutex::new(None),
+                rt,
+                msg_prefix: format!("{node}-{nonce:x}-{}-", std::process::id()),
+                next_msg: AtomicU64::new(1),
+            }),
+        })
+    }
+
+    /// Waits until every stream's files are caught up (or `timeout` passes).
+    pub async fn wait_synced(&self, timeout: Duration) -> bool {
+        let mut rx = self.inner.synced.subscribe();
+        let done = tokio::time::timeout(timeout, rx.wait_for(|s| s.iter().all(|b| *b))).await;
+        done.is_ok()
+    }
+
+    /// How many streams and files this mount has.
+    pub fn usage(&self) -> (usize, usize) {
+        let files = self.inner.logs.iter().map(|l| l.state.lock().files.len()).sum();
+        (self.inner.logs.len(), files)
+    }
+}
+
+impl Inner {
+    fn log_of(&self, at: &Target) -> Result<usize, TierError> {
+        self.logs
+            .iter()
+            .position(|l| l.policy.pattern == at.policy.pattern)
+            .ok_or_else(|| TierError::Backend(format!("no stream for {}", at.policy.pattern)))
+    }
+
+    fn subject_of(&self, log: usize, at: &Target) -> Result<String, TierError> {
+        let key = key::encode(&at.path).map_err(|e| match e {
+            key::KeyError::TooLong => TierError::Io(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG)),
+            key::KeyError::NotAPath => TierError::Io(std::io::Error::from_raw_os_error(libc::EINVAL)),
+        })?;
+        Ok(format!("{}{key}", self.logs[log].prefix))
+    }
+
+    fn part_size(&self) -> usize {
+        self.nats.max_payload().saturating_sub(HEADER_ROOM).max(1024)
+    }
+
+    fn headers(&self) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(NODE_HEADER, self.node.as_str());
+        headers
+    }
+
+    async fn publish(&self, subject: &str, payload: Bytes, headers: HeaderMap, msg_id: &str) -> Result<u64, TierError> {
+        self.nats
+            .publish(subject.to_string(), payload, headers, msg_id, None)
+            .await
+            .map_err(|e| match e {
+                PublishFailure::TooBig => TierError::TooBig(format!("{subject}: larger than the server's max_payload")),
+                PublishFailure::NoStream => TierError::Backend(format!("no stream takes {subject}")),
+                PublishFailure::WrongLastSequence => TierError::Backend("unexpected sequence check".into()),
+                PublishFailure::Unavailable(reason) => unavailable(reason),
+            })
+    }
+
+    /// Waits until the applier of `log` has put message `seq` in the tree. A stored append
+    /// is a success even if that takes longer: it is in the stream and will arrive.
+    async fn wait_applied(&self, log: usize, seq: u64) {
+        let mut rx = self.logs[log].applied.subscribe();
+        let waited = tokio::time::timeout(self.nats.timeout, rx.wait_for(|a| *a >= seq)).await;
+        if waited.is_err() {
+            tracing::warn!(stream = %self.logs[log].name, seq, "stored, but not in the tree yet; it follows");
+        }
+    }
+
+    async fn append(&self, at: &Target, id: u64, data: Appended) -> Result<Option<Revision>, TierError> {
+        if !self.nats.is_connected() {
+            return Err(unavailable("not connected; appends are not queued"));
+        }
+        let log = self.log_of(at)?;
+        let subject = self.subject_of(log, at)?;
+        let part = self.part_size();
+        let append_id = format!("{}{id}", self.msg_prefix);
+        let n = data.len().div_ceil(part as u64).max(1);
+        let mut seq = 0;
+        for k in 1..=n {
+            let chunk = data.chunk((k - 1) * part as u64, part)?;
+            let mut headers = self.headers();
+            let msg_id = if n == 1 {
+                append_id.clone()
+            } else {
+                headers.insert(PART_HEADER, format!("{k}/{n}").as_str());
+                headers.insert(APPEND_HEADER, append_id.as_str());
+                format!("{append_id}.{k}")
+            };
+            seq = self.publish(&subject, chunk, headers, &msg_id).await?;
+        }
+        self.wait_applied(log, seq).await;
+        Ok(Some(Revision(seq.to_string())))
+    }
+
+    /// Publishes a truncation or removal of `at`: a rollup of its subject.
+    async fn rollup(&self, at: &Target, op: &str) -> Result<(), TierError> {
+        if !at.policy.purge {
+            return Err(TierError::Refused(format!(
+                "{} is append-only: its policy ({}) has no `purge: true`, so it cannot be {}",
+                at.path.display(),
+                at.policy.pattern,
+                if op == "delete" { "removed" } else { "truncated" }
+            )));
+        }
+        if !self.nats.is_connected() {
+            return Err(unavailable("not connected; purges are not queued"));
+        }
+        let log = self.log_of(at)?;
+        let subject = self.subject_of(log, at)?;
+        let mut headers = self.headers();
+        headers.insert(OP_HEADER, op);
+        headers.insert(async_nats::header::NATS_ROLLUP, "sub");
+        let msg_id = format!("{}{}", self.msg_prefix, self.next_msg.fetch_add(1, Ordering::Relaxed));
+        let seq = self.publish(&subject, Bytes::new(), headers, &msg_id).await?;
+        self.wait_applied(log, seq).await;
+        Ok(())
+    }
+
+    fn file_state(&self, at: &Target) -> Option<log::FileState> {
+        let log = self.log_of(at).ok()?;
+        self.logs[log].state.lock().files.get(&at.path).cloned()
+    }
+
+    fn sink(&self) -> Option<&Arc<dyn RemoteSink>> {
+        self.sink.get()
+    }
+}
+
+impl Tier for StreamTier {
+    fn kind(&self) -> TierKind {
+        TierKind::NatsStream
+    }
+
+    fn write_mode(&self) -> WriteMode {
+        WriteMode::Append
+    }
+
+    fn revision(&self, at: &Target) -> Option<Revision> {
+        self.inner.file_state(at).map(|f| Revision(f.last.to_string()))
+    }
+
+    fn create(&self, at: &Target, kind: Kind, _exclusive: bool) -> Op<Option<Revision>, TierError> {
+        match kind {
+            // The file's first append (an empty one, for a file only created) makes it exist
+            // on every node; directories are made where files arrive.
+            Kind::File | Kind::Dir => Op::ok(None),
+            _ => Op::err(TierError::Unsupported {
+                op: "special files",
+                tier: at.policy.tier,
+            }),
+        }
+    }
+
+    fn commit(&self, at: &Target, _content: Arc<File>, _base: Option<Revision>, _durable: bool) -> Op<Option<Revision>, TierError> {
+        Op::err(TierError::Unsupported {
+            op: "rewriting",
+            tier: at.policy.tier,
+        })
+    }
+
+    fn append(&self, at: &Target, id: u64, data: Appended, _durable: bool) -> Op<Option<Revision>, TierError> {
+        let inner = self.inner.clone();
+        let at = at.clone();
+        // JetStream acknowledges a message once it is stored (on a quorum of replicas), so
+        // every acknowledged append is as durable as the stream: fsync waits for nothing more.
+        Op::pending(async move { inner.append(&at, id, data).await })
+    }
+
+    fn check_append(&self, _at: &Target) -> Result<(), TierError> {
+        if self.inner.nats.is_connected() {
+            Ok(())
+        } else {
+            Err(unavailable("not connected; appends are not queued"))
+        }
+    }
+
+    fn purge(&self, at: &Target) -> Op<(), TierError> {
+        let inner = self.inner.clone();
+        let at = at.clone();
+        Op::pending(async move { inner.rollup(&at, "truncate").await })
+    }
+
+    fn admit(&self, _at: &Target, _rev: Option<&Revision>) -> bool {
+        // Only the applier writes these files, in stream order.
+        true
+    }
+
+    fn remove(&self, at: &Target, kind: Kind) -> Op<(), TierError> {
+        if kind == Kind::Dir || self.inner.file_state(at).is_none() {
+            // A directory, or a file no message made (created here, never closed): local only.
+            return Op::ok(());
+        }
+        let inner = self.inner.clone();
+        let at = at.clone();
+        Op::pending(async move { inner.rollup(&at, "delete").await })
+    }
+
+    fn rename(&self, from: &Target, _to: &Target, _kind: Kind, _content: Option<Arc<File>>) -> Op<(), TierError> {
+        Op::err(TierError::CrossDevice(format!(
+            "{}: files of append paths are not renamed (a rename would rewrite the stream)",
+            from.path.display()
+        )))
+    }
+
+    fn supports_hard_links(&self) -> bool {
+        false
+    }
+
+    fn attribute(&self, at: &Target, name: &str) -> Option<Vec<u8>> {
+        let file = self.inner.file_state(at)?;
+        match name {
+            "user.syncfs.rev" => Some(file.last.to_string().into_bytes()),
+            "user.syncfs.node" => file.node.map(String::into_bytes),
+            _ => None,
+        }
+    }
+
+    fn start(&self, sink: Arc<dyn RemoteSink>) {
+        let _ = self.inner.sink.set(sink);
+        let task = self.inner.rt.spawn(sync::supervise(self.inner.clone()));
+        self.inner.tasks.lock().push(task);
+    }
+
+    fn shutdown(&self) -> Op<(), TierError> {
+        let inner = self.inner.clone();
+        Op::pending(async move {
+            let tasks: Vec<_> = inner.tasks.lock().drain(..).chain(inner.connection.lock().take()).collect();
+            for task in &tasks {
+                task.abort();
+            }
+            for task in tasks {
+                let _ = task.await;
+            }
+            for log in &inner.logs {
+                sync::save(log);
+            }
+            Ok(())
+        })
+    }
+}
