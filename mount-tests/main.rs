@@ -3,6 +3,7 @@
 //! They need root and /dev/fuse (they mount with mount(2)) and use bash, coreutils, attr
 //! (getfattr/setfattr), python3 and setpriv; `scripts/install-deps.sh` installs them.
 
+mod blob;
 mod errors;
 mod fast;
 mod git;
@@ -11,4 +12,5 @@ mod lifecycle;
 mod model;
 mod nats;
 mod permissions;
+mod stream;
 mod tools;

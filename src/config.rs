@@ -245,9 +245,13 @@ impl FileConfig {
                                         "max_bytes" => s.max_bytes = Some(positive("nats.stream.max_bytes")? as i64),
                                         "max_msgs" => s.max_msgs = Some(positive("nats.stream.max_msgs")? as i64),
                                         "replicas" => s.replicas = replicas(file, sv, "nats.stream.replicas")?,
+                                        "check_interval_ms" => {
+                                            s.check_interval = Duration::from_millis(positive("nats.stream.check_interval_ms")?)
+                                        }
                                         other => {
                                             return Err(at(file, sk, format!(
-                                                "unknown key `nats.stream.{other}` (expected max_bytes, max_msgs, replicas)"
+                                                "unknown key `nats.stream.{other}` (expected max_bytes, max_msgs, replicas, \
+                                                 check_interval_ms)"
                                             )))
                                         }
                                     }

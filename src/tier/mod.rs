@@ -49,6 +49,7 @@
 
 pub mod blob;
 pub mod git;
+pub mod jetstream;
 pub mod kv;
 pub mod local;
 pub mod stream;
@@ -286,6 +287,19 @@ pub trait Tier: Send + Sync + 'static {
     /// Stops cleanly at unmount (synced tiers release what they hold for this mount).
     fn shutdown(&self) -> Op<(), TierError> {
         Op::ok(())
+    }
+}
+
+/// [`Tier::create`] of a tier that stores only files and whose first commit (or append)
+/// makes a new name exist in the backend: files and directories need nothing yet (directories
+/// are made where files arrive), anything else cannot be stored.
+pub fn create_lazily(at: &Target, kind: Kind) -> Op<Option<Revision>, TierError> {
+    match kind {
+        Kind::File | Kind::Dir => Op::ok(None),
+        _ => Op::err(TierError::Unsupported {
+            op: "special files",
+            tier: at.policy.tier,
+        }),
     }
 }
 

@@ -32,16 +32,13 @@ pub mod gc;
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
-use async_nats::jetstream::consumer::{push, DeliverPolicy, ReplayPolicy};
 use async_nats::jetstream::object_store::{ObjectMetadata, ObjectStore};
 use async_nats::jetstream::stream::Stream;
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use futures::StreamExt;
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
@@ -49,10 +46,11 @@ use tokio::sync::watch;
 
 pub use self::cache::hash_file;
 use self::cache::{Cache, Lookup};
+use super::jetstream::{self, blocking, MsgIds, Tasks};
 use super::kv::{bucket_name, key, pattern_root};
 use super::{RemoteChange, RemoteSink, Revision, Target, Tier, TierError, WriteMode};
 use crate::fs::Kind;
-use crate::nats::{ConnState, Nats, PublishFailure};
+use crate::nats::{Nats, PublishFailure};
 use crate::op::Op;
 use crate::policy::{PolicyTable, TierKind};
 
@@ -124,13 +122,11 @@ pub(crate) struct Inner {
     pointer_streams: Mutex<Vec<Option<Stream>>>,
     sink: OnceLock<Arc<dyn RemoteSink>>,
     synced: watch::Sender<Vec<bool>>,
-    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
-    connection: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    tasks: Tasks,
     rt: tokio::runtime::Handle,
     /// Fetches in flight, one per digest, so concurrent opens download once.
     fetching: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    msg_prefix: String,
-    next_msg: AtomicU64,
+    ids: MsgIds,
     /// What the last collection did, for status.
     pub(crate) gc_report: Mutex<gc::Report>,
 }
@@ -156,12 +152,6 @@ fn unavailable(reason: impl std::fmt::Display) -> TierError {
 
 fn backend(what: &str, e: impl std::fmt::Display) -> TierError {
     TierError::Backend(format!("{what}: {e}"))
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, TierError> + Send + 'static) -> Result<T, TierError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| TierError::Backend(format!("blocking task: {e}")))?
 }
 
 /// The hex digest of a `sha256:<hex>` revision.
@@ -222,10 +212,6 @@ impl BlobTier {
             .collect();
         let cache = Cache::open(cache_dir, settings.cache_max_bytes)
             .map_err(|e| anyhow::anyhow!("cannot open the blob cache {}: {e}", cache_dir.display()))?;
-        let nonce = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
         let n = buckets.len();
         Ok(BlobTier {
             inner: Arc::new(Inner {
@@ -241,12 +227,10 @@ impl BlobTier {
                 pointer_streams: Mutex::new(vec![None; n]),
                 sink: OnceLock::new(),
                 synced: watch::channel(vec![false; n]).0,
-                tasks: Mutex::new(Vec::new()),
-                connection: Mutex::new(None),
+                tasks: Tasks::default(),
                 rt,
                 fetching: Mutex::new(HashMap::new()),
-                msg_prefix: format!("{node}-{nonce:x}-{}-", std::process::id()),
-                next_msg: AtomicU64::new(1),
+                ids: MsgIds::new(node),
                 gc_report: Mutex::new(gc::Report::default()),
             }),
         })
@@ -254,9 +238,7 @@ impl BlobTier {
 
     /// Waits until every pointer bucket has been read (or `timeout` passes).
     pub async fn wait_synced(&self, timeout: Duration) -> bool {
-        let mut rx = self.inner.synced.subscribe();
-        let done = tokio::time::timeout(timeout, rx.wait_for(|s| s.iter().all(|b| *b))).await;
-        done.is_ok()
+        jetstream::wait_synced(&self.inner.synced, timeout).await
     }
 
     /// Figures for `syncfs status`.
@@ -285,27 +267,8 @@ impl Inner {
             .ok_or_else(|| TierError::Backend(format!("no pointer bucket for {}", at.policy.pattern)))
     }
 
-    fn key_of(at: &Target) -> Result<String, TierError> {
-        key::encode(&at.path).map_err(|e| match e {
-            key::KeyError::TooLong => TierError::Io(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG)),
-            key::KeyError::NotAPath => TierError::Io(std::io::Error::from_raw_os_error(libc::EINVAL)),
-        })
-    }
-
     fn store(&self) -> Result<ObjectStore, TierError> {
         self.store.lock().clone().ok_or_else(|| unavailable("the object store is not ready"))
-    }
-
-    fn msg_id(&self) -> String {
-        format!("{}{}", self.msg_prefix, self.next_msg.fetch_add(1, Ordering::Relaxed))
-    }
-
-    fn is_own(&self, message: &async_nats::Message) -> bool {
-        message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
-            .is_some_and(|id| id.as_str().starts_with(&self.msg_prefix))
     }
 
     fn connected(&self) -> Result<(), TierError> {
@@ -319,7 +282,7 @@ impl Inner {
     /// Publishes a pointer (`Some(rev, size)`) or its removal (`None`); returns its revision.
     async fn point(&self, at: &Target, to: Option<(&str, u64)>) -> Result<u64, TierError> {
         let bucket = self.bucket_of(at)?;
-        let subject = format!("{}{}", self.buckets[bucket].prefix, Self::key_of(at)?);
+        let subject = format!("{}{}", self.buckets[bucket].prefix, jetstream::key_of(&at.path)?);
         let mut headers = HeaderMap::new();
         headers.insert(NODE_HEADER, self.node.as_str());
         let payload = match to {
@@ -331,7 +294,7 @@ impl Inner {
         };
         let seq = self
             .nats
-            .publish(subject, payload, headers, &self.msg_id(), None)
+            .publish(subject, payload, headers, &self.ids.next(), None)
             .await
             .map_err(|e| match e {
                 PublishFailure::Unavailable(reason) => unavailable(reason),
@@ -482,15 +445,8 @@ impl Tier for BlobTier {
     }
 
     fn create(&self, at: &Target, kind: Kind, _exclusive: bool) -> Op<Option<Revision>, TierError> {
-        match kind {
-            // The first commit makes the pointer (also for `touch`); directories are made
-            // where blobs arrive.
-            Kind::File | Kind::Dir => Op::ok(None),
-            _ => Op::err(TierError::Unsupported {
-                op: "special files",
-                tier: at.policy.tier,
-            }),
-        }
+        // The first commit makes the pointer (also for `touch`).
+        super::create_lazily(at, kind)
     }
 
     fn commit(&self, at: &Target, content: Arc<File>, _base: Option<Revision>, _durable: bool) -> Op<Option<Revision>, TierError> {
@@ -582,21 +538,14 @@ impl Tier for BlobTier {
 
     fn start(&self, sink: Arc<dyn RemoteSink>) {
         let _ = self.inner.sink.set(sink);
-        let task = self.inner.rt.spawn(supervise(self.inner.clone()));
-        let collector = self.inner.rt.spawn(gc::run(self.inner.clone()));
-        self.inner.tasks.lock().extend([task, collector]);
+        self.inner.tasks.keep(self.inner.rt.spawn(supervise(self.inner.clone())));
+        self.inner.tasks.keep(self.inner.rt.spawn(gc::run(self.inner.clone())));
     }
 
     fn shutdown(&self) -> Op<(), TierError> {
         let inner = self.inner.clone();
         Op::pending(async move {
-            let tasks: Vec<_> = inner.tasks.lock().drain(..).chain(inner.connection.lock().take()).collect();
-            for task in &tasks {
-                task.abort();
-            }
-            for task in tasks {
-                let _ = task.await;
-            }
+            inner.tasks.stop().await;
             Ok(())
         })
     }
@@ -607,47 +556,18 @@ impl Tier for BlobTier {
 /// Runs for the life of the mount: on every connection, prepares the store and buckets and
 /// watches every pointer bucket.
 async fn supervise(inner: Arc<Inner>) {
-    if let Some(sink) = inner.sink().cloned() {
-        let roots: Vec<PathBuf> = inner.buckets.iter().map(|b| b.root.clone()).filter(|r| !r.as_os_str().is_empty()).collect();
-        let _ = tokio::task::spawn_blocking(move || {
-            for root in roots {
-                if let Err(e) = sink.apply(&root, RemoteChange::Dir, None) {
-                    tracing::warn!(root = %root.display(), error = %e, "cannot create a policy's directory");
-                }
+    let roots = inner.buckets.iter().map(|b| b.root.clone()).collect();
+    jetstream::create_roots(inner.sink().cloned(), roots).await;
+    jetstream::on_each_connection(&inner.nats, &inner.tasks, &inner.synced, |generation, state| {
+        let inner = inner.clone();
+        async move {
+            if jetstream::prepared("the NATS object store is", generation, &state, || prepare(&inner)).await.is_none() {
+                return;
             }
-        })
-        .await;
-    }
-    let mut state = inner.nats.watch_state();
-    let mut handled = 0u64;
-    loop {
-        let generation = match state.wait_for(|s| s.0 == ConnState::Connected && s.1 > handled).await {
-            Ok(s) => s.1,
-            Err(_) => return,
-        };
-        handled = generation;
-        inner.synced.send_modify(|s| s.iter_mut().for_each(|b| *b = false));
-        let this = inner.clone();
-        let conn_state = state.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                match prepare(&this).await {
-                    Ok(()) => break,
-                    Err(e) => {
-                        tracing::error!(error = %format!("{e:#}"), "the NATS object store is not usable yet; retrying");
-                        tokio::time::sleep(Duration::from_secs(2)).await;
-                        if conn_state.borrow().1 != generation {
-                            return;
-                        }
-                    }
-                }
-            }
-            futures::future::join_all((0..this.buckets.len()).map(|b| watch_bucket(this.clone(), b))).await;
-        });
-        if let Some(previous) = inner.connection.lock().replace(task) {
-            previous.abort();
+            futures::future::join_all((0..inner.buckets.len()).map(|b| watch_bucket(inner.clone(), b))).await;
         }
-    }
+    })
+    .await;
 }
 
 async fn prepare(inner: &Arc<Inner>) -> anyhow::Result<()> {
@@ -674,7 +594,7 @@ async fn prepare(inner: &Arc<Inner>) -> anyhow::Result<()> {
         }
     };
     *inner.store.lock() = Some(store);
-    let kv_config = |bucket: String, description: String| kv::Config {
+    let config = |bucket: String, description: String| kv::Config {
         bucket,
         description,
         history: 1,
@@ -682,87 +602,39 @@ async fn prepare(inner: &Arc<Inner>) -> anyhow::Result<()> {
         storage: StorageType::File,
         ..Default::default()
     };
-    let mut buckets = vec![(gc::marks_bucket(&inner.settings.bucket), "syncfs: blobs condemned by garbage collection".to_string())];
-    buckets.extend(inner.buckets.iter().map(|b| (b.name.clone(), format!("syncfs: blob paths matching {}", b.policy.pattern))));
-    for (i, (name, description)) in buckets.into_iter().enumerate() {
-        let store = match js.get_key_value(&name).await {
-            Ok(s) => s,
-            Err(_) => match js.create_key_value(kv_config(name.clone(), description)).await {
-                Ok(s) => s,
-                Err(create) => js
-                    .get_key_value(&name)
-                    .await
-                    .map_err(|_| anyhow::anyhow!("cannot create the KV bucket {name}: {create}"))?,
-            },
-        };
-        if i == 0 {
-            *inner.marks.lock() = Some(store);
-        } else {
-            inner.pointer_streams.lock()[i - 1] = Some(store.stream.clone());
-        }
+    let marks = config(gc::marks_bucket(&inner.settings.bucket), "syncfs: blobs condemned by garbage collection".into());
+    *inner.marks.lock() = Some(jetstream::kv_bucket(&inner.nats, marks).await?);
+    for (i, b) in inner.buckets.iter().enumerate() {
+        let pointers = config(b.name.clone(), format!("syncfs: blob paths matching {}", b.policy.pattern));
+        inner.pointer_streams.lock()[i] = Some(jetstream::kv_bucket(&inner.nats, pointers).await?.stream);
     }
     Ok(())
 }
 
 async fn watch_bucket(inner: Arc<Inner>, bucket: usize) {
-    loop {
-        match run_watch(&inner, bucket).await {
-            Ok(()) => return,
-            Err(e) => {
-                tracing::warn!(bucket = %inner.buckets[bucket].name, error = %format!("{e:#}"), "blob pointer watch failed; restarting");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    }
+    let what = format!("the blob pointer watch of {}", inner.buckets[bucket].name);
+    jetstream::restarting(&what, || async {
+        let b = &inner.buckets[bucket];
+        let stream = inner.pointer_streams.lock()[bucket].clone().ok_or_else(|| anyhow::anyhow!("bucket not ready"))?;
+        let watch = Watch { inner: &inner, bucket };
+        jetstream::watch_last_values(&inner.nats, &stream, format!("{}>", b.prefix), format!("syncfs watch of {}", b.name), &watch).await
+    })
+    .await;
 }
 
-async fn run_watch(inner: &Arc<Inner>, bucket: usize) -> anyhow::Result<()> {
-    let b = &inner.buckets[bucket];
-    let stream = inner.pointer_streams.lock()[bucket].clone().ok_or_else(|| anyhow::anyhow!("bucket not ready"))?;
-    let consumer = stream
-        .create_consumer(push::OrderedConfig {
-            deliver_subject: inner.nats.client.new_inbox(),
-            description: Some(format!("syncfs watch of {}", b.name)),
-            filter_subject: format!("{}>", b.prefix),
-            replay_policy: ReplayPolicy::Instant,
-            deliver_policy: DeliverPolicy::LastPerSubject,
-            ..Default::default()
-        })
-        .await?;
-    let mut synced = consumer.cached_info().num_pending == 0;
-    let mut seen = HashSet::new();
-    if synced {
-        finish_sync(inner, bucket, &seen);
+/// One pointer bucket's watch.
+struct Watch<'a> {
+    inner: &'a Inner,
+    bucket: usize,
+}
+
+impl jetstream::LastValues for Watch<'_> {
+    fn handle(&self, message: &async_nats::Message, seq: u64, _created: SystemTime) -> Option<PathBuf> {
+        handle(self.inner, self.bucket, message, seq)
     }
-    let mut messages = consumer.messages().await?;
-    loop {
-        let next = if synced {
-            messages.next().await
-        } else {
-            match tokio::time::timeout(Duration::from_secs(1), messages.next()).await {
-                Ok(next) => next,
-                Err(_) => {
-                    finish_sync(inner, bucket, &seen);
-                    synced = true;
-                    continue;
-                }
-            }
-        };
-        let Some(message) = next else {
-            anyhow::bail!("the watch ended");
-        };
-        let message = message?;
-        let (seq, pending) = {
-            let info = message.info().map_err(|e| anyhow::anyhow!("{e}"))?;
-            (info.stream_sequence, info.pending)
-        };
-        if let Some(path) = handle(inner, bucket, &message.message, seq) {
-            seen.insert(path);
-        }
-        if !synced && pending == 0 {
-            finish_sync(inner, bucket, &seen);
-            synced = true;
-        }
+
+    fn caught_up(&self, seen: &HashSet<PathBuf>) {
+        finish_sync(self.inner, self.bucket, seen);
     }
 }
 
@@ -804,7 +676,7 @@ fn handle(inner: &Inner, bucket: usize, message: &async_nats::Message, seq: u64)
         fresh
     };
     // This process's own pointers were installed by the core already.
-    if fresh && !inner.is_own(message) {
+    if fresh && !inner.ids.is_own(message) {
         if let Some(sink) = inner.sink() {
             let result = match pointer {
                 Some((rev, size)) => sink.apply(&path, RemoteChange::Stub { size }, Some(Revision(rev))),

@@ -49,6 +49,7 @@ use tokio::sync::watch;
 
 use self::journal::{Journal, JournalOp, Record};
 use self::view::{Owned, View};
+use super::jetstream::{self, blocking, MsgIds, Tasks};
 use super::{RemoteSink, Revision, Target, Tier, TierError, WriteMode};
 use crate::fs::Kind;
 use crate::nats::{Nats, PublishFailure};
@@ -135,15 +136,11 @@ pub(crate) struct Inner {
     streams: Mutex<Vec<Option<Stream>>>,
     /// Buckets whose view is complete in the current connection.
     synced: watch::Sender<Vec<bool>>,
-    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
-    /// The work of the current connection (replay, then the watches).
-    connection: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Timers, the supervisor, and the current connection's work (replay, then the watches).
+    tasks: Tasks,
     rt: tokio::runtime::Handle,
-    /// `<node>-<boot nonce>-`: the prefix of every message id this process publishes, so
-    /// its watches recognise their own changes (which the core applied already) even when
-    /// another mount uses the same node name.
-    msg_prefix: String,
-    next_msg: AtomicU64,
+    /// This process's message ids: its watches skip its own changes (the core applied them).
+    ids: MsgIds,
     max_payload: AtomicU64,
 }
 
@@ -185,14 +182,6 @@ fn read_value(file: &File, limit: usize, path: &Path) -> Result<Bytes, TierError
     Ok(buf.into())
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, TierError> + Send + 'static,
-) -> Result<T, TierError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| TierError::Backend(format!("blocking task: {e}")))?
-}
-
 impl KvTier {
     /// A tier for every nats-kv policy of `policies`, journaling offline writes in
     /// `journal_path`. Nothing touches the network until [`Tier::start`].
@@ -223,10 +212,6 @@ impl KvTier {
             tracing::info!(records = journal.len(), "the offline journal holds writes to replay");
         }
         let n = buckets.len();
-        let nonce = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
         Ok(KvTier {
             inner: Arc::new(Inner {
                 max_payload: AtomicU64::new(nats.max_payload() as u64),
@@ -239,11 +224,9 @@ impl KvTier {
                 sink: OnceLock::new(),
                 streams: Mutex::new(vec![None; n]),
                 synced: watch::channel(vec![false; n]).0,
-                tasks: Mutex::new(Vec::new()),
-                connection: Mutex::new(None),
+                tasks: Tasks::default(),
                 rt,
-                msg_prefix: format!("{node}-{:x}-{}-", nonce, std::process::id()),
-                next_msg: AtomicU64::new(1),
+                ids: MsgIds::new(node),
             }),
         })
     }
@@ -261,9 +244,7 @@ impl KvTier {
     /// Waits until every bucket's view is complete (or `timeout` passes): reads after that see
     /// what the cluster holds. Returns whether it completed.
     pub async fn wait_synced(&self, timeout: Duration) -> bool {
-        let mut rx = self.inner.synced.subscribe();
-        let done = tokio::time::timeout(timeout, rx.wait_for(|s| s.iter().all(|b| *b))).await;
-        done.is_ok()
+        jetstream::wait_synced(&self.inner.synced, timeout).await
     }
 
     /// The buckets, for status and tests.
@@ -281,24 +262,11 @@ impl Inner {
     }
 
     fn key_of(at: &Target) -> Result<String, TierError> {
-        key::encode(&at.path).map_err(|e| match e {
-            key::KeyError::TooLong => TierError::Io(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG)),
-            key::KeyError::NotAPath => TierError::Io(std::io::Error::from_raw_os_error(libc::EINVAL)),
-        })
+        jetstream::key_of(&at.path)
     }
 
     fn msg_id(&self) -> String {
-        let n = self.next_msg.fetch_add(1, Ordering::Relaxed);
-        format!("{}{n}", self.msg_prefix)
-    }
-
-    /// Whether a message was published by this process.
-    fn is_own(&self, message: &async_nats::Message) -> bool {
-        message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
-            .is_some_and(|id| id.as_str().starts_with(&self.msg_prefix))
+        self.ids.next()
     }
 
     fn value_limit(&self) -> usize {
@@ -683,19 +651,13 @@ impl Tier for KvTier {
         let _ = self.inner.sink.set(sink);
         let inner = self.inner.clone();
         let task = self.inner.rt.spawn(sync::supervise(inner));
-        self.inner.tasks.lock().push(task);
+        self.inner.tasks.keep(task);
     }
 
     fn shutdown(&self) -> Op<(), TierError> {
         let inner = self.inner.clone();
         Op::pending(async move {
-            let tasks: Vec<_> = inner.tasks.lock().drain(..).chain(inner.connection.lock().take()).collect();
-            for task in &tasks {
-                task.abort();
-            }
-            for task in tasks {
-                let _ = task.await;
-            }
+            inner.tasks.stop().await;
             sync::release_owned(&inner).await;
             Ok(())
         })

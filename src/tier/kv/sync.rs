@@ -19,60 +19,33 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use async_nats::jetstream::consumer::{push, DeliverPolicy, ReplayPolicy};
 use async_nats::jetstream::kv;
 use bytes::Bytes;
-use futures::StreamExt;
 
 use super::journal::JournalOp;
 use super::key::{self, Decoded};
 use super::{Inner, KvOp, PubError, KV_OPERATION, NODE_HEADER};
-use crate::nats::ConnState;
+use crate::tier::jetstream;
 use crate::tier::{RemoteChange, Revision};
 
 /// Runs for the life of the mount.
 pub(super) async fn supervise(inner: Arc<Inner>) {
-    create_roots(&inner).await;
-    let expiry = tokio::spawn(expire(inner.clone()));
-    let refresh = tokio::spawn(refresh(inner.clone()));
-    inner.tasks.lock().extend([expiry, refresh]);
-
-    let mut state = inner.nats.watch_state();
-    let mut handled = 0u64;
-    loop {
-        let generation = match state.wait_for(|s| s.0 == ConnState::Connected && s.1 > handled).await {
-            Ok(s) => s.1,
-            Err(_) => return,
-        };
-        handled = generation;
-        inner.synced.send_modify(|s| s.iter_mut().for_each(|b| *b = false));
-        let task = tokio::spawn(run_connection(inner.clone(), generation, state.clone()));
-        if let Some(previous) = inner.connection.lock().replace(task) {
-            previous.abort();
-        }
-    }
-}
-
-/// Everything one connection does: prepare (retried while the connection lasts), then watch
-/// every bucket. Aborting the task stops all of it.
-async fn run_connection(
-    inner: Arc<Inner>,
-    generation: u64,
-    state: tokio::sync::watch::Receiver<(ConnState, u64)>,
-) {
-    loop {
-        match prepare(&inner).await {
-            Ok(()) => break,
-            Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "NATS KV is not usable yet; retrying");
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                if state.borrow().1 != generation {
-                    return;
-                }
+    let roots = inner.buckets.iter().map(|b| b.root.clone()).collect();
+    jetstream::create_roots(inner.sink().cloned(), roots).await;
+    inner.tasks.keep(tokio::spawn(expire(inner.clone())));
+    inner.tasks.keep(tokio::spawn(refresh(inner.clone())));
+    jetstream::on_each_connection(&inner.nats, &inner.tasks, &inner.synced, |generation, state| {
+        let inner = inner.clone();
+        // Everything one connection does: prepare (retried while the connection lasts), then
+        // watch every bucket. Aborting the task stops all of it.
+        async move {
+            if jetstream::prepared("NATS KV is", generation, &state, || prepare(&inner)).await.is_none() {
+                return;
             }
+            futures::future::join_all((0..inner.buckets.len()).map(|b| watch_bucket(inner.clone(), b))).await;
         }
-    }
-    futures::future::join_all((0..inner.buckets.len()).map(|b| watch_bucket(inner.clone(), b))).await;
+    })
+    .await;
 }
 
 /// Checks the server, makes sure every bucket exists, and replays the journal.
@@ -82,27 +55,16 @@ async fn prepare(inner: &Arc<Inner>) -> anyhow::Result<()> {
         .max_payload
         .store(inner.nats.max_payload() as u64, std::sync::atomic::Ordering::Relaxed);
     for (i, bucket) in inner.buckets.iter().enumerate() {
-        let store = match inner.nats.js.get_key_value(&bucket.name).await {
-            Ok(store) => store,
-            Err(_) => {
-                let config = kv::Config {
-                    bucket: bucket.name.clone(),
-                    description: format!("syncfs: paths matching {}", bucket.policy.pattern),
-                    history: inner.nats.history.max(1),
-                    max_age: bucket.policy.ttl.unwrap_or_default(),
-                    num_replicas: inner.nats.replicas.max(1),
-                    storage: async_nats::jetstream::stream::StorageType::File,
-                    ..Default::default()
-                };
-                match inner.nats.js.create_key_value(config).await {
-                    Ok(store) => store,
-                    // Another node created it first.
-                    Err(create) => inner.nats.js.get_key_value(&bucket.name).await.map_err(|_| {
-                        anyhow::anyhow!("cannot create the KV bucket {}: {create}", bucket.name)
-                    })?,
-                }
-            }
+        let config = kv::Config {
+            bucket: bucket.name.clone(),
+            description: format!("syncfs: paths matching {}", bucket.policy.pattern),
+            history: inner.nats.history.max(1),
+            max_age: bucket.policy.ttl.unwrap_or_default(),
+            num_replicas: inner.nats.replicas.max(1),
+            storage: async_nats::jetstream::stream::StorageType::File,
+            ..Default::default()
         };
+        let store = jetstream::kv_bucket(&inner.nats, config).await?;
         inner.streams.lock()[i] = Some(store.stream.clone());
     }
     replay(inner).await
@@ -151,26 +113,6 @@ async fn replay(inner: &Arc<Inner>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Creates the literal directory prefix of every bucket's pattern, so `fast/claims/` exists
-/// before the first claim.
-async fn create_roots(inner: &Arc<Inner>) {
-    let Some(sink) = inner.sink().cloned() else { return };
-    let roots: Vec<PathBuf> = inner
-        .buckets
-        .iter()
-        .map(|b| b.root.clone())
-        .filter(|r| !r.as_os_str().is_empty())
-        .collect();
-    let _ = tokio::task::spawn_blocking(move || {
-        for root in roots {
-            if let Err(e) = sink.apply(&root, RemoteChange::Dir, None) {
-                tracing::warn!(root = %root.display(), error = %e, "cannot create a policy's directory");
-            }
-        }
-    })
-    .await;
-}
-
 /// Applies a change to the tree. KV values are small and the tree is local, so this runs
 /// inline on the watch's task (a hop to the blocking pool costs more than the write).
 fn apply(inner: &Inner, path: &Path, change: RemoteChange, rev: Option<u64>) {
@@ -197,69 +139,29 @@ fn prune(inner: &Inner, bucket: usize, path: &Path) {
 }
 
 async fn watch_bucket(inner: Arc<Inner>, bucket: usize) {
-    loop {
-        match run_watch(&inner, bucket).await {
-            Ok(()) => return,
-            Err(e) => {
-                tracing::warn!(bucket = %inner.buckets[bucket].name, error = %format!("{e:#}"), "watch failed; restarting");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    }
+    let what = format!("the watch of bucket {}", inner.buckets[bucket].name);
+    jetstream::restarting(&what, || async {
+        let b = &inner.buckets[bucket];
+        let stream = inner.stream(bucket).ok_or_else(|| anyhow::anyhow!("bucket not ready"))?;
+        let watch = Watch { inner: &inner, bucket };
+        jetstream::watch_last_values(&inner.nats, &stream, format!("{}>", b.prefix), format!("syncfs watch of {}", b.name), &watch).await
+    })
+    .await;
 }
 
-async fn run_watch(inner: &Arc<Inner>, bucket: usize) -> anyhow::Result<()> {
-    let b = &inner.buckets[bucket];
-    let stream = inner.stream(bucket).ok_or_else(|| anyhow::anyhow!("bucket not ready"))?;
-    let consumer = stream
-        .create_consumer(push::OrderedConfig {
-            deliver_subject: inner.nats.client.new_inbox(),
-            description: Some(format!("syncfs watch of {}", b.name)),
-            filter_subject: format!("{}>", b.prefix),
-            replay_policy: ReplayPolicy::Instant,
-            deliver_policy: DeliverPolicy::LastPerSubject,
-            ..Default::default()
-        })
-        .await?;
-    let mut synced = consumer.cached_info().num_pending == 0;
-    let mut seen: HashSet<PathBuf> = HashSet::new();
-    if synced {
-        finish_sync(inner, bucket, &seen);
+/// One bucket's watch, as [`jetstream::watch_last_values`] sees it.
+struct Watch<'a> {
+    inner: &'a Inner,
+    bucket: usize,
+}
+
+impl jetstream::LastValues for Watch<'_> {
+    fn handle(&self, message: &async_nats::Message, seq: u64, created: SystemTime) -> Option<PathBuf> {
+        handle(self.inner, self.bucket, message, seq, created)
     }
-    let mut messages = consumer.messages().await?;
-    loop {
-        let next = if synced {
-            messages.next().await
-        } else {
-            // Keys can vanish between the consumer's creation and their delivery, so the last
-            // one may never say "nothing pending": a quiet second means caught up.
-            match tokio::time::timeout(Duration::from_secs(1), messages.next()).await {
-                Ok(next) => next,
-                Err(_) => {
-                    finish_sync(inner, bucket, &seen);
-                    synced = true;
-                    continue;
-                }
-            }
-        };
-        let Some(message) = next else {
-            anyhow::bail!("the watch ended");
-        };
-        let message = message?;
-        let (rev, pending, created) = {
-            let info = message.info().map_err(|e| anyhow::anyhow!("{e}"))?;
-            (info.stream_sequence, info.pending, SystemTime::from(info.published))
-        };
-        let path = handle(inner, bucket, &message.message, rev, created);
-        if !synced {
-            if let Some(path) = path {
-                seen.insert(path);
-            }
-            if pending == 0 {
-                finish_sync(inner, bucket, &seen);
-                synced = true;
-            }
-        }
+
+    fn caught_up(&self, seen: &HashSet<PathBuf>) {
+        finish_sync(self.inner, self.bucket, seen);
     }
 }
 
@@ -278,7 +180,7 @@ fn handle(inner: &Inner, bucket: usize, message: &async_nats::Message, rev: u64,
             if inner.policies.resolve(&path).pattern != b.policy.pattern {
                 return None;
             }
-            let own = inner.is_own(message);
+            let own = inner.ids.is_own(message);
             let fresh = {
                 let mut view = inner.view.lock();
                 let fresh = view.record(&path, bucket, rev, deleted, node.clone(), created, b.policy.ttl);
@@ -302,7 +204,7 @@ fn handle(inner: &Inner, bucket: usize, message: &async_nats::Message, rev: u64,
             Some(path)
         }
         Decoded::Dir(path) => {
-            let own = inner.is_own(message);
+            let own = inner.ids.is_own(message);
             if deleted {
                 inner.view.lock().unmark_dir(&path);
                 if !own {

@@ -482,7 +482,7 @@ mod tests {
     fn a_replay_after_restart_applies_nothing_twice() {
         let mut s = LogState::default();
         let mut files = BTreeMap::new();
-        let all = vec![
+        let all = [
             msg(1, "t", Op::Append(None), "a", "a"),
             msg(2, "u", part("b-1", 1, 2), "b", "b"),
             msg(3, "t", Op::Append(None), "c", "a"),

@@ -37,9 +37,8 @@ mod sync;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
@@ -47,6 +46,7 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use self::log::LogState;
+use super::jetstream::{self, MsgIds, Tasks};
 use super::kv::{bucket_name, key, pattern_root};
 use super::{Appended, RemoteSink, Revision, Target, Tier, TierError, WriteMode};
 use crate::fs::Kind;
@@ -70,6 +70,8 @@ pub struct StreamSettings {
     pub max_msgs: Option<i64>,
     /// Replicas of each stream.
     pub replicas: usize,
+    /// How often a node checks which messages its streams still keep (retention, limits).
+    pub check_interval: Duration,
 }
 
 impl Default for StreamSettings {
@@ -78,6 +80,7 @@ impl Default for StreamSettings {
             max_bytes: None,
             max_msgs: None,
             replicas: 1,
+            check_interval: Duration::from_secs(30),
         }
     }
 }
@@ -109,12 +112,9 @@ pub(crate) struct Inner {
     sink: OnceLock<Arc<dyn RemoteSink>>,
     /// Logs whose applier has caught up in the current connection.
     synced: watch::Sender<Vec<bool>>,
-    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
-    connection: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    tasks: Tasks,
     rt: tokio::runtime::Handle,
-    /// The prefix of this process's message ids (node, boot nonce, pid).
-    msg_prefix: String,
-    next_msg: AtomicU64,
+    ids: MsgIds,
 }
 
 /// The nats-stream tier of a mount.
@@ -173,10 +173,6 @@ impl StreamTier {
                 state_file,
             });
         }
-        let nonce = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
         let n = logs.len();
         Ok(StreamTier {
             inner: Arc::new(Inner {
@@ -187,20 +183,16 @@ impl StreamTier {
                 logs,
                 sink: OnceLock::new(),
                 synced: watch::channel(vec![false; n]).0,
-                tasks: Mutex::new(Vec::new()),
-                connection: Mutex::new(None),
+                tasks: Tasks::default(),
                 rt,
-                msg_prefix: format!("{node}-{nonce:x}-{}-", std::process::id()),
-                next_msg: AtomicU64::new(1),
+                ids: MsgIds::new(node),
             }),
         })
     }
 
     /// Waits until every stream's files are caught up (or `timeout` passes).
     pub async fn wait_synced(&self, timeout: Duration) -> bool {
-        let mut rx = self.inner.synced.subscribe();
-        let done = tokio::time::timeout(timeout, rx.wait_for(|s| s.iter().all(|b| *b))).await;
-        done.is_ok()
+        jetstream::wait_synced(&self.inner.synced, timeout).await
     }
 
     /// How many streams and files this mount has.
@@ -219,11 +211,7 @@ impl Inner {
     }
 
     fn subject_of(&self, log: usize, at: &Target) -> Result<String, TierError> {
-        let key = key::encode(&at.path).map_err(|e| match e {
-            key::KeyError::TooLong => TierError::Io(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG)),
-            key::KeyError::NotAPath => TierError::Io(std::io::Error::from_raw_os_error(libc::EINVAL)),
-        })?;
-        Ok(format!("{}{key}", self.logs[log].prefix))
+        Ok(format!("{}{}", self.logs[log].prefix, jetstream::key_of(&at.path)?))
     }
 
     fn part_size(&self) -> usize {
@@ -265,7 +253,7 @@ impl Inner {
         let log = self.log_of(at)?;
         let subject = self.subject_of(log, at)?;
         let part = self.part_size();
-        let append_id = format!("{}{id}", self.msg_prefix);
+        let append_id = self.ids.with(id);
         let n = data.len().div_ceil(part as u64).max(1);
         let mut seq = 0;
         for k in 1..=n {
@@ -302,8 +290,7 @@ impl Inner {
         let mut headers = self.headers();
         headers.insert(OP_HEADER, op);
         headers.insert(async_nats::header::NATS_ROLLUP, "sub");
-        let msg_id = format!("{}{}", self.msg_prefix, self.next_msg.fetch_add(1, Ordering::Relaxed));
-        let seq = self.publish(&subject, Bytes::new(), headers, &msg_id).await?;
+        let seq = self.publish(&subject, Bytes::new(), headers, &self.ids.next()).await?;
         self.wait_applied(log, seq).await;
         Ok(())
     }
@@ -332,15 +319,9 @@ impl Tier for StreamTier {
     }
 
     fn create(&self, at: &Target, kind: Kind, _exclusive: bool) -> Op<Option<Revision>, TierError> {
-        match kind {
-            // The file's first append (an empty one, for a file only created) makes it exist
-            // on every node; directories are made where files arrive.
-            Kind::File | Kind::Dir => Op::ok(None),
-            _ => Op::err(TierError::Unsupported {
-                op: "special files",
-                tier: at.policy.tier,
-            }),
-        }
+        // The file's first append (an empty one, for a file only created) makes it exist on
+        // every node.
+        super::create_lazily(at, kind)
     }
 
     fn commit(&self, at: &Target, _content: Arc<File>, _base: Option<Revision>, _durable: bool) -> Op<Option<Revision>, TierError> {
@@ -409,20 +390,13 @@ impl Tier for StreamTier {
 
     fn start(&self, sink: Arc<dyn RemoteSink>) {
         let _ = self.inner.sink.set(sink);
-        let task = self.inner.rt.spawn(sync::supervise(self.inner.clone()));
-        self.inner.tasks.lock().push(task);
+        self.inner.tasks.keep(self.inner.rt.spawn(sync::supervise(self.inner.clone())));
     }
 
     fn shutdown(&self) -> Op<(), TierError> {
         let inner = self.inner.clone();
         Op::pending(async move {
-            let tasks: Vec<_> = inner.tasks.lock().drain(..).chain(inner.connection.lock().take()).collect();
-            for task in &tasks {
-                task.abort();
-            }
-            for task in tasks {
-                let _ = task.await;
-            }
+            inner.tasks.stop().await;
             for log in &inner.logs {
                 sync::save(log);
             }

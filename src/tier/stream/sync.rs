@@ -7,10 +7,11 @@
 //! them, are rebuilt from the stream. Then it reads the stream from the saved resume point
 //! with an ordered consumer and applies every message through [`LogState::handle`].
 //!
-//! Once caught up, and every 30 s after, it compares each file's first sequence with the
-//! stream's: files whose oldest messages the stream dropped (retention, size limits) are
-//! rebuilt from the messages the stream still holds, so every node's files stay the same. On
-//! the first catch-up of a mount, files the stream has no message for are removed.
+//! Once caught up, and every `nats.stream.check_interval_ms` (30 s) after, it compares each
+//! file's first sequence with the stream's: files whose oldest messages the stream dropped
+//! (retention, size limits) are rebuilt from the messages the stream still holds, so every
+//! node's files stay the same. On the first catch-up of a mount, files the stream has no
+//! message for are removed.
 //!
 //! The state is saved at most once a second while it changes, and at shutdown.
 
@@ -25,72 +26,31 @@ use futures::StreamExt;
 use super::key::{self, Decoded};
 use super::log::{self, Action, FileState, Gathered, LogState, Msg, Op, Part};
 use super::{Inner, Log, APPEND_HEADER, NODE_HEADER, OP_HEADER, PART_HEADER};
-use crate::nats::ConnState;
-use crate::tier::RemoteChange;
+use crate::tier::{jetstream, RemoteChange};
 
 /// Appended bytes are applied to the tree in chunks of at most this many.
 const APPLY_CHUNK: usize = 1 << 20;
-/// How often the stream's first sequence is checked (retention).
-const TRIM_CHECK: Duration = Duration::from_secs(30);
 
 /// Runs for the life of the mount.
 pub(super) async fn supervise(inner: Arc<Inner>) {
-    create_roots(&inner).await;
-    let mut state = inner.nats.watch_state();
-    let mut handled = 0u64;
+    let roots = inner.logs.iter().map(|l| l.root.clone()).collect();
+    jetstream::create_roots(inner.sink().cloned(), roots).await;
     let mut first = true;
-    loop {
-        let generation = match state.wait_for(|s| s.0 == ConnState::Connected && s.1 > handled).await {
-            Ok(s) => s.1,
-            Err(_) => return,
-        };
-        handled = generation;
-        inner.synced.send_modify(|s| s.iter_mut().for_each(|b| *b = false));
-        let task = tokio::spawn(run_connection(inner.clone(), generation, state.clone(), first));
-        first = false;
-        if let Some(previous) = inner.connection.lock().replace(task) {
-            previous.abort();
-        }
-    }
-}
-
-/// Creates the literal directory prefix of every stream's pattern.
-async fn create_roots(inner: &Arc<Inner>) {
-    let Some(sink) = inner.sink().cloned() else { return };
-    let roots: Vec<PathBuf> = inner.logs.iter().map(|l| l.root.clone()).filter(|r| !r.as_os_str().is_empty()).collect();
-    let _ = tokio::task::spawn_blocking(move || {
-        for root in roots {
-            if let Err(e) = sink.apply(&root, RemoteChange::Dir, None) {
-                tracing::warn!(root = %root.display(), error = %e, "cannot create a policy's directory");
-            }
+    jetstream::on_each_connection(&inner.nats, &inner.tasks, &inner.synced, |generation, state| {
+        let inner = inner.clone();
+        let reconcile = std::mem::take(&mut first);
+        async move {
+            let Some(streams) = jetstream::prepared("NATS streams are", generation, &state, || prepare(&inner)).await else {
+                return;
+            };
+            let runs = streams
+                .into_iter()
+                .enumerate()
+                .map(|(i, stream)| run_log(inner.clone(), i, stream, reconcile));
+            futures::future::join_all(runs).await;
         }
     })
     .await;
-}
-
-async fn run_connection(
-    inner: Arc<Inner>,
-    generation: u64,
-    state: tokio::sync::watch::Receiver<(ConnState, u64)>,
-    first: bool,
-) {
-    let streams = loop {
-        match prepare(&inner).await {
-            Ok(streams) => break streams,
-            Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "NATS streams are not usable yet; retrying");
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                if state.borrow().1 != generation {
-                    return;
-                }
-            }
-        }
-    };
-    let runs = streams
-        .into_iter()
-        .enumerate()
-        .map(|(i, stream)| run_log(inner.clone(), i, stream, first));
-    futures::future::join_all(runs).await;
 }
 
 /// Makes sure every stream exists with the configured limits.
@@ -390,7 +350,7 @@ async fn apply_log(inner: &Arc<Inner>, i: usize, stream: &mut Stream, first: boo
     if synced {
         caught_up(inner, i, stream, &mut swept).await?;
     }
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(inner.settings.check_interval.min(Duration::from_secs(1)));
     loop {
         let next = tokio::select! {
             next = messages.next() => next,
@@ -399,7 +359,7 @@ async fn apply_log(inner: &Arc<Inner>, i: usize, stream: &mut Stream, first: boo
                     save(log);
                     last_save = Instant::now();
                 }
-                if synced && last_trim.elapsed() >= TRIM_CHECK {
+                if synced && last_trim.elapsed() >= inner.settings.check_interval {
                     trim(inner, log, stream).await?;
                     last_trim = Instant::now();
                 }
