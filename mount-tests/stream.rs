@@ -226,6 +226,10 @@ fn offline_appends_fail_fast() {
     let out = a.sh("echo offline >> log/o.log");
     assert!(String::from_utf8_lossy(&out.stderr).contains("Resource temporarily unavailable"), "{out:?}");
     assert_eq!(read(&a.path("log/o.log")), "online\n");
+    // A new file is refused at open: no empty file only this node has is left behind.
+    let out = a.sh("echo new >> log/new.log");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Resource temporarily unavailable"), "{out:?}");
+    assert!(!a.path("log/new.log").exists());
     server.restart();
     assert!(wait_for(Duration::from_secs(15), || a.status()["nats"]["state"] == "connected"));
     assert!(wait_for(Duration::from_secs(15), || a.sh("echo back >> log/o.log").status.success()));

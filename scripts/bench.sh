@@ -15,6 +15,8 @@ cargo build --release --locked
 cargo bench --locked --bench fsbench --no-run >/dev/null 2>&1
 cargo bench --locked --bench kvbench --no-run >/dev/null 2>&1
 cargo bench --locked --bench gitbench --no-run >/dev/null 2>&1
+cargo bench --locked --bench streambench --no-run >/dev/null 2>&1
+cargo bench --locked --bench blobbench --no-run >/dev/null 2>&1
 
 FILES=${FILES:-2000}
 LOCKS=${LOCKS:-1000}
@@ -27,15 +29,24 @@ GITFSYNC=${GITFSYNC:-200}
 ROUNDS=${ROUNDS:-7}
 MIB=${MIB:-256}
 SEQ_ROUNDS=${SEQ_ROUNDS:-3}
+APPENDS=${APPENDS:-1000}
+BLOB_MIB=${BLOB_MIB:-256}
+BLOB_ROUNDS=${BLOB_ROUNDS:-3}
+LARGE_MIB=${LARGE_MIB:-1024}
 SYNCFS="$PWD/target/release/syncfs"
 BENCH_ON=${BENCH_ON:-tmpfs}
 work=$(mktemp -d /var/tmp/syncfs-bench.XXXXXX)
 if [ "$BENCH_ON" = tmpfs ]; then
-  mount -t tmpfs -o size=4g syncfs-bench "$work"
+  # Room for the blob rounds: each file lives in a source, the NATS store and two caches.
+  mount -t tmpfs -o size=10g syncfs-bench "$work"
 fi
 results="$work/results.txt"
 kvresults="$work/kv.txt"
 gitresults="$work/git.txt"
+streamresults="$work/stream.txt"
+blobresults="$work/blob.txt"
+: > "$streamresults"
+: > "$blobresults"
 : > "$results"
 : > "$kvresults"
 : > "$gitresults"
@@ -118,6 +129,43 @@ c_pid=$("$SYNCFS" status "$work/kv-c-mnt" --json | python3 -c 'import json,sys; 
 c_keys=$("$SYNCFS" status "$work/kv-c-mnt" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["nats"]["keys"])')
 echo "memory $c_keys $(awk '/VmRSS/ {print $2}' /proc/$c_pid/status) $(awk '/VmHWM/ {print $2}' /proc/$c_pid/status) $(python3 -c "print(round($mounted - $started, 2))")" >> "$kvresults"
 
+# The append tier: the two mounts above (the default table's fast/messages/** is nats-stream),
+# and the same publishes done directly with async-nats.
+streamrun() { cargo bench --locked --bench streambench -q -- "$@" 2>/dev/null; }
+streamrun append-raw "$url" "$APPENDS" >> "$streamresults"
+streamrun append-mount "$work/kv-a-mnt/fast/messages" "$APPENDS" >> "$streamresults"
+streamrun prop-raw "$url" "$PROPS" >> "$streamresults"
+streamrun prop-mount "$work/kv-a-mnt/fast/messages" "$work/kv-b-mnt/fast/messages" "$PROPS" >> "$streamresults"
+streamrun bulk-mount "$work/kv-a-mnt/fast/messages" 64 >> "$streamresults"
+
+# The blob tier: two fresh mounts on the bench's server; each round a new random file is put
+# and got directly, written and read in a plain directory, written on A and read on B twice
+# (the first read fetches it, the second is served from B's cache). Then one LARGE_MIB file,
+# with the daemons' peak memory.
+blobrun() { cargo bench --locked --bench blobbench -q -- "$@" 2>/dev/null; }
+mkdir -p "$work/blob-a-mnt" "$work/blob-b-mnt" "$work/blob-native"
+"$SYNCFS" mount "$work/blob-a-mnt" --state "$work/blob-a" --node ba --nats "$url" >/dev/null
+"$SYNCFS" mount "$work/blob-b-mnt" --state "$work/blob-b" --node bb --nats "$url" >/dev/null
+for ((r = 1; r <= BLOB_ROUNDS; r++)); do
+  head -c "${BLOB_MIB}M" /dev/urandom > "$work/blob-src"
+  size=$(stat -c %s "$work/blob-src")
+  blobrun raw "$url" "$work/blob-src" 262144 | sed 's/^/raw /' >> "$blobresults"
+  blobrun write "$work/blob-src" "$work/blob-native/f$r" | sed 's/^/native /' >> "$blobresults"
+  blobrun read "$work/blob-native/f$r" "$size" | sed 's/^/native /' >> "$blobresults"
+  rm -f "$work/blob-native/f$r"
+  blobrun write "$work/blob-src" "$work/blob-a-mnt/blobs/f$r" | sed 's/^/syncfs /' >> "$blobresults"
+  blobrun read "$work/blob-b-mnt/blobs/f$r" "$size" | sed 's/^/fetch /' >> "$blobresults"
+  blobrun read "$work/blob-b-mnt/blobs/f$r" "$size" | sed 's/^/cached /' >> "$blobresults"
+done
+head -c "${LARGE_MIB}M" /dev/urandom > "$work/blob-src"
+size=$(stat -c %s "$work/blob-src")
+large_w=$(blobrun write "$work/blob-src" "$work/blob-a-mnt/blobs/large" | awk '{print $2}')
+large_r=$(blobrun read "$work/blob-b-mnt/blobs/large" "$size" | awk '{print $2}')
+hwm() { awk '/VmHWM/ {print $2}' "/proc/$("$SYNCFS" status "$1" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["pid"])')/status"; }
+ok=$([ "$(sha256sum < "$work/blob-src")" = "$(sha256sum < "$work/blob-b-mnt/blobs/large")" ] && echo same || echo DIFFERENT)
+echo "large $LARGE_MIB $large_w $large_r $(hwm "$work/blob-a-mnt") $(hwm "$work/blob-b-mnt") $ok" >> "$blobresults"
+rm -f "$work/blob-src"
+
 # The durable tier, with default timings (quiet 1.5 s, fetch interval 10 s): two mounts on the
 # bench's NATS server (push notices) and a bare remote; two more with their own embedded NATS
 # servers on another remote (no notices reach them: they fetch on the interval); the floor is
@@ -147,9 +195,9 @@ gitrun edit "$work/git-b-mnt" body "$GITFILES" >/dev/null
 mv "$work/remote.away" "$work/remote.git"
 gitrun converge "$url" "$work/remote.git" "$work/git-a-mnt" "$work/git-b-mnt" "$GITFILES" >> "$gitresults"
 
-python3 - "$results" "$FILES" "$ROUNDS" "$MIB" "$SEQ_ROUNDS" "$passthrough" "$BENCH_ON" "$kvresults" "$LOCKS" "$PROPS" "$gitresults" > "$work/benchmarks.md" <<'PY'
+python3 - "$results" "$FILES" "$ROUNDS" "$MIB" "$SEQ_ROUNDS" "$passthrough" "$BENCH_ON" "$kvresults" "$LOCKS" "$PROPS" "$gitresults" "$streamresults" "$APPENDS" "$blobresults" "$BLOB_MIB" "$BLOB_ROUNDS" > "$work/benchmarks.md" <<'PY'
 import platform, statistics, subprocess, sys, datetime
-path, files, rounds, mib, seq_rounds, passthrough, bench_on, kvpath, locks, props, gitpath = sys.argv[1:]
+path, files, rounds, mib, seq_rounds, passthrough, bench_on, kvpath, locks, props, gitpath, streampath, appends, blobpath, blob_mib, blob_rounds = sys.argv[1:]
 data = {}
 for line in open(path):
     target, name, value = line.split()
@@ -170,7 +218,7 @@ print("## Measured\n")
 print("By `scripts/bench.sh`: this part is its output, rewritten on every run.\n")
 print(f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
 print(f"- machine: {cores} vCPU ({cpu}), {int(mem)//1024//1024} GiB RAM, kernel {platform.release()}")
-print(f"- command: `FILES={files} ROUNDS={rounds} MIB={mib} SEQ_ROUNDS={seq_rounds} BENCH_ON={bench_on} scripts/bench.sh`")
+print(f"- command: `FILES={files} ROUNDS={rounds} MIB={mib} SEQ_ROUNDS={seq_rounds} APPENDS={appends} BLOB_MIB={blob_mib} BLOB_ROUNDS={blob_rounds} BENCH_ON={bench_on} scripts/bench.sh`")
 print(f"- backing storage of every target: {'a private tmpfs (measures the filesystem layers, not the disk)' if bench_on == 'tmpfs' else 'the root ext4 disk (/var/tmp)'}")
 print(f"- syncfs: release build, local tier, FUSE passthrough {'on' if passthrough == 'True' else 'OFF (kernel refused)'} in the `syncfs` column, off in `syncfs-nopt`")
 print("- bindfs: Debian's bindfs, default options (single-threaded) and `--multithreaded`")
@@ -216,6 +264,50 @@ for label, mount, raw in [
 if memory:
     keys, rss, hwm, secs = memory
     print(f"\nA fresh mount reading a bucket of {int(keys):,} keys: ready in {secs} s, daemon RSS {int(rss)//1024} MiB (peak {int(hwm)//1024} MiB).")
+
+st = {}
+for line in open(streampath):
+    parts = line.split()
+    st[parts[0]] = [float(x) for x in parts[1:]]
+print("\n### Append tier (NATS streams)\n")
+print("The same two mounts (`fast/messages/**`), and the same publishes done directly with")
+print("async-nats on the same server, in this run (`benches/streambench.rs`).\n")
+print("| operation | through the mount p50 / p99 | async-nats directly p50 / p99 | ratio (p50) |")
+print("|---|---:|---:|---:|")
+for label, mount, raw in [
+    (f"append: open(O_APPEND) + write a line + close, {appends} times (raw: publish + ack)", "append_mount", "append_raw"),
+    (f"visibility A -> B: append on A until B's file holds it, {props} times (raw: publish -> consumer)", "propagation_mount", "propagation_raw"),
+]:
+    m, r = st[mount], st[raw]
+    print(f"| {label} | {m[0]:.0f} / {m[1]:.0f} us | {r[0]:.0f} / {r[1]:.0f} us | {m[0] / r[0]:.2f}x |")
+m, r = st["append_mount"], st["append_raw"]
+print(f"\nAppend throughput, one writer: {m[2]:.0f} appends/s through the mount, {r[2]:.0f} publishes/s directly.")
+print(f"One 64 MiB append (split into payload-sized parts, published one after another): {st['bulk_append_mbps'][0]:.0f} MB/s until close returned.")
+
+bl = {}
+large = None
+for line in open(blobpath):
+    parts = line.split()
+    if parts[0] == "large":
+        large = parts[1:]
+    else:
+        bl.setdefault(parts[1], {}).setdefault(parts[0], []).append(float(parts[2]))
+med = lambda k, t: statistics.median(bl[k][t])
+print("\n### Blob tier (NATS object store)\n")
+print(f"A new random {blob_mib} MiB file per round, {blob_rounds} rounds, medians (`benches/blobbench.rs`):")
+print("written with 1 MiB writes and closed (for syncfs: hashed, uploaded, pointer published), then")
+print("read whole with 1 MiB reads; on syncfs, written on node A and read on node B, whose first")
+print("read fetches and verifies the object and whose second read is served from its cache. The")
+print("raw figures are one object store put of the file (256 KiB chunks, as syncfs) and one get")
+print("read to the end, with async-nats on the same server.\n")
+print("| operation | syncfs | async-nats object store | plain directory | syncfs / object store |")
+print("|---|---:|---:|---:|---:|")
+print(f"| write + close | {med('write_mbps', 'syncfs'):.0f} MB/s | {med('put_mbps', 'raw'):.0f} MB/s (put) | {med('write_mbps', 'native'):.0f} MB/s | {med('write_mbps', 'syncfs') / med('put_mbps', 'raw'):.2f}x |")
+print(f"| first read on another node | {med('read_mbps', 'fetch'):.0f} MB/s | {med('get_mbps', 'raw'):.0f} MB/s (get) | {med('read_mbps', 'native'):.0f} MB/s | {med('read_mbps', 'fetch') / med('get_mbps', 'raw'):.2f}x |")
+print(f"| second read (cache) | {med('read_mbps', 'cached'):.0f} MB/s | | {med('read_mbps', 'native'):.0f} MB/s | |")
+if large:
+    mib_l, w, r, hwa, hwb, ok = large
+    print(f"\nOne {mib_l} MiB file: written on A at {float(w):.0f} MB/s, read on B at {float(r):.0f} MB/s ({ok} bytes); peak RSS of the daemons over the whole blob run: A {int(hwa)//1024} MiB, B {int(hwb)//1024} MiB.")
 
 g = {}
 for line in open(gitpath):

@@ -35,12 +35,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
-use async_nats::jetstream::object_store::{ObjectMetadata, ObjectStore};
+use async_nats::jetstream::object_store::ObjectStore;
+use base64::Engine as _;
 use async_nats::jetstream::stream::Stream;
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use parking_lot::Mutex;
-use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
@@ -58,6 +58,8 @@ const NODE_HEADER: &str = "Syncfs-Node";
 const KV_OPERATION: &str = "KV-Operation";
 /// The revision prefix of blob content.
 const SHA256: &str = "sha256:";
+/// Chunks of an upload in flight at once.
+const UPLOAD_WINDOW: usize = 8;
 
 /// Settings of the blob tier (`nats.object_store.*` and `cache.*` in the config file).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -315,34 +317,102 @@ impl Inner {
         Ok(seq)
     }
 
-    /// Uploads `content` as object `rev` unless the store has it already.
+    /// Uploads `content` as object `rev` unless the store has it already (`check`).
+    ///
+    /// This is the object store's own layout (chunks on `$O.<store>.C.<nuid>`, then the
+    /// object's description as a rollup on `$O.<store>.M.<name>`), so any NATS client reads
+    /// the objects, but with up to [`UPLOAD_WINDOW`] chunks in flight: async-nats's `put`
+    /// waits for each chunk's acknowledgement before it sends the next. Chunks are read from
+    /// the file one at a time, so memory stays at the window's size whatever the file's.
     async fn upload(&self, store: &ObjectStore, rev: &str, size: u64, content: &File, check: bool) -> Result<(), TierError> {
-        if check {
-            if let Ok(info) = store.info(rev).await {
-                if !info.deleted && info.size as u64 == size {
-                    return Ok(());
-                }
-            }
+        let existing = store.info(rev).await.ok();
+        if check && existing.as_ref().is_some_and(|i| !i.deleted && i.size as u64 == size) {
+            return Ok(());
         }
-        let mut reader = tokio::fs::File::from_std(content.try_clone()?);
-        tokio::io::AsyncSeekExt::seek(&mut reader, std::io::SeekFrom::Start(0)).await?;
-        let meta = ObjectMetadata {
-            name: rev.to_string(),
-            description: Some("syncfs blob content".into()),
-            chunk_size: Some(self.settings.chunk_bytes),
-            ..Default::default()
-        };
-        let info = store.put(meta, &mut reader).await.map_err(|e| {
+        let failed = |e: &dyn std::fmt::Display| {
             if self.nats.is_connected() {
                 backend("uploading a blob", e)
             } else {
                 unavailable(e)
             }
-        })?;
-        if info.size as u64 != size {
-            return Err(TierError::Backend(format!("{rev}: uploaded {} bytes of {size}", info.size)));
+        };
+        let bucket = &self.settings.bucket;
+        let nuid = self.ids.next().replace(|c: char| !c.is_ascii_alphanumeric(), "");
+        let chunks = format!("$O.{bucket}.C.{nuid}");
+        let chunk = self.settings.chunk_bytes;
+        let js = &self.nats.js;
+        let mut in_flight = std::collections::VecDeque::new();
+        let mut offset = 0u64;
+        let mut count = 0usize;
+        let sent = async {
+            while offset < size {
+                let n = chunk.min((size - offset) as usize);
+                let mut buf = vec![0u8; n];
+                // One chunk from the page cache: cheaper inline than a hop to the blocking pool.
+                std::os::unix::fs::FileExt::read_exact_at(content, &mut buf, offset)?;
+                let ack = js.publish(chunks.clone(), Bytes::from(buf)).await.map_err(|e| failed(&e))?;
+                in_flight.push_back(ack);
+                if in_flight.len() >= UPLOAD_WINDOW {
+                    in_flight.pop_front().expect("not empty").await.map_err(|e| failed(&e))?;
+                }
+                offset += n as u64;
+                count += 1;
+            }
+            for ack in in_flight.drain(..) {
+                ack.await.map_err(|e| failed(&e))?;
+            }
+            let hex = digest_of(rev)?;
+            let digest: Vec<u8> = (0..32).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap_or(0)).collect();
+            let info = async_nats::jetstream::object_store::ObjectInfo {
+                name: rev.to_string(),
+                description: Some("syncfs blob content".into()),
+                metadata: HashMap::new(),
+                headers: None,
+                options: Some(async_nats::jetstream::object_store::ObjectOptions {
+                    link: None,
+                    max_chunk_size: Some(chunk),
+                }),
+                bucket: bucket.clone(),
+                nuid: nuid.clone(),
+                size: size as usize,
+                chunks: count,
+                modified: Some(SystemTime::now().into()),
+                digest: Some(format!("SHA-256={}", base64::engine::general_purpose::URL_SAFE.encode(&digest))),
+                deleted: false,
+            };
+            let mut headers = HeaderMap::new();
+            headers.insert(async_nats::header::NATS_ROLLUP, "sub");
+            let meta = format!("$O.{bucket}.M.{}", base64::engine::general_purpose::URL_SAFE.encode(rev));
+            let payload = Bytes::from(serde_json::to_vec(&info).map_err(|e| backend("describing a blob", e))?);
+            js.publish_with_headers(meta, headers, payload)
+                .await
+                .map_err(|e| failed(&e))?
+                .await
+                .map_err(|e| failed(&e))?;
+            Ok::<_, TierError>(())
         }
-        Ok(())
+        .await;
+        let stream = js.get_stream(format!("OBJ_{bucket}")).await;
+        let purge = |nuid: String| async move {
+            if let Ok(stream) = &stream {
+                if let Err(e) = stream.purge().filter(format!("$O.{bucket}.C.{nuid}")).await {
+                    tracing::debug!(error = %e, "cannot purge a blob's chunks");
+                }
+            }
+        };
+        match sent {
+            Ok(()) => {
+                // The object this one replaced (a deleted one, or one cut short) keeps no chunks.
+                if let Some(old) = existing.filter(|i| i.nuid != nuid) {
+                    purge(old.nuid).await;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                purge(nuid).await;
+                Err(e)
+            }
+        }
     }
 
     /// Commits the complete content of a blob file (see the module docs).
@@ -350,11 +420,15 @@ impl Inner {
         self.connected()?;
         let store = self.store()?;
         let file = content.clone();
+        let started = std::time::Instant::now();
         let (hex, size) = blocking(move || Ok((hash_file(&file)?, file.metadata()?.len()))).await?;
+        let hashed = started.elapsed();
         let rev = format!("{SHA256}{hex}");
         self.upload(&store, &rev, size, &content, true).await?;
+        let uploaded = started.elapsed();
         self.point(at, Some((&rev, size))).await?;
         gc::protect(self, &store, &rev, size, Some(&content)).await?;
+        tracing::debug!(path = %at.path.display(), size, ?hashed, ?uploaded, total = ?started.elapsed(), "blob committed");
         if let Err(e) = self.cache.adopt(&hex, &content) {
             tracing::warn!(error = %e, "cannot keep a committed blob in the cache");
         }
@@ -391,35 +465,44 @@ impl Inner {
             return Err(unavailable("not connected, and the content is not cached here"));
         }
         let store = self.store()?;
+        let started = std::time::Instant::now();
         let mut object = store.get(rev).await.map_err(|e| backend("fetching a blob", e))?;
+        // async-nats hashes what it reads and fails the last read unless it matches the
+        // object's recorded SHA-256; that digest must be the one the name says.
+        let want: Vec<u8> = (0..32).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap_or(0)).collect();
+        let recorded = format!("SHA-256={}", base64::engine::general_purpose::URL_SAFE.encode(&want));
+        if object.info().digest.as_deref() != Some(recorded.as_str()) {
+            return Err(TierError::Backend(format!(
+                "object {rev} records the digest {:?}, not its name's",
+                object.info().digest
+            )));
+        }
         let (mut temp, temp_path) = self.cache.temp()?;
         let fetched = async {
-            let mut hasher = Sha256::new();
             let mut buf = vec![0u8; 256 << 10];
+            let mut got = 0u64;
             loop {
                 let n = object.read(&mut buf).await.map_err(|e| backend("fetching a blob", e))?;
                 if n == 0 {
                     break;
                 }
-                hasher.update(&buf[..n]);
+                got += n as u64;
                 // Page-cache writes of at most a chunk: cheaper inline than a hop.
                 std::io::Write::write_all(&mut temp, &buf[..n])?;
             }
-            Ok::<_, TierError>(cache::hex(&hasher.finalize()))
+            if got != object.info().size as u64 {
+                return Err(TierError::Backend(format!("object {rev}: got {got} of {} bytes", object.info().size)));
+            }
+            Ok::<_, TierError>(())
         }
         .await;
-        let actual = match fetched {
-            Ok(actual) => actual,
-            Err(e) => {
-                let _ = std::fs::remove_file(&temp_path);
-                return Err(e);
-            }
-        };
-        if actual != hex {
+        if let Err(e) = fetched {
             let _ = std::fs::remove_file(&temp_path);
-            return Err(TierError::Backend(format!("object {rev} holds content with digest {actual}")));
+            return Err(e);
         }
-        Ok(Arc::new(self.cache.insert(hex, &temp_path)?))
+        let file = self.cache.insert(hex, &temp_path)?;
+        tracing::debug!(digest = %hex, size = object.info().size, elapsed = ?started.elapsed(), "blob fetched");
+        Ok(Arc::new(file))
     }
 
     fn sink(&self) -> Option<&Arc<dyn RemoteSink>> {
@@ -445,6 +528,13 @@ impl Tier for BlobTier {
     }
 
     fn create(&self, at: &Target, kind: Kind, _exclusive: bool) -> Op<Option<Revision>, TierError> {
+        if kind == Kind::File {
+            // Its first commit would fail: refuse the name now rather than leave an empty
+            // file only this node has.
+            if let Err(e) = self.inner.connected() {
+                return Op::err(e);
+            }
+        }
         // The first commit makes the pointer (also for `touch`).
         super::create_lazily(at, kind)
     }

@@ -319,6 +319,13 @@ impl Tier for StreamTier {
     }
 
     fn create(&self, at: &Target, kind: Kind, _exclusive: bool) -> Op<Option<Revision>, TierError> {
+        if kind == Kind::File {
+            // Its first append would fail: refuse the name now rather than leave an empty
+            // file only this node has.
+            if let Err(e) = self.check_append(at) {
+                return Op::err(e);
+            }
+        }
         // The file's first append (an empty one, for a file only created) makes it exist on
         // every node.
         super::create_lazily(at, kind)
