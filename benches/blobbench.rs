@@ -3,7 +3,8 @@
 //! run. Prints `name mb_per_s`.
 //!
 //! Usage:
-//!   blobbench raw URL SRC CHUNK      put SRC into a bench object store (CHUNK-byte chunks), get it back
+//!   blobbench raw URL SRC CHUNK [keep]   put SRC into a bench object store (CHUNK-byte chunks),
+//!                                        get it back, and delete it unless `keep`
 //!   blobbench write SRC DST          copy SRC to DST (1 MiB writes) and close it
 //!   blobbench read PATH SIZE         wait until PATH has SIZE bytes, then read it whole
 
@@ -20,7 +21,7 @@ fn mbps(bytes: u64, t: Instant) -> f64 {
 
 /// What the blob tier does with a closed file and a first read, done directly: one object
 /// store put of the file, and a get of it read to the end.
-async fn raw(url: &str, src: &Path, chunk: usize) {
+async fn raw(url: &str, src: &Path, chunk: usize, keep: bool) {
     let client = async_nats::connect(url).await.unwrap();
     let js = async_nats::jetstream::new(client);
     let store = match js.get_object_store("bench_blobs").await {
@@ -57,7 +58,9 @@ async fn raw(url: &str, src: &Path, chunk: usize) {
     }
     assert_eq!(got, size);
     println!("get_mbps {:.1}", mbps(size, t));
-    store.delete(&name).await.unwrap();
+    if !keep {
+        store.delete(&name).await.unwrap();
+    }
 }
 
 fn write(src: &Path, dst: &Path) {
@@ -104,7 +107,8 @@ fn main() {
     match args[0].as_str() {
         "raw" => {
             let rt = tokio::runtime::Runtime::new().unwrap();
-            rt.block_on(raw(&args[1], Path::new(&args[2]), args[3].parse().unwrap()));
+            let keep = args.get(4).is_some_and(|a| a == "keep");
+            rt.block_on(raw(&args[1], Path::new(&args[2]), args[3].parse().unwrap(), keep));
         }
         "write" => write(Path::new(&args[1]), Path::new(&args[2])),
         "read" => read(Path::new(&args[1]), args[2].parse().unwrap()),

@@ -149,7 +149,7 @@ mkdir -p "$work/blob-a-mnt" "$work/blob-b-mnt" "$work/blob-native"
 for ((r = 1; r <= BLOB_ROUNDS; r++)); do
   head -c "${BLOB_MIB}M" /dev/urandom > "$work/blob-src"
   size=$(stat -c %s "$work/blob-src")
-  blobrun raw "$url" "$work/blob-src" 262144 | sed 's/^/raw /' >> "$blobresults"
+  blobrun raw "$url" "$work/blob-src" 262144 keep | sed 's/^/raw /' >> "$blobresults"
   blobrun write "$work/blob-src" "$work/blob-native/f$r" | sed 's/^/native /' >> "$blobresults"
   blobrun read "$work/blob-native/f$r" "$size" | sed 's/^/native /' >> "$blobresults"
   rm -f "$work/blob-native/f$r"

@@ -259,14 +259,19 @@ pub fn explain(table: &PolicyTable, source: &str, path: &Path) -> String {
         .max_age
         .map(|d| format!("{} days", d.as_secs() / 86_400))
         .unwrap_or_else(|| "none".into());
-    format!(
+    let mut text = format!(
         "path:        {}\nrule:        {rule}\ntier:        {}\nconsistency: {}\nttl:         {ttl}\nephemeral:   {}\nmerge rules: {rules}\nschema:      {}\nretention:   {retention}\n",
         path.display(),
         p.tier,
         p.consistency,
         if p.ephemeral { "yes" } else { "no" },
         p.schema.as_deref().unwrap_or("none"),
-    )
+    );
+    if p.tier == crate::policy::TierKind::NatsStream {
+        let purge = if p.purge { "yes (truncate to zero and unlink empty or remove the file)" } else { "no (truncate and unlink are EPERM)" };
+        text.push_str(&format!("purge:       {purge}\n"));
+    }
+    text
 }
 
 #[cfg(test)]

@@ -493,3 +493,80 @@ pub struct DirHandle {
     /// Entries, `.` and `..` included.
     pub entries: Vec<RawDirEntry>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spool() -> (tempfile::TempDir, Arc<Spool>) {
+        let dir = tempfile::tempdir().unwrap();
+        let c = std::ffi::CString::new(dir.path().as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: valid C string.
+        let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a new fd we own.
+        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        (dir, Arc::new(Spool::open(fd).unwrap()))
+    }
+
+    fn text(a: &Appended) -> String {
+        String::from_utf8(a.chunk(0, usize::MAX).unwrap().to_vec()).unwrap()
+    }
+
+    #[test]
+    fn a_failed_append_keeps_its_id_and_new_writes_follow_it() {
+        let (_dir, spool) = spool();
+        let a = Appender::new(spool, false);
+        let mut ids = 10..;
+        a.push(b"one\n").unwrap();
+        let first = a.take(false, || ids.next().unwrap());
+        assert_eq!(first.len(), 1);
+        assert_eq!(text(&first[0].1), "one\n");
+        // The tier failed: nothing is done. More is written, and the next flush retries the
+        // first append with the same id, then the new bytes with a new one.
+        a.push(b"two\n").unwrap();
+        let again = a.take(false, || ids.next().unwrap());
+        assert_eq!(again.iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![first[0].0, 11]);
+        assert_eq!(text(&again[1].1), "two\n");
+        // Reads past the tree's file see both, in order.
+        let mut buf = [0u8; 16];
+        let n = a.read_at(&mut buf, 2).unwrap();
+        assert_eq!(&buf[..n], b"e\n");
+        assert_eq!(a.pending(), 8);
+        a.done(10);
+        a.done(11);
+        assert_eq!(a.pending(), 0);
+        assert!(a.take(true, || ids.next().unwrap()).is_empty());
+    }
+
+    #[test]
+    fn a_created_file_appends_nothing_at_its_last_close_only() {
+        let (_dir, spool) = spool();
+        let a = Appender::new(spool, true);
+        let mut ids = 1..;
+        assert!(a.take(false, || ids.next().unwrap()).is_empty(), "a flush (the shell's first close) waits");
+        let last = a.take(true, || ids.next().unwrap());
+        assert_eq!(last.len(), 1);
+        assert!(last[0].1.is_empty());
+        a.done(last[0].0);
+        assert!(a.take(true, || ids.next().unwrap()).is_empty(), "once appended, nothing more");
+    }
+
+    #[test]
+    fn long_appends_spill_to_the_spool_and_leave_nothing_behind() {
+        let (dir, spool) = spool();
+        let a = Appender::new(spool, false);
+        let big = vec![b'x'; SPILL_AT + 10];
+        a.push(&big[..100]).unwrap();
+        a.push(&big[100..]).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "spilled to one spool file");
+        let taken = a.take(false, || 7);
+        assert!(matches!(taken[0].1, Appended::File(_, n) if n == big.len() as u64));
+        assert_eq!(taken[0].1.chunk(SPILL_AT as u64, 100).unwrap().len(), 10);
+        a.done(7);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        a.push(&big).unwrap();
+        a.clear();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "a truncation drops the spool file");
+    }
+}

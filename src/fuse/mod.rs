@@ -40,12 +40,21 @@ pub struct AdapterConfig {
     pub passthrough_active: Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// A registered backing file of an inode.
+struct Backing {
+    id: BackingId,
+    /// Open handles using it.
+    open: usize,
+    /// (device, inode) of the backing file: a blob's content file changes with its content.
+    file: (u64, u64),
+}
+
 #[derive(Default)]
 struct Passthrough {
     /// Backing file per inode, with the number of open handles using it. Kept after the last
     /// handle closes, until the kernel forgets the inode, so that re-opening a file costs no
     /// backing registration (two ioctls); the kernel requires one backing per inode anyway.
-    by_ino: HashMap<Ino, (BackingId, usize)>,
+    by_ino: HashMap<Ino, Backing>,
     /// Handles opened with passthrough.
     handles: HashSet<u64>,
     /// Turned off for the session after a backing open failed.
@@ -97,54 +106,23 @@ impl FuseAdapter {
     }
 
     fn reply_open(&self, ino: Ino, opened: Opened, flags: FopenFlags, reply: ReplyOpen) {
-        if self.passthrough_backing(ino, &opened, |fd| reply.open_backing(fd)).is_some() {
-            let pt = self.passthrough.lock();
-            let flags = flags & PASSTHROUGH_FLAGS;
-            reply.opened_passthrough(FileHandle(opened.fh), flags, &pt.by_ino[&ino].0);
-        } else {
-            reply.opened(FileHandle(opened.fh), flags);
-        }
+        reply_open(&self.passthrough, self.passthrough_on, ino, opened, flags, reply);
     }
 
-    /// Registers (or reuses) the inode's backing file for a passthrough handle. Returns
-    /// `Some(())` when the handle is to be answered with passthrough.
     fn passthrough_backing(
         &self,
         ino: Ino,
         opened: &Opened,
         open_backing: impl FnOnce(&std::fs::File) -> std::io::Result<BackingId>,
     ) -> Option<()> {
-        if !self.passthrough_on {
-            return None;
-        }
-        let file = opened.passthrough.as_ref()?;
-        let mut pt = self.passthrough.lock();
-        if pt.broken {
-            return None;
-        }
-        if let Some(entry) = pt.by_ino.get_mut(&ino) {
-            entry.1 += 1;
-        } else {
-            match open_backing(file) {
-                Ok(id) => {
-                    pt.by_ino.insert(ino, (id, 1));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "FUSE passthrough refused by the kernel; serving I/O through syncfs from now on");
-                    pt.broken = true;
-                    return None;
-                }
-            }
-        }
-        pt.handles.insert(opened.fh);
-        Some(())
+        passthrough_backing(&self.passthrough, self.passthrough_on, ino, opened, open_backing)
     }
 
     fn release_backing(&self, ino: Ino, fh: u64) {
         let mut pt = self.passthrough.lock();
         if pt.handles.remove(&fh) {
             if let Some(entry) = pt.by_ino.get_mut(&ino) {
-                entry.1 -= 1;
+                entry.open -= 1;
             }
         }
     }
@@ -172,12 +150,63 @@ impl FuseAdapter {
     }
 }
 
+/// Answers an open, with passthrough when the core offered a file for it and the kernel agrees.
+fn reply_open(pt: &Mutex<Passthrough>, on: bool, ino: Ino, opened: Opened, flags: FopenFlags, reply: ReplyOpen) {
+    if passthrough_backing(pt, on, ino, &opened, |fd| reply.open_backing(fd)).is_some() {
+        let pt = pt.lock();
+        let flags = flags & PASSTHROUGH_FLAGS;
+        reply.opened_passthrough(FileHandle(opened.fh), flags, &pt.by_ino[&ino].id);
+    } else {
+        reply.opened(FileHandle(opened.fh), flags);
+    }
+}
+
+/// Registers (or reuses) the inode's backing file for a passthrough handle. Returns
+/// `Some(())` when the handle is to be answered with passthrough. The kernel takes one backing
+/// file per inode while any passthrough handle is open: a handle whose file is another one (a
+/// blob whose content changed while its old content is still open) goes through the daemon.
+fn passthrough_backing(
+    pt: &Mutex<Passthrough>,
+    on: bool,
+    ino: Ino,
+    opened: &Opened,
+    open_backing: impl FnOnce(&std::fs::File) -> std::io::Result<BackingId>,
+) -> Option<()> {
+    if !on {
+        return None;
+    }
+    let file = opened.passthrough.as_ref()?;
+    let meta = file.metadata().ok()?;
+    let ident = (std::os::unix::fs::MetadataExt::dev(&meta), std::os::unix::fs::MetadataExt::ino(&meta));
+    let mut pt = pt.lock();
+    if pt.broken {
+        return None;
+    }
+    match pt.by_ino.get_mut(&ino) {
+        Some(b) if b.file == ident => b.open += 1,
+        Some(b) if b.open > 0 => return None,
+        _ => match open_backing(file) {
+            Ok(id) => {
+                // Replacing an idle backing of other content closes it.
+                pt.by_ino.insert(ino, Backing { id, open: 1, file: ident });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "FUSE passthrough refused by the kernel; serving I/O through syncfs from now on");
+                pt.broken = true;
+                return None;
+            }
+        },
+    }
+    pt.handles.insert(opened.fh);
+    Some(())
+}
+
 /// Drops an inode's backing if no handle uses it. Called when the kernel evicts the inode and
 /// when the file loses its last name: the backing holds the file open, so after an unlink this
 /// is where its storage is freed, within the unlink as on a native filesystem.
 fn drop_idle_backing(pt: &Mutex<Passthrough>, ino: Ino) {
     let mut pt = pt.lock();
-    if pt.by_ino.get(&ino).is_some_and(|(_, open)| *open == 0) {
+    if pt.by_ino.get(&ino).is_some_and(|b| b.open == 0) {
         pt.by_ino.remove(&ino);
     }
 }
@@ -462,13 +491,21 @@ impl Filesystem for FuseAdapter {
             }
             Op::Ready(Err(e)) => reply.error(errno("open", &e)),
             Op::Pending(future) => {
-                // No tier opens asynchronously yet; answer without passthrough if one does.
-                self.rt.spawn(async move {
-                    match future.await {
-                        Ok(opened) => reply.opened(FileHandle(opened.fh), Self::open_flags(&opened)),
-                        Err(e) => reply.error(errno("open", &e)),
+                // A blob whose content had to be fetched or checked first.
+                let (pt, on) = (self.passthrough.clone(), self.passthrough_on);
+                let span = tracing::Span::current();
+                self.rt.spawn(
+                    async move {
+                        match future.await {
+                            Ok(opened) => {
+                                let flags = Self::open_flags(&opened);
+                                reply_open(&pt, on, ino.0, opened, flags, reply)
+                            }
+                            Err(e) => reply.error(errno("open", &e)),
+                        }
                     }
-                });
+                    .instrument(span),
+                );
             }
         }
     }
@@ -695,7 +732,7 @@ impl Filesystem for FuseAdapter {
                     .is_some()
                 {
                     let pt = self.passthrough.lock();
-                    let id = &pt.by_ino[&attr.ino].0;
+                    let id = &pt.by_ino[&attr.ino].id;
                     let fopen = fopen & PASSTHROUGH_FLAGS;
                     reply.created_passthrough(&ttl, &file_attr(&attr), GEN, fh, fopen, id);
                 } else {

@@ -23,6 +23,11 @@
 //!
 //! The one timing assumption: a collector that holds a `deleting` mark for more than
 //! [`STALE_DELETE`] has died; a writer then finishes its work and uploads again.
+//!
+//! Chunks that no object describes (an upload that never finished: its writer died, or lost
+//! the connection) are collected the same way, marked under `chunks.<nuid>` and purged once
+//! still undescribed after the grace period, which must therefore be longer than any upload
+//! takes.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -61,6 +66,9 @@ pub struct Report {
     pub deleted: usize,
     /// Bytes freed.
     pub freed_bytes: u64,
+    /// Chunk subjects of unfinished uploads purged.
+    #[serde(default)]
+    pub orphans_purged: usize,
     /// Why it stopped early, if it did.
     pub error: Option<String>,
 }
@@ -196,8 +204,10 @@ pub(super) async fn collect(inner: &Inner) -> Result<Report, TierError> {
     let mut objects = store.list().await.map_err(|e| backend("listing blobs", e))?;
     let mut present = HashSet::new();
     let mut candidates = Vec::new();
+    let mut described = HashSet::new();
     while let Some(info) = objects.next().await {
         let info = info.map_err(|e| backend("listing blobs", e))?;
+        described.insert(info.nuid.clone());
         let Ok(hex) = digest_of(&info.name) else { continue };
         present.insert(hex.to_string());
         report.objects += 1;
@@ -245,10 +255,59 @@ pub(super) async fn collect(inner: &Inner) -> Result<Report, TierError> {
             Some(_) => {}
         }
     }
-    // Marks of objects that are gone (deleted elsewhere) go too.
-    for (hex, mark) in read {
-        if !present.contains(&hex) {
-            let _ = marks.delete_expect_revision(&hex, Some(mark.rev)).await;
+    // Chunks no object describes: unfinished uploads.
+    let bucket = &inner.settings.bucket;
+    let chunk_prefix = format!("$O.{bucket}.C.");
+    let stream = inner
+        .nats
+        .js
+        .get_stream(format!("OBJ_{bucket}"))
+        .await
+        .map_err(|e| backend("opening the object store's stream", e))?;
+    let mut subjects = stream
+        .info_with_subjects(format!("{chunk_prefix}>"))
+        .await
+        .map_err(|e| backend("listing blob chunks", e))?;
+    let mut undescribed = Vec::new();
+    while let Some(subject) = subjects.next().await {
+        let (subject, _) = subject.map_err(|e| backend("listing blob chunks", e))?;
+        if let Some(nuid) = subject.strip_prefix(&chunk_prefix) {
+            if !described.contains(nuid) {
+                undescribed.push(nuid.to_string());
+            }
+        }
+    }
+    for nuid in &undescribed {
+        let key = format!("chunks.{nuid}");
+        let condemn = Mark {
+            state: State::Condemned,
+            node: inner.node.clone(),
+        };
+        match read.get(&key).copied() {
+            None => {
+                let _ = marks.create(&key, encode(&condemn)).await;
+            }
+            Some(m) if m.state == State::Condemned && m.age >= inner.settings.gc_grace => {
+                match stream.purge().filter(format!("{chunk_prefix}{nuid}")).await {
+                    Ok(_) => {
+                        report.orphans_purged += 1;
+                        tracing::info!(nuid = %nuid, "purged the chunks of an upload that never finished");
+                    }
+                    Err(e) => tracing::warn!(nuid = %nuid, error = %e, "cannot purge orphaned blob chunks"),
+                }
+                let _ = marks.delete_expect_revision(&key, Some(m.rev)).await;
+            }
+            Some(_) => {}
+        }
+    }
+    // Marks of objects (and chunks) that are gone, or described again, go too.
+    for (key, mark) in read {
+        let stale = match key.strip_prefix("chunks.") {
+            Some(nuid) => !undescribed.iter().any(|u| u == nuid),
+            None => !present.contains(&key),
+        };
+        if stale {
+            let _ = marks.delete_expect_revision(&key, Some(mark.rev)).await;
         }
     }
     *inner.gc_report.lock() = report.clone();

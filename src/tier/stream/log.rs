@@ -318,9 +318,10 @@ impl LogState {
         }))
     }
 
-    /// Replaces what is known of `path` (after a rebuild from the stream).
+    /// Replaces what is known of `path` (after a rebuild from the stream). Appends being
+    /// gathered for it stay: their parts came from the stream in order, and they land at the
+    /// rebuilt file's end.
     pub fn set_file(&mut self, path: &Path, state: Option<FileState>) {
-        self.drop_gathers(path, None);
         match state {
             Some(s) => {
                 self.files.insert(path.to_path_buf(), s);

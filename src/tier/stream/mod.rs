@@ -99,6 +99,9 @@ pub(crate) struct Log {
     pub state: Mutex<LogState>,
     /// The last sequence the applier handled.
     pub applied: watch::Sender<u64>,
+    /// Held while a message is handled and applied, so that the tree changes in stream order
+    /// whoever applies (the applier, or a writer applying its own append, see `append`).
+    pub apply_lock: tokio::sync::Mutex<()>,
     /// Where the state is saved.
     pub state_file: PathBuf,
 }
@@ -167,6 +170,7 @@ impl StreamTier {
                 prefix: format!("syncfs.log.{name}."),
                 state: Mutex::new(LogState::restore(saved, spill.clone())),
                 applied: watch::channel(0).0,
+                apply_lock: tokio::sync::Mutex::new(()),
                 name,
                 policy: p.clone(),
                 root: pattern_root(&p.pattern),
@@ -256,8 +260,12 @@ impl Inner {
         let append_id = self.ids.with(id);
         let n = data.len().div_ceil(part as u64).max(1);
         let mut seq = 0;
+        let mut single = None;
         for k in 1..=n {
             let chunk = data.chunk((k - 1) * part as u64, part)?;
+            if n == 1 {
+                single = Some(chunk.clone());
+            }
             let mut headers = self.headers();
             let msg_id = if n == 1 {
                 append_id.clone()
@@ -268,8 +276,41 @@ impl Inner {
             };
             seq = self.publish(&subject, chunk, headers, &msg_id).await?;
         }
+        if let Some(payload) = single {
+            if self.apply_own(log, at, seq, payload).await? {
+                return Ok(Some(Revision(seq.to_string())));
+            }
+        }
         self.wait_applied(log, seq).await;
         Ok(Some(Revision(seq.to_string())))
+    }
+
+    /// Applies this node's own one-message append `seq` at once when the applier has handled
+    /// every message before it, instead of waiting for the stream to deliver it back (the
+    /// applier then skips it, as it skips any message at or below a file's last sequence).
+    /// Returns whether it did.
+    async fn apply_own(&self, log: usize, at: &Target, seq: u64, payload: Bytes) -> Result<bool, TierError> {
+        let l = &self.logs[log];
+        let _order = l.apply_lock.lock().await;
+        let action = {
+            let mut state = l.state.lock();
+            if state.applied + 1 != seq {
+                return Ok(false);
+            }
+            state.handle(log::Msg {
+                seq,
+                path: at.path.clone(),
+                op: log::Op::Append(None),
+                node: Some(self.node.clone()),
+                payload,
+                writer: Some(self.ids.prefix().to_string()),
+            })?
+        };
+        if let Some(action) = action {
+            sync::apply(self, action);
+        }
+        l.applied.send_modify(|a| *a = (*a).max(seq));
+        Ok(true)
     }
 
     /// Publishes a truncation or removal of `at`: a rollup of its subject.

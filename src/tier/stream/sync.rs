@@ -118,7 +118,7 @@ pub(super) fn save(log: &Log) {
 }
 
 /// Applies one action to the tree.
-fn apply(inner: &Inner, action: Action) {
+pub(super) fn apply(inner: &Inner, action: Action) {
     let Some(sink) = inner.sink() else { return };
     let result = match action {
         Action::Truncate(path) => sink.apply(&path, RemoteChange::Append { at: 0, bytes: Vec::new() }, None),
@@ -264,6 +264,7 @@ async fn rebuild(inner: &Inner, log: &Log, stream: &Stream, path: &Path) -> anyh
 /// Rebuilds the files whose oldest message the stream no longer has.
 async fn trim(inner: &Inner, log: &Log, stream: &mut Stream) -> anyhow::Result<()> {
     let first = stream.info().await?.state.first_sequence;
+    let _order = log.apply_lock.lock().await;
     let stale: Vec<PathBuf> = log
         .state
         .lock()
@@ -325,6 +326,7 @@ async fn apply_log(inner: &Arc<Inner>, i: usize, stream: &mut Stream, first: boo
         }
     }
     if first {
+        let _order = log.apply_lock.lock().await;
         for path in reconcile(inner, log) {
             rebuild(inner, log, stream, &path).await?;
         }
@@ -374,6 +376,7 @@ async fn apply_log(inner: &Arc<Inner>, i: usize, stream: &mut Stream, first: boo
             let info = message.info().map_err(|e| anyhow::anyhow!("{e}"))?;
             (info.stream_sequence, info.pending)
         };
+        let order = log.apply_lock.lock().await;
         let action = match decode(inner, log, &message.message, seq) {
             Some(msg) => log.state.lock().handle(msg)?,
             None => {
@@ -385,7 +388,8 @@ async fn apply_log(inner: &Arc<Inner>, i: usize, stream: &mut Stream, first: boo
         if let Some(action) = action {
             apply(inner, action);
         }
-        log.applied.send_replace(seq);
+        drop(order);
+        log.applied.send_modify(|a| *a = (*a).max(seq));
         if !synced && pending == 0 {
             synced = true;
             caught_up(inner, i, stream, &mut swept).await?;
