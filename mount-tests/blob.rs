@@ -396,3 +396,30 @@ fn renames_and_removals_propagate() {
     assert!(wait_gone(&b.path("blobs/b")), "the removed blob is still on B");
     assert_eq!(b.status()["blobs"]["paths"], 0);
 }
+
+/// Every open after new content arrived reads the new content, also while a program still
+/// has the old one open (and after it closed it).
+#[test]
+fn new_opens_read_new_content_while_the_old_is_still_open() {
+    let server = NatsServer::start();
+    let a = node(&server, "a", None);
+    let b = node(&server, "b", None);
+    let (v1, v2) = (random(300 << 10), random(300 << 10));
+    std::fs::write(a.path("blobs/f"), &v1).unwrap();
+    wait_rev(&b, "blobs/f", &rev_of(&v1));
+    let mut old = std::fs::File::open(b.path("blobs/f")).unwrap();
+    let mut head = vec![0u8; 1000];
+    old.read_exact(&mut head).unwrap();
+    assert_eq!(head, v1[..1000]);
+    std::fs::write(a.path("blobs/f"), &v2).unwrap();
+    wait_rev(&b, "blobs/f", &rev_of(&v2));
+    assert_reads(&b, "blobs/f", &v2);
+    // The old handle still reads (which bytes: the kernel's page cache of the file is shared,
+    // as for every synced file, docs/SEMANTICS.md).
+    let mut rest = Vec::new();
+    old.read_to_end(&mut rest).unwrap();
+    assert_eq!(rest.len(), v1.len() - 1000);
+    drop(old);
+    assert_reads(&b, "blobs/f", &v2);
+    assert_reads(&a, "blobs/f", &v2);
+}

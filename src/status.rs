@@ -213,7 +213,7 @@ impl Status {
             }
         }
         for (tier, t) in &self.tiers {
-            let _ = writeln!(s, "tier {tier:<8} {} commits, {} refused", t.commits, t.refused);
+            let _ = writeln!(s, "tier {tier:<13} {} commits, {} refused", t.commits, t.refused);
         }
         let _ = writeln!(s, "pending:      {} writes queued", self.pending_writes);
         let _ = writeln!(s, "open:         {} files, {} inodes", self.open_files, self.inodes);

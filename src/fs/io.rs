@@ -161,10 +161,9 @@ impl Core {
             // A reader with no writer around: the tree's file is the committed content, and a
             // stage would only cost a lookup and a lock. Should a writer come later, this
             // handle keeps reading what it opened (close-to-open).
-            // Content a tier keeps (a blob in its cache) is a file of its own, which the
-            // kernel can read directly; the tree's file of other staged tiers is replaced by
-            // each install, so it is read through the daemon.
-            let passthrough = content.clone();
+            // Not even content a tier keeps (a blob in its cache) is handed to the kernel for
+            // passthrough: the kernel takes one backing file per inode while any is open, so
+            // a new content could not be opened while a program still reads the old one.
             let file = match content {
                 Some(file) => file,
                 None => Arc::new(self.open_tree_file(ino, libc::O_RDONLY)?),
@@ -184,7 +183,7 @@ impl Core {
             // the inode's page cache with old pages.
             return Ok(Opened {
                 fh,
-                passthrough,
+                passthrough: None,
                 keep_cache: false,
                 needs_flush: false,
             });

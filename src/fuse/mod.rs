@@ -491,7 +491,7 @@ impl Filesystem for FuseAdapter {
             }
             Op::Ready(Err(e)) => reply.error(errno("open", &e)),
             Op::Pending(future) => {
-                // A blob whose content had to be fetched or checked first.
+                // A file whose content had to be fetched or checked first (a blob).
                 let (pt, on) = (self.passthrough.clone(), self.passthrough_on);
                 let span = tracing::Span::current();
                 self.rt.spawn(

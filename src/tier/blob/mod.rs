@@ -156,10 +156,12 @@ fn backend(what: &str, e: impl std::fmt::Display) -> TierError {
     TierError::Backend(format!("{what}: {e}"))
 }
 
-/// The hex digest of a `sha256:<hex>` revision.
+/// The hex digest of a `sha256:<hex>` revision. Only 64 lower-case hex digits pass: the
+/// digest names a file in the cache, so a pointer another client wrote must not be able to
+/// name anything else.
 fn digest_of(rev: &str) -> Result<&str, TierError> {
     rev.strip_prefix(SHA256)
-        .filter(|h| h.len() == 64)
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
         .ok_or_else(|| TierError::Backend(format!("not a blob revision: {rev}")))
 }
 
@@ -803,4 +805,25 @@ fn finish_sync(inner: &Inner, bucket: usize, seen: &HashSet<PathBuf>) {
     }
     inner.synced.send_modify(|s| s[bucket] = true);
     tracing::info!(bucket = %b.name, paths = seen.len(), "view of the blob pointers is complete");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pointers_name_only_digests() {
+        let hex = "ab".repeat(32);
+        assert_eq!(parse_pointer(format!("sha256:{hex} 12").as_bytes()), Some((format!("sha256:{hex}"), 12)));
+        for bad in [
+            format!("sha256:{} 1", "AB".repeat(32)),
+            format!("sha256:{}/../../x 1", &hex[..54]),
+            format!("sha256:{hex}"),
+            format!("sha256:{hex} -1"),
+            format!("md5:{hex} 1"),
+            "garbage".to_string(),
+        ] {
+            assert_eq!(parse_pointer(bad.as_bytes()), None, "{bad}");
+        }
+    }
 }
