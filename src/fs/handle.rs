@@ -451,6 +451,14 @@ pub enum HandleIo {
     Direct(Arc<File>),
     /// Through the inode's stage.
     Staged(Arc<Stage>),
+    /// Reads content a tier is still fetching into `file`: each read waits until its bytes
+    /// are there (and the last ones until the content is verified).
+    Arriving {
+        /// The file being filled.
+        file: Arc<File>,
+        /// How far it is.
+        arrival: tokio::sync::watch::Receiver<crate::tier::Arrival>,
+    },
     /// Appends through the inode's appender; reads from the tree's file, then the appender.
     Append {
         /// The tree's file, read-only.
@@ -479,7 +487,7 @@ impl Handle {
     /// The file reads are served from now (for append handles: up to the tree's length).
     pub fn read_file(&self) -> Arc<File> {
         match &self.io {
-            HandleIo::Direct(file) | HandleIo::Append { file, .. } => file.clone(),
+            HandleIo::Direct(file) | HandleIo::Append { file, .. } | HandleIo::Arriving { file, .. } => file.clone(),
             HandleIo::Staged(stage) => stage.file(),
         }
     }

@@ -13,7 +13,7 @@ use super::tree::{self, Ident};
 use super::{Attr, Caller, Core, FsError, FsOp, Ino, Kind, Opened};
 use crate::op::Op;
 use crate::policy::{PolicyTable, POLICY_FILE};
-use crate::tier::{Revision, Target, TierError, WriteMode, CONTENT_TAG};
+use crate::tier::{Content, Revision, Target, TierError, WriteMode, CONTENT_TAG};
 
 /// The largest file the core reads whole to validate (policy file, schema-checked documents).
 const MAX_VALIDATED_SIZE: u64 = 16 << 20;
@@ -76,10 +76,13 @@ impl Core {
             match self.content_tag(ino) {
                 Err(e) => return Op::err(e),
                 Ok(Some(rev)) => {
+                    // A reader may start while the content arrives; a writer's stage starts
+                    // from all of it.
+                    let whole = flags & libc::O_ACCMODE != libc::O_RDONLY;
                     return tier
-                        .content(&target, &rev)
+                        .content(&target, &rev, whole)
                         .err_into()
-                        .and_then(move |file| this.open_handle(ino, flags, &target, None, Some(file)));
+                        .and_then(move |content| this.open_handle(ino, flags, &target, None, Some(content)));
                 }
                 // Empty, or a file the tier has not stored yet: the tree's file is its content.
                 Ok(None) => {}
@@ -109,7 +112,7 @@ impl Core {
         flags: i32,
         target: &Target,
         created: Option<(File, Option<Option<Revision>>)>,
-        content: Option<Arc<File>>,
+        content: Option<Content>,
     ) -> Result<Opened, FsError> {
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let append = flags & libc::O_APPEND != 0;
@@ -164,16 +167,17 @@ impl Core {
             // Not even content a tier keeps (a blob in its cache) is handed to the kernel for
             // passthrough: the kernel takes one backing file per inode while any is open, so
             // a new content could not be opened while a program still reads the old one.
-            let file = match content {
-                Some(file) => file,
-                None => Arc::new(self.open_tree_file(ino, libc::O_RDONLY)?),
+            let io = match content {
+                Some(Content { file, arriving: Some(arrival) }) => HandleIo::Arriving { file, arrival },
+                Some(Content { file, arriving: None }) => HandleIo::Direct(file),
+                None => HandleIo::Direct(Arc::new(self.open_tree_file(ino, libc::O_RDONLY)?)),
             };
             self.inodes.lock().get_mut(ino).ok_or(FsError::UnknownInode(ino))?.opens += 1;
             self.handles.lock().insert(
                 fh,
                 Arc::new(Handle {
                     ino,
-                    io: HandleIo::Direct(file),
+                    io,
                     append,
                     writable,
                 }),
@@ -209,7 +213,7 @@ impl Core {
                     _ if truncate => Stage::empty(self.spool.clone(), tier.revision(target))?,
                     _ => {
                         let file = match content {
-                            Some(file) => file,
+                            Some(content) => content.file,
                             None => Arc::new(self.open_tree_file(ino, libc::O_RDONLY)?),
                         };
                         Stage::on(file, self.spool.clone(), tier.revision(target))
@@ -414,10 +418,41 @@ impl Core {
             })
     }
 
-    /// Reads up to `size` bytes at `offset`.
-    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+    /// Reads up to `size` bytes at `offset`. Ready at once, except for content still
+    /// arriving, whose reads wait for their bytes.
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsOp<Vec<u8>> {
         self.io.reads.fetch_add(1, Ordering::Relaxed);
-        let handle = self.handle(fh)?;
+        let handle = match self.handle(fh) {
+            Ok(h) => h,
+            Err(e) => return Op::err(e),
+        };
+        let HandleIo::Arriving { arrival, .. } = &handle.io else {
+            return Op::Ready(read_handle(&handle, offset, size));
+        };
+        let mut arrival = arrival.clone();
+        let readable = arrival.borrow().readable(offset, size as u64);
+        match readable {
+            Ok(true) => return Op::Ready(read_handle(&handle, offset, size)),
+            Err(e) => return Op::err(FsError::Tier(TierError::Backend(e))),
+            Ok(false) => {}
+        }
+        Op::pending(async move {
+            let ready = arrival
+                .wait_for(|a| a.readable(offset, size as u64) != Ok(false))
+                .await
+                .map(|a| a.readable(offset, size as u64))
+                .map_err(|_| FsError::Tier(TierError::Backend("the fetch stopped".into())))?;
+            if let Err(e) = ready {
+                return Err(FsError::Tier(TierError::Backend(e)));
+            }
+            read_handle(&handle, offset, size)
+        })
+    }
+}
+
+/// Reads up to `size` bytes at `offset` of a handle's content.
+fn read_handle(handle: &Handle, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+    {
         let file = handle.read_file();
         let mut buf = vec![0u8; size as usize];
         let mut done = 0;
@@ -442,12 +477,16 @@ impl Core {
         buf.truncate(done);
         Ok(buf)
     }
+}
 
+impl Core {
     /// Writes `data` at `offset` (at the end for `O_APPEND` handles).
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, FsError> {
         self.io.writes.fetch_add(1, Ordering::Relaxed);
         let handle = self.handle(fh)?;
         match &handle.io {
+            // Opened for reading only; the kernel sends no writes for it.
+            HandleIo::Arriving { .. } => return Err(FsError::os(libc::EBADF)),
             HandleIo::Direct(file) => {
                 let offset = if handle.append {
                     file.metadata()?.len()
@@ -511,7 +550,7 @@ impl Core {
                 }
                 Ok(())
             }
-            HandleIo::Staged(_) | HandleIo::Append { .. } => Err(FsError::os(libc::EOPNOTSUPP)),
+            HandleIo::Staged(_) | HandleIo::Append { .. } | HandleIo::Arriving { .. } => Err(FsError::os(libc::EOPNOTSUPP)),
         }
     }
 
@@ -538,6 +577,8 @@ impl Core {
         match &handle.io {
             HandleIo::Staged(stage) => self.commit(handle.ino, stage.clone(), Commit::Fsync),
             HandleIo::Append { appender, .. } => self.append_commit(handle.ino, appender.clone(), true, true),
+            // A reader's fsync: nothing of its own to make durable.
+            HandleIo::Arriving { .. } => Op::ok(()),
             HandleIo::Direct(file) => {
                 let file = file.clone();
                 Op::pending(async move {
@@ -577,7 +618,7 @@ impl Core {
         }
         let (stage, commit) = match &handle.io {
             HandleIo::Staged(stage) => (Some(stage.clone()), handle.writable && stage.needs_commit()),
-            HandleIo::Direct(_) | HandleIo::Append { .. } => (None, false),
+            HandleIo::Direct(_) | HandleIo::Append { .. } | HandleIo::Arriving { .. } => (None, false),
         };
         // From here on the handle's stage is referenced by `stage` and by other handles only.
         drop(handle);
@@ -663,8 +704,8 @@ impl Core {
                 if let Some(rev) = self.content_tag(ino)? {
                     let this = self.clone();
                     let spool = self.spool.clone();
-                    let op = tier.content(&target, &rev).err_into::<FsError>().and_then(move |file| {
-                        let stage = Arc::new(Stage::on(file, spool, None));
+                    let op = tier.content(&target, &rev, true).err_into::<FsError>().and_then(move |content| {
+                        let stage = Arc::new(Stage::on(content.file, spool, None));
                         stage.set_len(size)?;
                         Ok(stage)
                     });

@@ -522,10 +522,10 @@ impl Filesystem for FuseAdapter {
         reply: ReplyData,
     ) {
         let _s = tracing::trace_span!("read", pid = req.pid(), fh = fh.0, offset, size).entered();
-        match self.core.read(fh.0, offset, size) {
+        self.answer(self.core.read(fh.0, offset, size), "read", move |r| match r {
             Ok(data) => reply.data(&data),
-            Err(e) => reply.error(errno("read", &e)),
-        }
+            Err(e) => reply.error(e),
+        });
     }
 
     fn write(

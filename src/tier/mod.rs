@@ -266,9 +266,10 @@ pub trait Tier: Send + Sync + 'static {
         false
     }
 
-    /// The file that holds the content of revision `rev` of `at` (fetched if needed), for
-    /// tiers that [keep content](Tier::keeps_content).
-    fn content(&self, at: &Target, _rev: &Revision) -> Op<Arc<File>, TierError> {
+    /// The file that holds the content of revision `rev` of `at`, for tiers that
+    /// [keep content](Tier::keeps_content). Content that is not here yet may be returned while
+    /// it arrives ([`Content::arriving`]), unless `whole` asks for all of it, verified.
+    fn content(&self, at: &Target, _rev: &Revision, _whole: bool) -> Op<Content, TierError> {
         Op::err(TierError::Unsupported {
             op: "content",
             tier: at.policy.tier,
@@ -330,6 +331,42 @@ pub enum RemoteChange {
         /// The content's size.
         size: u64,
     },
+}
+
+/// Content a tier keeps, as [`Tier::content`] hands it out.
+#[derive(Debug, Clone)]
+pub struct Content {
+    /// The file that holds it (or will).
+    pub file: Arc<File>,
+    /// Set while the content is still being fetched into `file`.
+    pub arriving: Option<tokio::sync::watch::Receiver<Arrival>>,
+}
+
+/// How far content being fetched has come.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Arrival {
+    /// Bytes in the file so far.
+    pub len: u64,
+    /// The content's whole size.
+    pub size: u64,
+    /// `Some` once the fetch ended: `Ok` when the content was verified against its digest.
+    pub done: Option<Result<(), String>>,
+}
+
+impl Arrival {
+    /// Whether `offset..offset + n` can be read now. Bytes before the end are served as they
+    /// arrive; a read that reaches the end waits for the verification, so no program reads a
+    /// whole file that did not match its digest without an error.
+    pub fn readable(&self, offset: u64, n: u64) -> Result<bool, String> {
+        match &self.done {
+            Some(Ok(())) => Ok(true),
+            Some(Err(e)) => Err(e.clone()),
+            None => {
+                let end = (offset + n).min(self.size);
+                Ok(end < self.size && self.len >= end)
+            }
+        }
+    }
 }
 
 /// The attribute on a placeholder naming the revision of the content it stands for.

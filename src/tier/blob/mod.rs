@@ -48,7 +48,7 @@ pub use self::cache::hash_file;
 use self::cache::{Cache, Lookup};
 use super::jetstream::{self, blocking, MsgIds, Tasks};
 use super::kv::{bucket_name, key, pattern_root};
-use super::{RemoteChange, RemoteSink, Revision, Target, Tier, TierError, WriteMode};
+use super::{Arrival, Content, RemoteChange, RemoteSink, Revision, Target, Tier, TierError, WriteMode};
 use crate::fs::Kind;
 use crate::nats::{Nats, PublishFailure};
 use crate::op::Op;
@@ -127,7 +127,7 @@ pub(crate) struct Inner {
     tasks: Tasks,
     rt: tokio::runtime::Handle,
     /// Fetches in flight, one per digest, so concurrent opens download once.
-    fetching: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    fetching: Mutex<HashMap<String, Fetch>>,
     ids: MsgIds,
     /// What the last collection did, for status.
     pub(crate) gc_report: Mutex<gc::Report>,
@@ -171,6 +171,37 @@ fn parse_pointer(value: &[u8]) -> Option<(String, u64)> {
     let (rev, size) = text.trim().split_once(' ')?;
     digest_of(rev).ok()?;
     Some((rev.to_string(), size.parse().ok()?))
+}
+
+/// A fetch in flight: the file it fills and how far it is.
+#[derive(Debug, Clone)]
+struct Fetch {
+    file: Arc<File>,
+    arrival: watch::Receiver<Arrival>,
+}
+
+impl Fetch {
+    /// The content as a reader gets it now, or (`whole`) once it is all there and verified.
+    async fn content(self, whole: bool) -> Result<Content, TierError> {
+        if !whole {
+            return Ok(Content {
+                file: self.file,
+                arriving: Some(self.arrival),
+            });
+        }
+        let mut rx = self.arrival;
+        let done = rx
+            .wait_for(|a| a.done.is_some())
+            .await
+            .map_err(|_| TierError::Backend("the fetch stopped".into()))?
+            .done
+            .clone();
+        match done {
+            Some(Ok(())) => Ok(Content { file: self.file, arriving: None }),
+            Some(Err(e)) => Err(TierError::Backend(e)),
+            None => unreachable!("waited for it"),
+        }
+    }
 }
 
 /// Status figures of the blob tier.
@@ -437,38 +468,42 @@ impl Inner {
         Ok(Some(Revision(rev)))
     }
 
-    /// The cached content of `rev`, fetched and verified if needed.
-    async fn content(&self, rev: &str) -> Result<Arc<File>, TierError> {
+    /// The content of `rev`: from the cache (verified), or being fetched into it. With
+    /// `whole`, only once all of it arrived and was verified.
+    async fn content(self: &Arc<Self>, rev: &str, whole: bool) -> Result<Content, TierError> {
         let hex = digest_of(rev)?.to_string();
-        let lock = self.fetching.lock().entry(hex.clone()).or_default().clone();
-        let _one = lock.lock().await;
-        let result = self.content_locked(rev, &hex).await;
-        self.fetching.lock().remove(&hex);
-        result
+        loop {
+            // A fetch in flight is shared: concurrent opens download once.
+            let fetch = self.fetching.lock().get(&hex).cloned();
+            if let Some(fetch) = fetch {
+                return fetch.content(whole).await;
+            }
+            match self.cache.lookup(&hex) {
+                Lookup::Verified(file) => return Ok(Content { file: Arc::new(file), arriving: None }),
+                Lookup::Unchecked(file) => {
+                    let file = Arc::new(file);
+                    let check = file.clone();
+                    let actual = blocking(move || Ok(hash_file(&check)?)).await?;
+                    if actual == hex {
+                        self.cache.checked(&hex, &file);
+                        return Ok(Content { file, arriving: None });
+                    }
+                    tracing::warn!(digest = %hex, actual = %actual, "a cached blob does not match its digest; fetching it again");
+                    self.cache.discard(&hex);
+                }
+                Lookup::Missing => return self.fetch(rev, &hex).await?.content(whole).await,
+            }
+        }
     }
 
-    async fn content_locked(&self, rev: &str, hex: &str) -> Result<Arc<File>, TierError> {
-        match self.cache.lookup(hex) {
-            Lookup::Verified(file) => return Ok(Arc::new(file)),
-            Lookup::Unchecked(file) => {
-                let file = Arc::new(file);
-                let check = file.clone();
-                let actual = blocking(move || Ok(hash_file(&check)?)).await?;
-                if actual == hex {
-                    self.cache.checked(hex, &file);
-                    return Ok(file);
-                }
-                tracing::warn!(digest = %hex, actual = %actual, "a cached blob does not match its digest; fetching it again");
-                self.cache.discard(hex);
-            }
-            Lookup::Missing => {}
-        }
+    /// Starts fetching `rev` into the cache; returns the fetch (another one, if another open
+    /// started it meanwhile).
+    async fn fetch(self: &Arc<Self>, rev: &str, hex: &str) -> Result<Fetch, TierError> {
         if !self.nats.is_connected() {
             return Err(unavailable("not connected, and the content is not cached here"));
         }
         let store = self.store()?;
-        let started = std::time::Instant::now();
-        let mut object = store.get(rev).await.map_err(|e| backend("fetching a blob", e))?;
+        let object = store.get(rev).await.map_err(|e| backend("fetching a blob", e))?;
         // async-nats hashes what it reads and fails the last read unless it matches the
         // object's recorded SHA-256; that digest must be the one the name says.
         let want: Vec<u8> = (0..32).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap_or(0)).collect();
@@ -479,7 +514,37 @@ impl Inner {
                 object.info().digest
             )));
         }
-        let (mut temp, temp_path) = self.cache.temp()?;
+        let (temp, temp_path) = self.cache.temp()?;
+        let size = object.info().size as u64;
+        let (tx, rx) = watch::channel(Arrival { len: 0, size, done: None });
+        let fetch = Fetch {
+            file: Arc::new(temp),
+            arrival: rx,
+        };
+        {
+            let mut fetching = self.fetching.lock();
+            if let Some(other) = fetching.get(hex) {
+                let _ = std::fs::remove_file(&temp_path);
+                return Ok(other.clone());
+            }
+            fetching.insert(hex.to_string(), fetch.clone());
+        }
+        let (inner, file, hex) = (self.clone(), fetch.file.clone(), hex.to_string());
+        tokio::spawn(async move { inner.pump(object, file, temp_path, hex, tx).await });
+        Ok(fetch)
+    }
+
+    /// Streams an object into its cache file, telling readers how far it is.
+    async fn pump(
+        &self,
+        mut object: async_nats::jetstream::object_store::Object,
+        file: Arc<File>,
+        temp_path: PathBuf,
+        hex: String,
+        tx: watch::Sender<Arrival>,
+    ) {
+        let started = std::time::Instant::now();
+        let size = object.info().size as u64;
         let fetched = async {
             let mut buf = vec![0u8; 256 << 10];
             let mut got = 0u64;
@@ -488,23 +553,28 @@ impl Inner {
                 if n == 0 {
                     break;
                 }
-                got += n as u64;
                 // Page-cache writes of at most a chunk: cheaper inline than a hop.
-                std::io::Write::write_all(&mut temp, &buf[..n])?;
+                std::os::unix::fs::FileExt::write_all_at(file.as_ref(), &buf[..n], got)?;
+                got += n as u64;
+                tx.send_modify(|a| a.len = got);
             }
-            if got != object.info().size as u64 {
-                return Err(TierError::Backend(format!("object {rev}: got {got} of {} bytes", object.info().size)));
+            if got != size {
+                return Err(TierError::Backend(format!("got {got} of {size} bytes")));
             }
+            // The same inode: readers' open files stay valid.
+            self.cache.insert(&hex, &temp_path)?;
             Ok::<_, TierError>(())
         }
         .await;
-        if let Err(e) = fetched {
-            let _ = std::fs::remove_file(&temp_path);
-            return Err(e);
+        match &fetched {
+            Ok(()) => tracing::debug!(digest = %hex, size, elapsed = ?started.elapsed(), "blob fetched"),
+            Err(e) => {
+                tracing::warn!(digest = %hex, error = %e, "fetching a blob failed; nothing was cached");
+                let _ = std::fs::remove_file(&temp_path);
+            }
         }
-        let file = self.cache.insert(hex, &temp_path)?;
-        tracing::debug!(digest = %hex, size = object.info().size, elapsed = ?started.elapsed(), "blob fetched");
-        Ok(Arc::new(file))
+        tx.send_modify(|a| a.done = Some(fetched.map_err(|e| e.to_string())));
+        self.fetching.lock().remove(&hex);
     }
 
     fn sink(&self) -> Option<&Arc<dyn RemoteSink>> {
@@ -549,17 +619,19 @@ impl Tier for BlobTier {
         Op::pending(async move { inner.commit(&at, content).await })
     }
 
-    fn content(&self, _at: &Target, rev: &Revision) -> Op<Arc<File>, TierError> {
+    fn content(&self, _at: &Target, rev: &Revision, whole: bool) -> Op<Content, TierError> {
         let Ok(hex) = digest_of(&rev.0) else {
             return Op::err(TierError::Backend(format!("not a blob revision: {}", rev.0)));
         };
         // The common case (cached and unchanged) is answered without a hop to the runtime.
-        if let Lookup::Verified(file) = self.inner.cache.lookup(hex) {
-            return Op::ok(Arc::new(file));
+        if !self.inner.fetching.lock().contains_key(hex) {
+            if let Lookup::Verified(file) = self.inner.cache.lookup(hex) {
+                return Op::ok(Content { file: Arc::new(file), arriving: None });
+            }
         }
         let inner = self.inner.clone();
         let rev = rev.0.clone();
-        Op::pending(async move { inner.content(&rev).await })
+        Op::pending(async move { inner.content(&rev, whole).await })
     }
 
     fn admit(&self, at: &Target, rev: Option<&Revision>) -> bool {
