@@ -7,6 +7,7 @@
 //!                                        get it back, and delete it unless `keep`
 //!   blobbench write SRC DST          copy SRC to DST (1 MiB writes) and close it
 //!   blobbench read PATH SIZE         wait until PATH has SIZE bytes, then read it whole
+//!   blobbench count URL STORE        how many objects STORE holds
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -63,6 +64,20 @@ async fn raw(url: &str, src: &Path, chunk: usize, keep: bool) {
     }
 }
 
+async fn count(url: &str, bucket: &str) {
+    use futures::StreamExt;
+    let client = async_nats::connect(url).await.unwrap();
+    let store = async_nats::jetstream::new(client).get_object_store(bucket).await.unwrap();
+    let mut list = store.list().await.unwrap();
+    let mut n = 0;
+    while let Some(info) = list.next().await {
+        if !info.unwrap().deleted {
+            n += 1;
+        }
+    }
+    println!("{n}");
+}
+
 fn write(src: &Path, dst: &Path) {
     let size = std::fs::metadata(src).unwrap().len();
     let mut from = File::open(src).unwrap();
@@ -109,6 +124,10 @@ fn main() {
             let rt = tokio::runtime::Runtime::new().unwrap();
             let keep = args.get(4).is_some_and(|a| a == "keep");
             rt.block_on(raw(&args[1], Path::new(&args[2]), args[3].parse().unwrap(), keep));
+        }
+        "count" => {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(count(&args[1], &args[2]));
         }
         "write" => write(Path::new(&args[1]), Path::new(&args[2])),
         "read" => read(Path::new(&args[1]), args[2].parse().unwrap()),

@@ -31,7 +31,7 @@ MIB=${MIB:-256}
 SEQ_ROUNDS=${SEQ_ROUNDS:-3}
 APPENDS=${APPENDS:-1000}
 BLOB_MIB=${BLOB_MIB:-256}
-BLOB_ROUNDS=${BLOB_ROUNDS:-3}
+BLOB_ROUNDS=${BLOB_ROUNDS:-5}
 LARGE_MIB=${LARGE_MIB:-1024}
 SYNCFS="$PWD/target/release/syncfs"
 BENCH_ON=${BENCH_ON:-tmpfs}
@@ -46,6 +46,7 @@ if [ "$BENCH_ON" = tmpfs ]; then
   rm -f "$work/warm"
 fi
 results="$work/results.txt"
+errors="$work/stderr.log"
 kvresults="$work/kv.txt"
 gitresults="$work/git.txt"
 streamresults="$work/stream.txt"
@@ -57,6 +58,11 @@ blobresults="$work/blob.txt"
 : > "$gitresults"
 
 cleanup() {
+  status=$?
+  if [ "$status" -ne 0 ] && [ -s "$errors" ]; then
+    echo "bench.sh: failed ($status); the benchmark programs said:" >&2
+    tail -n 30 "$errors" >&2
+  fi
   for m in "$work"/*-mnt; do
     [ -d "$m" ] || continue
     "$SYNCFS" umount "$m" >/dev/null 2>&1 || umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
@@ -89,7 +95,7 @@ declare -A dirs=(
 )
 order=(native bindfs bindfs-mt syncfs syncfs-nopt)
 
-run() { cargo bench --locked --bench fsbench -q -- "$@" 2>/dev/null; }
+run() { cargo bench --locked --bench fsbench -q -- "$@" 2>>"$errors"; }
 
 for ((r = 1; r <= ROUNDS; r++)); do
   for t in "${order[@]}"; do
@@ -104,11 +110,11 @@ done
 
 # The fast tier: one nats-server of the bench's own, two mounts on it, and the same
 # operations done directly with async-nats in the same run.
-kvrun() { cargo bench --locked --bench kvbench -q -- "$@" 2>/dev/null; }
+kvrun() { cargo bench --locked --bench kvbench -q -- "$@" 2>>"$errors"; }
 nats_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 nats-server -js -a 127.0.0.1 -p "$nats_port" -sd "$work/nats" -l "$work/nats.log" &
 nats_pid=$!
-trap 'kill $nats_pid 2>/dev/null; cleanup' EXIT
+trap 's=$?; kill $nats_pid 2>/dev/null; (exit $s); cleanup' EXIT
 sleep 0.5
 url="nats://127.0.0.1:$nats_port"
 mkdir -p "$work/kv-a-mnt" "$work/kv-b-mnt" "$work/kv-c-mnt"
@@ -136,7 +142,7 @@ echo "memory $c_keys $(awk '/VmRSS/ {print $2}' /proc/$c_pid/status) $(awk '/VmH
 
 # The append tier: the two mounts above (the default table's fast/messages/** is nats-stream),
 # and the same publishes done directly with async-nats.
-streamrun() { cargo bench --locked --bench streambench -q -- "$@" 2>/dev/null; }
+streamrun() { cargo bench --locked --bench streambench -q -- "$@" 2>>"$errors"; }
 streamrun append-raw "$url" "$APPENDS" >> "$streamresults"
 streamrun append-mount "$work/kv-a-mnt/fast/messages" "$APPENDS" >> "$streamresults"
 streamrun prop-raw "$url" "$PROPS" >> "$streamresults"
@@ -145,37 +151,46 @@ streamrun bulk-mount "$work/kv-a-mnt/fast/messages" 64 >> "$streamresults"
 
 # The blob tier: two fresh mounts on the bench's server; each round a new random file is put
 # and got directly, written and read in a plain directory, written on A and read on B twice
-# (the first read fetches it, the second is served from B's cache). Then one LARGE_MIB file,
-# with the daemons' peak memory.
-blobrun() { cargo bench --locked --bench blobbench -q -- "$@" 2>/dev/null; }
+# (the first read fetches it, the second is served from B's cache). Every round removes what
+# it stored (syncfs's object goes by its garbage collection, run every second here), so that
+# each round starts from the same memory: on this VM, memory the guest has not used yet costs
+# a host fault per page, and a store that grows round after round made late rounds 3x slower.
+# Then one LARGE_MIB file, with the daemons' peak memory.
+blobrun() { cargo bench --locked --bench blobbench -q -- "$@" 2>>"$errors"; }
 mkdir -p "$work/blob-a-mnt" "$work/blob-b-mnt" "$work/blob-native"
-"$SYNCFS" mount "$work/blob-a-mnt" --state "$work/blob-a" --node ba --nats "$url" >/dev/null
-"$SYNCFS" mount "$work/blob-b-mnt" --state "$work/blob-b" --node bb --nats "$url" >/dev/null
+printf 'nats:\n  object_store:\n    gc_interval_ms: 1000\n    gc_grace_ms: 1000\ncache:\n  max_bytes: %s\n' \
+  $(( (LARGE_MIB + 2 * BLOB_MIB) << 20 )) > "$work/blob.yml"
+"$SYNCFS" mount "$work/blob-a-mnt" --state "$work/blob-a" --node ba --nats "$url" --config "$work/blob.yml" >/dev/null
+"$SYNCFS" mount "$work/blob-b-mnt" --state "$work/blob-b" --node bb --nats "$url" --config "$work/blob.yml" >/dev/null
+objects() { cargo bench --locked --bench blobbench -q -- count "$url" syncfs_blobs 2>>"$errors"; }
 for ((r = 1; r <= BLOB_ROUNDS; r++)); do
   head -c "${BLOB_MIB}M" /dev/urandom > "$work/blob-src"
   size=$(stat -c %s "$work/blob-src")
-  blobrun raw "$url" "$work/blob-src" 262144 keep | sed 's/^/raw /' >> "$blobresults"
+  blobrun raw "$url" "$work/blob-src" 262144 | sed 's/^/raw /' >> "$blobresults"
   blobrun write "$work/blob-src" "$work/blob-native/f$r" | sed 's/^/native /' >> "$blobresults"
   blobrun read "$work/blob-native/f$r" "$size" | sed 's/^/native /' >> "$blobresults"
   rm -f "$work/blob-native/f$r"
   blobrun write "$work/blob-src" "$work/blob-a-mnt/blobs/f$r" | sed 's/^/syncfs /' >> "$blobresults"
   blobrun read "$work/blob-b-mnt/blobs/f$r" "$size" | sed 's/^/fetch /' >> "$blobresults"
   blobrun read "$work/blob-b-mnt/blobs/f$r" "$size" | sed 's/^/cached /' >> "$blobresults"
+  rm -f "$work/blob-a-mnt/blobs/f$r"
+  for _ in $(seq 100); do [ "$(objects)" = 0 ] && break; sleep 0.1; done
 done
+gc_deleted=$("$SYNCFS" status "$work/blob-a-mnt" --json | python3 -c 'import json,sys; g=json.load(sys.stdin)["blobs"]["gc"]; print(g["deleted"])')
 head -c "${LARGE_MIB}M" /dev/urandom > "$work/blob-src"
 size=$(stat -c %s "$work/blob-src")
 large_w=$(blobrun write "$work/blob-src" "$work/blob-a-mnt/blobs/large" | awk '{print $2}')
 large_r=$(blobrun read "$work/blob-b-mnt/blobs/large" "$size" | awk '{print $2}')
 hwm() { awk '/VmHWM/ {print $2}' "/proc/$("$SYNCFS" status "$1" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["pid"])')/status"; }
 ok=$([ "$(sha256sum < "$work/blob-src")" = "$(sha256sum < "$work/blob-b-mnt/blobs/large")" ] && echo same || echo DIFFERENT)
-echo "large $LARGE_MIB $large_w $large_r $(hwm "$work/blob-a-mnt") $(hwm "$work/blob-b-mnt") $ok" >> "$blobresults"
+echo "large $LARGE_MIB $large_w $large_r $(hwm "$work/blob-a-mnt") $(hwm "$work/blob-b-mnt") $ok $gc_deleted" >> "$blobresults"
 rm -f "$work/blob-src"
 
 # The durable tier, with default timings (quiet 1.5 s, fetch interval 10 s): two mounts on the
 # bench's NATS server (push notices) and a bare remote; two more with their own embedded NATS
 # servers on another remote (no notices reach them: they fetch on the interval); the floor is
 # the same commit, push and fetch done directly with git2.
-gitrun() { cargo bench --locked --bench gitbench -q -- "$@" 2>/dev/null; }
+gitrun() { cargo bench --locked --bench gitbench -q -- "$@" 2>>"$errors"; }
 git init --quiet --bare -b main "$work/remote.git"
 git init --quiet --bare -b main "$work/remote-poll.git"
 mkdir -p "$work/git-a-mnt" "$work/git-b-mnt" "$work/git-c-mnt" "$work/git-d-mnt"
@@ -304,15 +319,16 @@ print("written with 1 MiB writes and closed (for syncfs: hashed, uploaded, point
 print("read whole with 1 MiB reads; on syncfs, written on node A and read on node B, whose first")
 print("read fetches and verifies the object and whose second read is served from its cache. The")
 print("raw figures are one object store put of the file (256 KiB chunks, as syncfs) and one get")
-print("read to the end, with async-nats on the same server.\n")
+print("read to the end, with async-nats on the same server. Each round removes what it stored")
+print("(syncfs's objects by its garbage collection), so every round starts alike.\n")
 print("| operation | syncfs | async-nats object store | plain directory | syncfs / object store |")
 print("|---|---:|---:|---:|---:|")
 print(f"| write + close | {med('write_mbps', 'syncfs'):.0f} MB/s | {med('put_mbps', 'raw'):.0f} MB/s (put) | {med('write_mbps', 'native'):.0f} MB/s | {med('write_mbps', 'syncfs') / med('put_mbps', 'raw'):.2f}x |")
 print(f"| first read on another node | {med('read_mbps', 'fetch'):.0f} MB/s | {med('get_mbps', 'raw'):.0f} MB/s (get) | {med('read_mbps', 'native'):.0f} MB/s | {med('read_mbps', 'fetch') / med('get_mbps', 'raw'):.2f}x |")
 print(f"| second read (cache) | {med('read_mbps', 'cached'):.0f} MB/s | | {med('read_mbps', 'native'):.0f} MB/s | |")
 if large:
-    mib_l, w, r, hwa, hwb, ok = large
-    print(f"\nOne {mib_l} MiB file: written on A at {float(w):.0f} MB/s, read on B at {float(r):.0f} MB/s ({ok} bytes); peak RSS of the daemons over the whole blob run: A {int(hwa)//1024} MiB, B {int(hwb)//1024} MiB.")
+    mib_l, w, r, hwa, hwb, ok, gcd = large
+    print(f"\nOne {mib_l} MiB file: written on A at {float(w):.0f} MB/s, read on B at {float(r):.0f} MB/s ({ok} bytes); peak RSS of the daemons over the whole blob run: A {int(hwa)//1024} MiB, B {int(hwb)//1024} MiB. The rounds' objects were removed by A's garbage collection ({gcd} deleted).")
 
 g = {}
 for line in open(gitpath):

@@ -25,9 +25,11 @@
 //! [`STALE_DELETE`] has died; a writer then finishes its work and uploads again.
 //!
 //! Chunks that no object describes (an upload that never finished: its writer died, or lost
-//! the connection) are collected the same way, marked under `chunks.<nuid>` and purged once
-//! still undescribed after the grace period, which must therefore be longer than any upload
-//! takes.
+//! the connection) are collected the same way, marked under `chunks.<nuid>`, and purged once
+//! still undescribed after the grace period *and* idle (no chunk added) for at least
+//! [`ORPHAN_IDLE`], whatever the grace: an upload in progress adds chunks every few
+//! milliseconds. Right before purging, the collector lists the objects again, and an uploader
+//! counts its chunks after describing them, so an upload never loses chunks silently.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -45,6 +47,10 @@ use crate::tier::TierError;
 
 /// A `deleting` mark older than this belongs to a collector that died.
 pub const STALE_DELETE: Duration = Duration::from_secs(60);
+
+/// Chunks no object describes are purged only when none was added for this long (or the grace
+/// period, if longer): a live upload adds one every few milliseconds.
+pub const ORPHAN_IDLE: Duration = Duration::from_secs(600);
 
 /// The KV bucket of marks for an object store.
 pub fn marks_bucket(store: &str) -> String {
@@ -277,6 +283,8 @@ pub(super) async fn collect(inner: &Inner) -> Result<Report, TierError> {
             }
         }
     }
+    let idle_for = inner.settings.gc_grace.max(ORPHAN_IDLE);
+    let mut due = Vec::new();
     for nuid in &undescribed {
         let key = format!("chunks.{nuid}");
         let condemn = Mark {
@@ -288,17 +296,34 @@ pub(super) async fn collect(inner: &Inner) -> Result<Report, TierError> {
                 let _ = marks.create(&key, encode(&condemn)).await;
             }
             Some(m) if m.state == State::Condemned && m.age >= inner.settings.gc_grace => {
-                match stream.purge().filter(format!("{chunk_prefix}{nuid}")).await {
-                    Ok(_) => {
-                        report.orphans_purged += 1;
-                        tracing::info!(nuid = %nuid, "purged the chunks of an upload that never finished");
-                    }
-                    Err(e) => tracing::warn!(nuid = %nuid, error = %e, "cannot purge orphaned blob chunks"),
+                let last = stream.get_last_raw_message_by_subject(&format!("{chunk_prefix}{nuid}")).await;
+                let idle = last.is_ok_and(|l| {
+                    SystemTime::now().duration_since(SystemTime::from(l.time)).unwrap_or_default() >= idle_for
+                });
+                if idle {
+                    due.push((nuid.clone(), key, m));
                 }
-                let _ = marks.delete_expect_revision(&key, Some(m.rev)).await;
             }
             Some(_) => {}
         }
+    }
+    if !due.is_empty() {
+        // Described meanwhile (an upload that finished after the listing above)?
+        let mut again = store.list().await.map_err(|e| backend("listing blobs", e))?;
+        while let Some(info) = again.next().await {
+            let info = info.map_err(|e| backend("listing blobs", e))?;
+            due.retain(|(nuid, _, _)| *nuid != info.nuid);
+        }
+    }
+    for (nuid, key, m) in due {
+        match stream.purge().filter(format!("{chunk_prefix}{nuid}")).await {
+            Ok(_) => {
+                report.orphans_purged += 1;
+                tracing::info!(nuid = %nuid, "purged the chunks of an upload that never finished");
+            }
+            Err(e) => tracing::warn!(nuid = %nuid, error = %e, "cannot purge orphaned blob chunks"),
+        }
+        let _ = marks.delete_expect_revision(&key, Some(m.rev)).await;
     }
     // Marks of objects (and chunks) that are gone, or described again, go too.
     for (key, mark) in read {

@@ -40,6 +40,7 @@ use base64::Engine as _;
 use async_nats::jetstream::stream::Stream;
 use async_nats::HeaderMap;
 use bytes::Bytes;
+use futures::StreamExt;
 use parking_lot::Mutex;
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
@@ -422,6 +423,17 @@ impl Inner {
                 .map_err(|e| failed(&e))?
                 .await
                 .map_err(|e| failed(&e))?;
+            // Described now: count what the store holds of it (a collector that took the
+            // chunks for an abandoned upload would otherwise leave a broken object).
+            let stream = js.get_stream(format!("OBJ_{bucket}")).await.map_err(|e| failed(&e))?;
+            let mut subjects = stream.info_with_subjects(chunks.clone()).await.map_err(|e| failed(&e))?;
+            let mut stored = 0;
+            while let Some(s) = subjects.next().await {
+                stored += s.map_err(|e| failed(&e))?.1;
+            }
+            if stored != count {
+                return Err(TierError::Backend(format!("{rev}: the store holds {stored} of its {count} chunks")));
+            }
             Ok::<_, TierError>(())
         }
         .await;
