@@ -58,7 +58,7 @@ blobresults="$work/blob.txt"
 : > "$gitresults"
 
 cleanup() {
-  status=$?
+  status=${1:-$?}
   if [ "$status" -ne 0 ] && [ -s "$errors" ]; then
     echo "bench.sh: failed ($status); the benchmark programs said:" >&2
     tail -n 30 "$errors" >&2
@@ -114,7 +114,7 @@ kvrun() { cargo bench --locked --bench kvbench -q -- "$@" 2>>"$errors"; }
 nats_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 nats-server -js -a 127.0.0.1 -p "$nats_port" -sd "$work/nats" -l "$work/nats.log" &
 nats_pid=$!
-trap 's=$?; kill $nats_pid 2>/dev/null; (exit $s); cleanup' EXIT
+trap 's=$?; kill $nats_pid 2>/dev/null || true; cleanup $s' EXIT
 sleep 0.5
 url="nats://127.0.0.1:$nats_port"
 mkdir -p "$work/kv-a-mnt" "$work/kv-b-mnt" "$work/kv-c-mnt"
@@ -166,7 +166,7 @@ objects() { cargo bench --locked --bench blobbench -q -- count "$url" syncfs_blo
 for ((r = 1; r <= BLOB_ROUNDS; r++)); do
   head -c "${BLOB_MIB}M" /dev/urandom > "$work/blob-src"
   size=$(stat -c %s "$work/blob-src")
-  blobrun raw "$url" "$work/blob-src" 262144 | sed 's/^/raw /' >> "$blobresults"
+  blobrun raw "$url" "$work/blob-src" 1040384 | sed 's/^/raw /' >> "$blobresults"
   blobrun write "$work/blob-src" "$work/blob-native/f$r" | sed 's/^/native /' >> "$blobresults"
   blobrun read "$work/blob-native/f$r" "$size" | sed 's/^/native /' >> "$blobresults"
   rm -f "$work/blob-native/f$r"
@@ -318,7 +318,7 @@ print(f"A new random {blob_mib} MiB file per round, {blob_rounds} rounds, median
 print("written with 1 MiB writes and closed (for syncfs: hashed, uploaded, pointer published), then")
 print("read whole with 1 MiB reads; on syncfs, written on node A and read on node B, whose first")
 print("read fetches and verifies the object and whose second read is served from its cache. The")
-print("raw figures are one object store put of the file (256 KiB chunks, as syncfs) and one get")
+print("raw figures are one object store put of the file (1 MiB - 8 KiB chunks, as syncfs) and one get")
 print("read to the end, with async-nats on the same server. Each round removes what it stored")
 print("(syncfs's objects by its garbage collection), so every round starts alike.\n")
 print("| operation | syncfs | async-nats object store | plain directory | syncfs / object store |")

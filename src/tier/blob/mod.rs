@@ -84,7 +84,9 @@ impl Default for BlobSettings {
         BlobSettings {
             bucket: "syncfs_blobs".into(),
             replicas: 1,
-            chunk_bytes: 256 << 10,
+            // A default server's max_payload (1 MiB) less room for the protocol: fewer,
+            // larger messages move a blob faster both ways (measured, docs/benchmarks.md).
+            chunk_bytes: (1 << 20) - (8 << 10),
             cache_max_bytes: 4 << 30,
             gc_interval: Duration::from_secs(3600),
             gc_grace: Duration::from_secs(3600),
@@ -373,7 +375,8 @@ impl Inner {
         let bucket = &self.settings.bucket;
         let nuid = self.ids.next().replace(|c: char| !c.is_ascii_alphanumeric(), "");
         let chunks = format!("$O.{bucket}.C.{nuid}");
-        let chunk = self.settings.chunk_bytes;
+        // Never more than the server takes in one message.
+        let chunk = self.settings.chunk_bytes.min(self.nats.max_payload().saturating_sub(1024)).max(1024);
         let js = &self.nats.js;
         let mut in_flight = std::collections::VecDeque::new();
         let mut offset = 0u64;
@@ -558,7 +561,9 @@ impl Inner {
         let started = std::time::Instant::now();
         let size = object.info().size as u64;
         let fetched = async {
-            let mut buf = vec![0u8; 256 << 10];
+            // At least a chunk: a smaller buffer makes async-nats keep the rest of each
+            // message aside and copy it again.
+            let mut buf = vec![0u8; 1 << 20];
             let mut got = 0u64;
             loop {
                 let n = object.read(&mut buf).await.map_err(|e| backend("fetching a blob", e))?;
