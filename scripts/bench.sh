@@ -326,6 +326,8 @@ print("|---|---:|---:|---:|---:|")
 print(f"| write + close | {med('write_mbps', 'syncfs'):.0f} MB/s | {med('put_mbps', 'raw'):.0f} MB/s (put) | {med('write_mbps', 'native'):.0f} MB/s | {med('write_mbps', 'syncfs') / med('put_mbps', 'raw'):.2f}x |")
 print(f"| first read on another node | {med('read_mbps', 'fetch'):.0f} MB/s | {med('get_mbps', 'raw'):.0f} MB/s (get) | {med('read_mbps', 'native'):.0f} MB/s | {med('read_mbps', 'fetch') / med('get_mbps', 'raw'):.2f}x |")
 print(f"| second read (cache) | {med('read_mbps', 'cached'):.0f} MB/s | | {med('read_mbps', 'native'):.0f} MB/s | |")
+rounds = lambda k, t: " ".join(f"{v:.0f}" for v in bl[k][t])
+print(f"\nEach round, in order (MB/s): syncfs write {rounds('write_mbps', 'syncfs')}; put {rounds('put_mbps', 'raw')}; first read {rounds('read_mbps', 'fetch')}; get {rounds('get_mbps', 'raw')}.")
 if large:
     mib_l, w, r, hwa, hwb, ok, gcd = large
     print(f"\nOne {mib_l} MiB file: written on A at {float(w):.0f} MB/s, read on B at {float(r):.0f} MB/s ({ok} bytes); peak RSS of the daemons over the whole blob run: A {int(hwa)//1024} MiB, B {int(hwb)//1024} MiB. The rounds' objects were removed by A's garbage collection ({gcd} deleted).")
