@@ -4,12 +4,12 @@ use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 
-use crate::harness::{peak_rss_kib, wait_for, wait_gone, Mount, Options};
+use crate::harness::{peak_rss_kib, wait_for, wait_gone, Mount};
 use crate::nats::NatsServer;
 
 /// Every path under `blobs/` is a blob.
@@ -27,13 +27,7 @@ const BUCKET: &str = "syncfs_blobs";
 const QUICK_GC: &str = "nats:\n  object_store:\n    gc_interval_ms: 300\n    gc_grace_ms: 1000\n";
 
 fn node(server: &NatsServer, name: &str, config: Option<&str>) -> Mount {
-    Mount::with(Options {
-        node: Some(name.into()),
-        nats: vec![server.url()],
-        policies: Some(TABLE.into()),
-        config: config.map(str::to_string),
-        ..Default::default()
-    })
+    crate::harness::node_on(&server.url(), name, TABLE, config)
 }
 
 fn random(n: usize) -> Vec<u8> {
@@ -134,15 +128,8 @@ impl Objects {
 }
 
 /// Polls `cond` every 200 ms (for conditions that are costly to check) up to `timeout`.
-fn wait_slow(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    cond()
+fn wait_slow(timeout: Duration, cond: impl FnMut() -> bool) -> bool {
+    crate::harness::wait_every(timeout, Duration::from_millis(200), cond)
 }
 
 /// Writes `content` to `path` and commits it with fsync; returns the first error.

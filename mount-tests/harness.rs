@@ -254,15 +254,32 @@ pub fn is_mounted(path: &Path) -> bool {
 }
 
 /// Waits until `cond` holds, up to `timeout`.
-pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+pub fn wait_for(timeout: Duration, cond: impl FnMut() -> bool) -> bool {
+    wait_every(timeout, Duration::from_millis(20), cond)
+}
+
+/// Waits until `cond` holds, up to `timeout`, checking every `interval` (for conditions that
+/// are costly to check).
+pub fn wait_every(timeout: Duration, interval: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if cond() {
             return true;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(interval);
     }
     cond()
+}
+
+/// A mount named `node` on the NATS servers `nats`, with a policy table and a config file.
+pub fn node_on(nats: &str, node: &str, policies: &str, config: Option<&str>) -> Mount {
+    Mount::with(Options {
+        node: Some(node.into()),
+        nats: vec![nats.to_string()],
+        policies: Some(policies.into()),
+        config: config.map(str::to_string),
+        ..Default::default()
+    })
 }
 
 /// Peak resident memory of a process, in KiB (VmHWM).

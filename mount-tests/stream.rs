@@ -23,13 +23,7 @@ policies:
 "#;
 
 fn node_with(name: &str, server: &NatsServer, config: Option<&str>) -> Mount {
-    Mount::with(Options {
-        node: Some(name.into()),
-        nats: vec![server.url()],
-        policies: Some(TABLE.into()),
-        config: config.map(str::to_string),
-        ..Default::default()
-    })
+    crate::harness::node_on(&server.url(), name, TABLE, config)
 }
 
 fn node(name: &str, server: &NatsServer) -> Mount {
