@@ -467,6 +467,9 @@ pub enum HandleIo {
         appender: Arc<Appender>,
         /// Where this handle's next write lands if it continues its own run of writes.
         next: AtomicU64,
+        /// The file's path and policy (append files are never renamed), so that a write
+        /// resolves nothing.
+        target: crate::tier::Target,
     },
 }
 

@@ -120,7 +120,7 @@ impl Core {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
 
         if self.tier(target).write_mode() == WriteMode::Append {
-            return self.open_append(ino, fh, writable, append, created);
+            return self.open_append(ino, fh, target, writable, append, created);
         }
 
         if !self.is_staged(target) {
@@ -265,6 +265,7 @@ impl Core {
         &self,
         ino: Ino,
         fh: u64,
+        target: &Target,
         writable: bool,
         append: bool,
         created: Option<(File, Option<Option<Revision>>)>,
@@ -288,6 +289,7 @@ impl Core {
                     file,
                     appender,
                     next: std::sync::atomic::AtomicU64::new(end),
+                    target: target.clone(),
                 }
             } else {
                 HandleIo::Direct(file)
@@ -448,38 +450,7 @@ impl Core {
             read_handle(&handle, offset, size)
         })
     }
-}
 
-/// Reads up to `size` bytes at `offset` of a handle's content.
-fn read_handle(handle: &Handle, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
-    {
-        let file = handle.read_file();
-        let mut buf = vec![0u8; size as usize];
-        let mut done = 0;
-        while done < buf.len() {
-            match file.read_at(&mut buf[done..], offset + done as u64) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        if let HandleIo::Append { appender, .. } = &handle.io {
-            // What this node wrote and the tier has not appended yet follows the tree's file.
-            let len = file.metadata()?.len();
-            while done < buf.len() && offset + done as u64 >= len {
-                match appender.read_at(&mut buf[done..], offset + done as u64 - len)? {
-                    0 => break,
-                    n => done += n,
-                }
-            }
-        }
-        buf.truncate(done);
-        Ok(buf)
-    }
-}
-
-impl Core {
     /// Writes `data` at `offset` (at the end for `O_APPEND` handles).
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, FsError> {
         self.io.writes.fetch_add(1, Ordering::Relaxed);
@@ -502,9 +473,8 @@ impl Core {
                     stage.write_at(data, offset)?;
                 }
             }
-            HandleIo::Append { file, appender, next } => {
-                let target = self.target_of(handle.ino)?;
-                let checked = self.tier(&target).check_append(&target).map_err(FsError::from).and_then(|()| {
+            HandleIo::Append { file, appender, next, target } => {
+                let checked = self.tier(target).check_append(target).map_err(FsError::from).and_then(|()| {
                     let end = file.metadata()?.len() + appender.pending();
                     // At the end of the file, or right after this handle's previous write
                     // (another node's append may have moved the end meanwhile).
@@ -519,7 +489,7 @@ impl Core {
                 let end = match checked {
                     Ok(end) => end,
                     Err(e) => {
-                        self.note_refusal(&target, &e);
+                        self.note_refusal(target, &e);
                         return Err(e);
                     }
                 };
@@ -1000,6 +970,33 @@ enum Commit {
     Fsync,
     /// The last close, or a truncate by path: commits everything.
     Release,
+}
+
+/// Reads up to `size` bytes at `offset` of a handle's content.
+fn read_handle(handle: &Handle, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+    let file = handle.read_file();
+    let mut buf = vec![0u8; size as usize];
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if let HandleIo::Append { appender, .. } = &handle.io {
+        // What this node wrote and the tier has not appended yet follows the tree's file.
+        let len = file.metadata()?.len();
+        while done < buf.len() && offset + done as u64 >= len {
+            match appender.read_at(&mut buf[done..], offset + done as u64 - len)? {
+                0 => break,
+                n => done += n,
+            }
+        }
+    }
+    buf.truncate(done);
+    Ok(buf)
 }
 
 /// Runs blocking file work off the runtime's worker threads.

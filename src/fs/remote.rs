@@ -47,18 +47,14 @@ impl RemoteSink for CoreSink {
     }
 
     fn size(&self, path: &Path) -> Option<u64> {
-        let core = self.0.upgrade()?;
-        let dir = core.existing_dir(path.parent()?).ok()??;
-        let st = tree::lstat_at(dir.as_fd(), &tree::cname(path.file_name()?).ok()?).ok()?;
+        let (dir, name) = self.0.upgrade()?.entry(path)?;
+        let st = tree::lstat_at(dir.as_fd(), &name).ok()?;
         (Kind::from_mode(st.st_mode) == Kind::File).then_some(st.st_size as u64)
     }
 
     fn tagged(&self, path: &Path) -> bool {
-        let Some(core) = self.0.upgrade() else { return false };
-        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else { return false };
-        let Ok(Some(dir)) = core.existing_dir(parent) else { return false };
-        let Ok(cname) = tree::cname(name) else { return false };
-        let Ok(fd) = tree::open_path_at(dir.as_fd(), &cname) else { return false };
+        let Some((dir, name)) = self.0.upgrade().and_then(|core| core.entry(path)) else { return false };
+        let Ok(fd) = tree::open_path_at(dir.as_fd(), &name) else { return false };
         tree::get_xattr(fd.as_fd(), crate::tier::CONTENT_TAG).is_ok_and(|t| t.is_some())
     }
 
@@ -193,6 +189,12 @@ impl Core {
             }
         }
         Ok(dir)
+    }
+
+    /// The directory holding `path` and its name there, if the directory exists.
+    fn entry(&self, path: &Path) -> Option<(Arc<OwnedFd>, std::ffi::CString)> {
+        let dir = self.existing_dir(path.parent()?).ok()??;
+        Some((dir, tree::cname(path.file_name()?).ok()?))
     }
 
     /// Opens the directory `rel` if it exists.

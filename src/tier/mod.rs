@@ -184,6 +184,16 @@ pub enum TierError {
     Backend(String),
 }
 
+impl TierError {
+    /// A strongly consistent operation of `tier` while its backend is unreachable.
+    pub fn unavailable(tier: TierKind, reason: impl std::fmt::Display) -> TierError {
+        TierError::Unavailable {
+            tier,
+            reason: reason.to_string(),
+        }
+    }
+}
+
 /// A backend that owns the paths its policies match. See the module docs for the contract.
 pub trait Tier: Send + Sync + 'static {
     /// Which tier this is.

@@ -149,10 +149,7 @@ impl std::fmt::Debug for BlobTier {
 }
 
 fn unavailable(reason: impl std::fmt::Display) -> TierError {
-    TierError::Unavailable {
-        tier: TierKind::ObjectStore,
-        reason: reason.to_string(),
-    }
+    TierError::unavailable(TierKind::ObjectStore, reason)
 }
 
 fn backend(what: &str, e: impl std::fmt::Display) -> TierError {
@@ -373,6 +370,8 @@ impl Inner {
             }
         };
         let bucket = &self.settings.bucket;
+        // The store's stream: to count the chunks that landed, and to purge them on failure.
+        let stream = self.nats.js.get_stream(format!("OBJ_{bucket}")).await.map_err(|e| failed(&e))?;
         let nuid = self.ids.next().replace(|c: char| !c.is_ascii_alphanumeric(), "");
         let chunks = format!("$O.{bucket}.C.{nuid}");
         // Never more than the server takes in one message.
@@ -428,7 +427,6 @@ impl Inner {
                 .map_err(|e| failed(&e))?;
             // Described now: count what the store holds of it (a collector that took the
             // chunks for an abandoned upload would otherwise leave a broken object).
-            let stream = js.get_stream(format!("OBJ_{bucket}")).await.map_err(|e| failed(&e))?;
             let mut subjects = stream.info_with_subjects(chunks.clone()).await.map_err(|e| failed(&e))?;
             let mut stored = 0;
             while let Some(s) = subjects.next().await {
@@ -440,9 +438,9 @@ impl Inner {
             Ok::<_, TierError>(())
         }
         .await;
-        let stream = js.get_stream(format!("OBJ_{bucket}")).await;
-        let purge = |nuid: String| async move {
-            if let Ok(stream) = &stream {
+        let purge = |nuid: String| {
+            let stream = &stream;
+            async move {
                 if let Err(e) = stream.purge().filter(format!("$O.{bucket}.C.{nuid}")).await {
                     tracing::debug!(error = %e, "cannot purge a blob's chunks");
                 }

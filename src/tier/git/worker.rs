@@ -216,8 +216,10 @@ impl Worker {
                     }
                 }
             }
-            self.apply_to_tree();
+            // Status first: by the time a conflict file shows in the tree, status lists it
+            // (a program that sees the file and then asks must not get an older list).
             self.update_info();
+            self.apply_to_tree();
             {
                 let (lock, cond) = &self.shared.ready;
                 let mut ready = lock.lock();

@@ -157,10 +157,7 @@ impl std::fmt::Debug for KvTier {
 }
 
 fn unavailable(reason: impl std::fmt::Display) -> TierError {
-    TierError::Unavailable {
-        tier: TierKind::NatsKv,
-        reason: reason.to_string(),
-    }
+    TierError::unavailable(TierKind::NatsKv, reason)
 }
 
 /// Reads a staged file whole; KV values are bounded by the server's payload limit.

@@ -134,10 +134,7 @@ impl std::fmt::Debug for StreamTier {
 }
 
 fn unavailable(reason: impl std::fmt::Display) -> TierError {
-    TierError::Unavailable {
-        tier: TierKind::NatsStream,
-        reason: reason.to_string(),
-    }
+    TierError::unavailable(TierKind::NatsStream, reason)
 }
 
 impl StreamTier {
