@@ -119,7 +119,7 @@ pub struct NatsCluster {
 }
 
 impl NatsCluster {
-    /// Starts three clustered servers and waits for JetStream to elect a leader.
+    /// Starts three clustered servers and waits until JetStream can place three replicas.
     pub fn start() -> NatsCluster {
         let tmp = tempfile::tempdir().unwrap();
         let client_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
@@ -168,8 +168,17 @@ impl NatsCluster {
         let ok = rt.block_on(async {
             let client = async_nats::connect(url).await.unwrap();
             let js = async_nats::jetstream::new(client);
-            for _ in 0..150 {
-                if js.query_account().await.is_ok() {
+            // A meta leader is not enough: a bucket with three replicas needs all three
+            // servers to be JetStream peers, which a loaded machine can take seconds to reach.
+            for _ in 0..600 {
+                let probe = async_nats::jetstream::stream::Config {
+                    name: "syncfs_test_probe".into(),
+                    subjects: vec!["syncfs.test.probe".into()],
+                    num_replicas: 3,
+                    ..Default::default()
+                };
+                if js.query_account().await.is_ok() && js.create_stream(probe).await.is_ok() {
+                    let _ = js.delete_stream("syncfs_test_probe").await;
                     return true;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
