@@ -106,7 +106,8 @@ pub fn probe(mountpoint: &Path) -> anyhow::Result<MountState> {
                 .with_context(|| format!("{}: unreadable status", mountpoint.display()))?;
             Ok(MountState::Syncfs(Box::new(status)))
         }
-        Err(e) if errno_of(&e) == libc::ENOTCONN => Ok(MountState::Stale),
+        // ECONNABORTED: the request was in flight when the dead daemon's connection closed.
+        Err(e) if matches!(errno_of(&e), libc::ENOTCONN | libc::ECONNABORTED) => Ok(MountState::Stale),
         Err(_) => Ok(MountState::OtherMount),
     }
 }
@@ -678,13 +679,18 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
 /// Whether a process exists and has not exited (a zombie has exited: daemons reparented to an
 /// init that does not reap them linger as zombies).
 pub fn process_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+    let running = |stat: &str| {
+        // The state follows the command name, which is in parentheses and may hold spaces.
+        let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+        !matches!(state, Some('Z') | Some('X') | None)
+    };
+    // A killed process's leader turns zombie while its other threads still exit, holding its
+    // files (a FUSE daemon's /dev/fuse): it is alive until no thread is.
+    match std::fs::read_dir(format!("/proc/{pid}/task")) {
         Err(_) => false,
-        Ok(stat) => {
-            // The state follows the command name, which is in parentheses and may hold spaces.
-            let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
-            !matches!(state, Some('Z') | Some('X') | None)
-        }
+        Ok(tasks) => tasks.flatten().any(|t| {
+            std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| running(&stat))
+        }),
     }
 }
 

@@ -326,7 +326,7 @@ impl Core {
     /// Hands what an append handle's inode buffered to the tier, in order (see
     /// [`Appender`]). With `all` (fsync, last close) a created file with nothing written is
     /// appended as empty, so it exists on every node.
-    fn append_commit(self: &Arc<Self>, ino: Ino, appender: Arc<Appender>, all: bool, durable: bool) -> FsOp<()> {
+    fn append_commit(self: &Arc<Self>, ino: Ino, target: Target, appender: Arc<Appender>, all: bool, durable: bool) -> FsOp<()> {
         let this = self.clone();
         Op::pending(async move {
             let _order = appender.commit_lock.lock().await;
@@ -334,7 +334,8 @@ impl Core {
             if segments.is_empty() {
                 return Ok(());
             }
-            let target = this.target_of(ino)?;
+            // The handle's target, not the node's current name: a file another node removed
+            // meanwhile is appended to again, as the path it was opened at.
             for (id, data) in segments {
                 let result = this.tier(&target).append(&target, id, data, durable).into_future().await;
                 this.count(target.policy.tier, result.is_ok());
@@ -532,7 +533,9 @@ impl Core {
                 HandleIo::Staged(stage) if handle.writable => {
                     self.commit(handle.ino, stage.clone(), Commit::Flush)
                 }
-                HandleIo::Append { appender, .. } => self.append_commit(handle.ino, appender.clone(), false, false),
+                HandleIo::Append { appender, target, .. } => {
+                    self.append_commit(handle.ino, target.clone(), appender.clone(), false, false)
+                }
                 _ => Op::ok(()),
             },
         }
@@ -546,7 +549,7 @@ impl Core {
         };
         match &handle.io {
             HandleIo::Staged(stage) => self.commit(handle.ino, stage.clone(), Commit::Fsync),
-            HandleIo::Append { appender, .. } => self.append_commit(handle.ino, appender.clone(), true, true),
+            HandleIo::Append { appender, target, .. } => self.append_commit(handle.ino, target.clone(), appender.clone(), true, true),
             // A reader's fsync: nothing of its own to make durable.
             HandleIo::Arriving { .. } => Op::ok(()),
             HandleIo::Direct(file) => {
@@ -574,9 +577,9 @@ impl Core {
             return Op::err(FsError::UnknownHandle(fh));
         };
         let ino = handle.ino;
-        if let HandleIo::Append { appender, .. } = &handle.io {
+        if let HandleIo::Append { appender, target, .. } = &handle.io {
             let this = self.clone();
-            let commit = self.append_commit(ino, appender.clone(), true, false);
+            let commit = self.append_commit(ino, target.clone(), appender.clone(), true, false);
             drop(handle);
             return Op::pending(async move {
                 if let Err(e) = commit.into_future().await {

@@ -251,8 +251,12 @@ async fn rebuild(inner: &Inner, log: &Log, stream: &Stream, path: &Path) -> anyh
     }
     let rebuilt = scratch.files.get(path).cloned();
     tracing::info!(path = %path.display(), messages = actions.len(), "rebuilding a file from its stream");
-    if let Some(sink) = inner.sink() {
-        let _ = sink.apply(path, RemoteChange::Delete, None);
+    // In place: the first action starts the file over (an append at 0 cuts it), so programs
+    // that have it open (a writer, `tail -f`) keep it. Only a file left without messages goes.
+    if actions.is_empty() {
+        if let Some(sink) = inner.sink() {
+            let _ = sink.apply(path, RemoteChange::Delete, None);
+        }
     }
     for action in actions {
         apply(inner, action);
