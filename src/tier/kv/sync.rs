@@ -267,7 +267,10 @@ async fn expire(inner: Arc<Inner>) {
         for (path, rev) in due {
             tracing::debug!(path = %path.display(), rev, "TTL expired");
             apply(&inner, &path, RemoteChange::Delete, Some(rev));
-            if let Some(bucket) = inner.view.lock().get(&path).map(|e| e.bucket) {
+            // Bound first: a guard in an `if let` scrutinee lives through the block, and
+            // `prune` takes the view's lock again (a subdirectory's expiry deadlocked).
+            let bucket = inner.view.lock().get(&path).map(|e| e.bucket);
+            if let Some(bucket) = bucket {
                 prune(&inner, bucket, &path);
             }
         }
