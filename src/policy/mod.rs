@@ -5,8 +5,8 @@
 //!
 //! Matching order is part of the user-facing contract (SPEC section 2):
 //! 0. the built-in history rule: `.syncfs/history/**` is a read-only view syncfs makes;
-//! 1. the built-in temp-file rule (`*.swp`, `*~`, `.#*`, `*.tmp` stay `local`), unless the file
-//!    says `local_temp_files: false`;
+//! 1. the built-in temp-file rule ([`TEMP_FILE_NAMES`] stay `local`), unless the file says
+//!    `local_temp_files: false` (or gives a list of globs of its own instead);
 //! 2. the file's policies, first match wins;
 //! 3. the built-in catch-all.
 //!
@@ -263,8 +263,57 @@ impl Policy {
 /// The read-only view of durable files' past versions (`.syncfs/history/<path>/`).
 pub const HISTORY_DIR: &str = ".syncfs/history";
 
-/// Globs of the built-in temp-file rule, matched in every directory.
-pub const TEMP_FILE_GLOBS: [&str; 4] = ["*.swp", "*~", ".#*", "*.tmp"];
+/// The names the built-in temp-file rule keeps local, in every directory: the temporary files
+/// of the idioms programs use to replace a file atomically or to edit it, which must never
+/// reach a tier (git would commit them, fsync would push them). `local_temp_files:` in the
+/// policy file turns the rule off (`false`) or replaces this list with globs of its own.
+/// Written as globs for people; [`is_temp_name`] is the exact test.
+pub const TEMP_FILE_NAMES: [&str; 14] = [
+    "*.swp",             // vim's swap files (.NAME.swp), and .swo, .swx
+    "*.swo",
+    "*.swx",
+    "4913",              // vim checks that it may write a directory with this file
+    "*~",                // backups (emacs, vim, nano)
+    ".#*",               // emacs lock files
+    "#*#",               // emacs autosaves
+    "*.tmp",             // many programs
+    "*.tmp-*",           // npm's write-file-atomic and atomically (tbd): NAME.tmp-<stamp><hex>
+    "*.part",            // downloads, rsync --partial, KDE
+    "sedXXXXXX",         // GNU sed -i (six letters or digits)
+    "tmpXXXXXXXX",       // Python's tempfile (eight of a-z, 0-9, _)
+    ".NAME.XXXXXX",      // rsync (six letters or digits, at least one a digit or capital)
+    "*.crdownload",      // browsers
+];
+
+/// Whether a file name is one of [`TEMP_FILE_NAMES`].
+pub fn is_temp_name(name: &[u8]) -> bool {
+    let alnum = |b: &u8| b.is_ascii_alphanumeric();
+    let ends = |suffix: &[u8]| name.len() > suffix.len() && name.ends_with(suffix);
+    let mkstemp = |x: &[u8]| x.len() == 6 && x.iter().all(alnum);
+    let python = |x: &[u8]| x.len() == 8 && x.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_');
+    let rsync = || {
+        // `.` NAME `.` XXXXXX, where a real dotfile such as `.env.sample` has no digit or
+        // capital in its extension (mkstemp's six characters almost always do).
+        name.len() >= 9 && name[0] == b'.' && name[name.len() - 7] == b'.' && {
+            let x = &name[name.len() - 6..];
+            mkstemp(x) && x.iter().any(|b| b.is_ascii_digit() || b.is_ascii_uppercase())
+        }
+    };
+    ends(b".swp")
+        || ends(b".swo")
+        || ends(b".swx")
+        || name == b"4913"
+        || ends(b"~")
+        || name.starts_with(b".#")
+        || (name.len() > 2 && name.starts_with(b"#") && name.ends_with(b"#"))
+        || ends(b".tmp")
+        || name.windows(5).skip(1).any(|w| w == b".tmp-")
+        || ends(b".part")
+        || ends(b".crdownload")
+        || name.strip_prefix(b"sed").is_some_and(mkstemp)
+        || name.strip_prefix(b"tmp").is_some_and(python)
+        || rsync()
+}
 
 /// Tier and consistency of the built-in last rule (SPEC section 2): durable, last write wins.
 pub const CATCH_ALL: (TierKind, Consistency) = (TierKind::Git, Consistency::Lww);
@@ -283,6 +332,9 @@ pub struct PolicyTable {
     owners: Vec<usize>,
     /// The text the table was parsed from.
     source: String,
+    /// The index of the built-in temp-file rule when it uses [`is_temp_name`] (a list of the
+    /// file's own is in `set` instead).
+    builtin_temp: Option<usize>,
 }
 
 impl PolicyTable {
@@ -305,6 +357,12 @@ impl PolicyTable {
             let mut buf = buf.borrow_mut();
             self.set.matches_candidate_into(&candidate, &mut buf);
             let first = buf.iter().map(|&glob| self.owners[glob]).min();
+            if let Some(temp) = self.builtin_temp.filter(|t| first.is_none_or(|f| f > *t)) {
+                let name = path.as_ref().file_name().map(|n| n.as_encoded_bytes());
+                if name.is_some_and(is_temp_name) {
+                    return &self.policies[temp];
+                }
+            }
             &self.policies[first.unwrap_or(self.policies.len() - 1)]
         })
     }

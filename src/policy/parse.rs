@@ -10,7 +10,7 @@ use globset::{GlobBuilder, GlobSetBuilder};
 
 use super::{
     Consistency, MergeRule, Origin, Policy, PolicyTable, Positions, TierKind, CATCH_ALL, HISTORY_DIR,
-    TEMP_FILE_GLOBS,
+    TEMP_FILE_NAMES,
 };
 use crate::yaml::{self, Node, Value};
 
@@ -113,12 +113,13 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<PolicyTable, PolicyError>
         })?;
     let entries = cx.map(&root, "the policy file")?;
 
-    let mut local_temp_files = true;
+    // None: the built-in list; Some(empty): off; Some(globs): the file's own list.
+    let mut temp_globs: Option<Vec<String>> = None;
     let mut policies_node = None;
     for (key, value) in entries {
         match key.as_str().unwrap_or("") {
             "policies" => policies_node = Some(value),
-            "local_temp_files" => local_temp_files = cx.boolean(value, "local_temp_files")?,
+            "local_temp_files" => temp_globs = temp_files(&cx, value)?,
             other => {
                 return Err(cx.err(
                     key,
@@ -151,17 +152,25 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<PolicyTable, PolicyError>
     let mut history = Policy::builtin("history view", &format!("{HISTORY_DIR}/**"), TierKind::Local, Consistency::None);
     history.read_only = true;
     policies.push(Arc::new(history));
-    if local_temp_files {
-        for glob in TEMP_FILE_GLOBS {
-            globs.add(compile_glob(&format!("**/{glob}")).expect("built-in globs compile"));
-            owners.push(policies.len());
+    let mut builtin_temp = None;
+    match &temp_globs {
+        None => {
+            builtin_temp = Some(policies.len());
+            policies.push(Arc::new(Policy::builtin(
+                "temp files",
+                &TEMP_FILE_NAMES.join(" | "),
+                TierKind::Local,
+                Consistency::None,
+            )));
         }
-        policies.push(Arc::new(Policy::builtin(
-            "temp files",
-            &TEMP_FILE_GLOBS.join(" | "),
-            TierKind::Local,
-            Consistency::None,
-        )));
+        Some(list) if !list.is_empty() => {
+            for glob in list {
+                globs.add(compile_glob(&format!("**/{glob}")).expect("checked in temp_files"));
+                owners.push(policies.len());
+            }
+            policies.push(Arc::new(Policy::builtin("temp files", &list.join(" | "), TierKind::Local, Consistency::None)));
+        }
+        Some(_) => {}
     }
     for item in items {
         let policy = parse_policy(&cx, item)?;
@@ -178,7 +187,29 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<PolicyTable, PolicyError>
         set,
         owners,
         source: text.to_string(),
+        builtin_temp,
     })
+}
+
+/// `local_temp_files:` true (the built-in list), false (none), or a list of file-name globs
+/// that replaces the built-in list.
+fn temp_files(cx: &Ctx<'_>, value: &Node) -> Result<Option<Vec<String>>, PolicyError> {
+    if let Value::Seq(items) = &value.value {
+        let mut list = Vec::new();
+        for item in items {
+            let glob = cx.string(item, "local_temp_files")?;
+            if glob.contains('/') {
+                return Err(cx.err(item, format!("`{glob}`: temp-file globs match file names, so they cannot contain `/`")));
+            }
+            compile_glob(&format!("**/{glob}")).map_err(|e| cx.err(item, format!("invalid glob `{glob}`: {e}")))?;
+            list.push(glob.to_string());
+        }
+        return Ok(Some(list));
+    }
+    let on = value
+        .as_bool()
+        .ok_or_else(|| cx.err(value, "`local_temp_files` must be true, false, or a list of file-name globs"))?;
+    Ok(if on { None } else { Some(Vec::new()) })
 }
 
 fn parse_policy(cx: &Ctx<'_>, item: &Node) -> Result<Policy, PolicyError> {

@@ -58,10 +58,10 @@ fn first_match_wins() {
         ("blobs/big.bin", "blobs/**", TierKind::ObjectStore, Consistency::ContentAddressed),
         ("scratch/x", "scratch/**", TierKind::Local, Consistency::None),
         // Temp files are local before any rule, in every directory.
-        ("durable/issues/1.yml.swp", "*.swp | *~ | .#* | *.tmp", TierKind::Local, Consistency::None),
-        ("durable/x~", "*.swp | *~ | .#* | *.tmp", TierKind::Local, Consistency::None),
-        ("fast/claims/.#lock", "*.swp | *~ | .#* | *.tmp", TierKind::Local, Consistency::None),
-        ("x.tmp", "*.swp | *~ | .#* | *.tmp", TierKind::Local, Consistency::None),
+        ("durable/issues/1.yml.swp", TEMP, TierKind::Local, Consistency::None),
+        ("durable/x~", TEMP, TierKind::Local, Consistency::None),
+        ("fast/claims/.#lock", TEMP, TierKind::Local, Consistency::None),
+        ("x.tmp", TEMP, TierKind::Local, Consistency::None),
         // Anything else goes to the catch-all.
         ("notes.txt", "**", CATCH_ALL.0, CATCH_ALL.1),
         ("", "**", CATCH_ALL.0, CATCH_ALL.1),
@@ -87,6 +87,62 @@ fn seed_values_are_kept() {
     assert_eq!(messages.max_age, Some(Duration::from_secs(30 * 86_400)));
     // Consistency defaults per tier.
     assert_eq!(t.resolve("scratch/x").consistency, Consistency::None);
+}
+
+/// The built-in temp rule's pattern, as `policy explain` shows it.
+const TEMP: &str = "*.swp | *.swo | *.swx | 4913 | *~ | .#* | #*# | *.tmp | *.tmp-* | *.part | sedXXXXXX | tmpXXXXXXXX | .NAME.XXXXXX | *.crdownload";
+
+#[test]
+fn temp_names_of_the_common_idioms_stay_local() {
+    let t = table(SEED);
+    let temp = [
+        "durable/ids.yml.tmp-1733140000123a1b2c3", // atomically (tbd), write-file-atomic
+        "durable/.x.yml.swp",                      // vim
+        "durable/.x.yml.swo",
+        "durable/4913",                            // vim's write test
+        "durable/.x.yml.Ab3xQz",                   // rsync
+        "durable/.x.yml.q9w8e7",
+        "durable/sedA1b2C3",                       // sed -i
+        "durable/sedqwerty",
+        "durable/tmpk3j_9x2a",                     // Python tempfile
+        "durable/big.iso.part",                    // downloads
+        "durable/#notes.md#",                      // emacs autosave
+        "durable/x.yml.tmp",
+        "durable/x.crdownload",
+    ];
+    for path in temp {
+        assert_eq!(t.resolve(path).tier, TierKind::Local, "{path} is a temp file");
+    }
+    let real = [
+        "durable/.env.sample", // a dotfile: no digit or capital in its extension
+        "durable/.gitignore",
+        "durable/tmp",
+        "durable/tmpfile.yml",
+        "durable/tmp-notes.md",
+        "durable/x.tmpl",
+        "durable/.tmp-notes",
+        "durable/49130",
+        "durable/ids.yml",
+        "durable/movie.swf",
+    ];
+    for path in real {
+        assert_eq!(t.resolve(path).tier, TierKind::Git, "{path} is not a temp file");
+    }
+    // The documented price of sed's rule: a nine-letter name starting with "sed" is local.
+    assert_eq!(t.resolve("durable/sediments").tier, TierKind::Local);
+}
+
+#[test]
+fn temp_rule_can_be_replaced_by_a_list_of_globs() {
+    let t = table("local_temp_files: [\"*.bak\", \"~$*\"]\npolicies:\n  - pattern: \"a/**\"\n    tier: git\n");
+    assert_eq!(t.resolve("a/x.bak").tier, TierKind::Local);
+    assert_eq!(t.resolve("a/b/~$report.docx").tier, TierKind::Local);
+    assert_eq!(t.resolve("a/x.swp").tier, TierKind::Git, "the list replaces the built-in one");
+    let err = PolicyTable::parse("local_temp_files: [\"a/*.bak\"]\npolicies: []\n", Path::new("p.yml")).unwrap_err();
+    assert_eq!((err.line, err.col), (1, 20));
+    assert!(err.reason.contains("cannot contain `/`"), "{}", err.reason);
+    let err = PolicyTable::parse("local_temp_files: maybe\npolicies: []\n", Path::new("p.yml")).unwrap_err();
+    assert!(err.reason.contains("true, false, or a list"), "{}", err.reason);
 }
 
 #[test]
