@@ -319,6 +319,7 @@ impl FileConfig {
                             "quiet_ms" => g.quiet = ms("git.quiet_ms")?,
                             "max_delay_ms" => g.max_delay = ms("git.max_delay_ms")?,
                             "fetch_interval_ms" => g.fetch_interval = ms("git.fetch_interval_ms")?,
+                            "max_file_bytes" => g.max_file_bytes = number(file, v, "git.max_file_bytes")?.max(1),
                             "username" => g.username = Some(string(file, v, "git.username")?),
                             "password" => g.password = Some(Secret(string(file, v, "git.password")?)),
                             "ssh_key" => g.ssh_key = Some(base.join(string(file, v, "git.ssh_key")?)),
@@ -328,7 +329,7 @@ impl FileConfig {
                             other => {
                                 return Err(at(file, k, format!(
                                     "unknown key `git.{other}` (expected remote, quiet_ms, max_delay_ms, \
-                                     fetch_interval_ms, username, password, ssh_key, ssh_passphrase)"
+                                     fetch_interval_ms, max_file_bytes, username, password, ssh_key, ssh_passphrase)"
                                 )))
                             }
                         }

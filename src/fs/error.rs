@@ -125,6 +125,25 @@ impl FsError {
         )
     }
 
+    /// Whether a refused commit can never succeed as it is (a policy, a size or a base
+    /// revision refused it), as opposed to a failure worth retrying (EAGAIN, a full disk).
+    pub fn is_final(&self) -> bool {
+        match self {
+            FsError::Tier(e) => matches!(
+                e,
+                TierError::Refused(_)
+                    | TierError::Invalid(_)
+                    | TierError::TooBig(_)
+                    | TierError::Stale { .. }
+                    | TierError::Exists { .. }
+                    | TierError::Unsupported { .. }
+                    | TierError::CrossDevice(_)
+            ),
+            FsError::InvalidContent { .. } | FsError::ReadOnly(_) | FsError::Unsupported { .. } => true,
+            _ => false,
+        }
+    }
+
     /// A shorthand for an errno from the tree.
     pub fn os(errno: i32) -> FsError {
         FsError::Io(io::Error::from_raw_os_error(errno))

@@ -97,6 +97,10 @@ pub struct Stage {
     /// The base of the next compare-and-swap commit: the revision when the stage began, then
     /// the revision of its own last commit.
     base: Mutex<Option<Revision>>,
+    /// Writable handles sharing the stage. Only the last one's release commits what no flush
+    /// did: an earlier handle's release (the kernel sends it late) would otherwise publish a
+    /// later writer's unfinished content, such as the empty file its `O_TRUNC` made.
+    pub writers: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -115,6 +119,10 @@ struct StageInner {
     open_only: bool,
     /// The last commit was refused and nothing was written since: do not retry at release.
     refused: bool,
+    /// `file` was frozen for a commit that is not installed yet: the tree still holds the
+    /// content before it, and the kernel must not hear that older size meanwhile (it would
+    /// keep it for the attribute lifetime, and later readers would read the file cut short).
+    committing: bool,
 }
 
 /// A stage's content taken for one commit.
@@ -136,10 +144,12 @@ impl Stage {
                 dirty: false,
                 open_only: false,
                 refused: false,
+                committing: false,
             }),
             commit_lock: tokio::sync::Mutex::new(()),
             spool,
             base: Mutex::new(base),
+            writers: AtomicU64::new(0),
         }
     }
 
@@ -165,10 +175,12 @@ impl Stage {
                 dirty: true,
                 open_only: true,
                 refused: false,
+                committing: false,
             }),
             commit_lock: tokio::sync::Mutex::new(()),
             spool,
             base: Mutex::new(base),
+            writers: AtomicU64::new(0),
         })
     }
 
@@ -177,9 +189,15 @@ impl Stage {
         self.inner.lock().file.clone()
     }
 
-    /// Whether the stage holds content the tree does not (for attributes).
+    /// Whether the stage holds content the tree does not (yet): attributes come from it.
     pub fn owns_shadow(&self) -> bool {
-        self.inner.lock().owned.is_some()
+        let inner = self.inner.lock();
+        inner.owned.is_some() || inner.committing
+    }
+
+    /// The frozen content is in the tree now.
+    pub fn installed(&self) {
+        self.inner.lock().committing = false;
     }
 
     fn make_private(&self, inner: &mut StageInner) -> io::Result<()> {
@@ -228,11 +246,46 @@ impl Stage {
         Ok(offset)
     }
 
+    /// Empties the content for an `O_TRUNC` open: like a new truncating stage, a flush before
+    /// anything is written does not publish the empty file (see `open_only`).
+    pub fn truncate_by_open(&self) -> io::Result<()> {
+        let mut inner = self.inner.lock();
+        self.make_private(&mut inner)?;
+        inner.file.set_len(0)?;
+        inner.dirty = true;
+        inner.open_only = true;
+        inner.refused = false;
+        Ok(())
+    }
+
     /// Truncates or extends the content.
     pub fn set_len(&self, size: u64) -> io::Result<()> {
         let mut inner = self.inner.lock();
         self.make_private(&mut inner)?;
         inner.file.set_len(size)?;
+        inner.dirty = true;
+        inner.open_only = false;
+        inner.refused = false;
+        Ok(())
+    }
+
+    /// `fallocate(2)` on the content (its own copy first): preallocation, holes and zeroed
+    /// ranges are changes like writes.
+    pub fn fallocate(&self, mode: i32, offset: u64, length: u64) -> io::Result<()> {
+        let mut inner = self.inner.lock();
+        self.make_private(&mut inner)?;
+        // SAFETY: valid fd; plain integer arguments.
+        let ret = unsafe {
+            libc::fallocate(
+                std::os::fd::AsRawFd::as_raw_fd(inner.file.as_ref()),
+                mode,
+                offset as libc::off_t,
+                length as libc::off_t,
+            )
+        };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
         inner.dirty = true;
         inner.open_only = false;
         inner.refused = false;
@@ -249,6 +302,7 @@ impl Stage {
         let name = inner.owned.take()?;
         inner.dirty = false;
         inner.open_only = false;
+        inner.committing = true;
         Some(Frozen {
             file: inner.file.clone(),
             name,
@@ -258,12 +312,27 @@ impl Stage {
     /// The commit of `frozen` failed: give the content back, unless newer writes replaced it.
     pub fn thaw(&self, frozen: Frozen) {
         let mut inner = self.inner.lock();
+        inner.committing = false;
         if inner.owned.is_none() && Arc::ptr_eq(&inner.file, &frozen.file) {
             inner.owned = Some(frozen.name);
             inner.dirty = true;
             inner.refused = true;
         } else {
             self.spool.remove(&frozen.name);
+        }
+    }
+
+    /// A commit was refused for good: the stage reads the stored content `file` again, so
+    /// the writer's descriptor and the kernel agree with what every other opener sees.
+    pub fn revert(&self, frozen: Frozen, file: Arc<File>) {
+        let mut inner = self.inner.lock();
+        inner.committing = false;
+        self.spool.remove(&frozen.name);
+        if inner.owned.is_none() && Arc::ptr_eq(&inner.file, &frozen.file) {
+            inner.file = file;
+            inner.dirty = false;
+            inner.open_only = false;
+            inner.refused = true;
         }
     }
 
@@ -444,11 +513,37 @@ impl Drop for Appender {
     }
 }
 
+/// The content a node's readers read while no writer stages it. Shared by the node's reader
+/// handles and replaced when the node's own commit is installed, so that what they read is
+/// always what the kernel's size and pages of the node describe. (Another node's change never
+/// replaces it: that change is a new node.)
+#[derive(Debug)]
+pub struct Current(Mutex<Arc<File>>);
+
+impl Current {
+    /// Readers start on `file`.
+    pub fn new(file: Arc<File>) -> Current {
+        Current(Mutex::new(file))
+    }
+
+    /// The file to read now.
+    pub fn file(&self) -> Arc<File> {
+        self.0.lock().clone()
+    }
+
+    /// The node's content is `file` from now on.
+    pub fn set(&self, file: Arc<File>) {
+        *self.0.lock() = file;
+    }
+}
+
 /// How a handle reaches its content.
 #[derive(Debug)]
 pub enum HandleIo {
     /// The tree's file, written in place (or only read).
     Direct(Arc<File>),
+    /// The node's current content, read-only (staged files with no writer on this node).
+    Current(Arc<Current>),
     /// Through the inode's stage.
     Staged(Arc<Stage>),
     /// Reads content a tier is still fetching into `file`: each read waits until its bytes
@@ -491,6 +586,7 @@ impl Handle {
     pub fn read_file(&self) -> Arc<File> {
         match &self.io {
             HandleIo::Direct(file) | HandleIo::Append { file, .. } | HandleIo::Arriving { file, .. } => file.clone(),
+            HandleIo::Current(current) => current.file(),
             HandleIo::Staged(stage) => stage.file(),
         }
     }

@@ -7,13 +7,25 @@
 //! maps to at most one node; when a name's last link goes away the mapping is dropped at once,
 //! because the backing filesystem may give the same inode number to the next file.
 //!
-//! A node lives while the kernel holds lookups on it or files are open on it (`forget` and
-//! `release` both end in [`InodeTable::maybe_drop`]).
+//! A node lives while the kernel holds lookups on it, files are open on it, or a live node
+//! names it as a parent (`forget` and `release` both end in [`InodeTable::maybe_drop`]). The
+//! last keeps a directory the kernel forgot resolvable while it still holds a child (an
+//! inotify watch, a shell's cwd): the child's path goes through its parent's name.
+//!
+//! A node that loses its last name while something still references it becomes an
+//! [`Orphan`]: it keeps an fd of its backing inode, so open files, `fstat`, `ftruncate`,
+//! `fchmod` and reads through a kernel entry that is not invalidated yet all reach the content
+//! they started with. Another node's change never rewrites a node's content behind the
+//! kernel: it gives the path a new backing inode and so, at the next lookup, a new node, and
+//! the old node lives on as an orphan until the kernel forgets it. The kernel's cached size
+//! and pages of a node therefore always describe content that node served.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::handle::{Appender, Stage};
 use super::tree::Ident;
@@ -46,6 +58,31 @@ pub struct Node {
     pub appender: Option<Arc<Appender>>,
     /// A directory of the history view (built when looked up or listed).
     pub view: bool,
+    /// Live nodes' links that name this node as their parent.
+    children: u32,
+    /// Set while the node has no name but is still referenced.
+    pub orphan: Option<Orphan>,
+    /// When a program created the file on this node: the version of a path it replaces by a
+    /// rename is the one current then (the program read it before writing its copy).
+    pub born: Option<Instant>,
+    /// What the node's readers read while no writer stages it, shared so that an install of
+    /// this node's own commit moves every reader to the committed content (the kernel's size
+    /// for the node is the committed one).
+    pub current: Option<Arc<super::handle::Current>>,
+}
+
+/// A node without a name that the kernel or open files still reference.
+#[derive(Debug, Clone)]
+pub struct Orphan {
+    /// Its backing inode (`O_PATH`).
+    pub fd: Arc<OwnedFd>,
+    /// The path it had: its policy, and where its writers commit when `remote`.
+    pub path: PathBuf,
+    /// Another node's change took the name, behind the kernel's back: writers that have the
+    /// node open still commit to `path`, against the version they started from. (A name a
+    /// program on this node removed takes its open files' later writes nowhere, as on any
+    /// filesystem.)
+    pub remote: bool,
 }
 
 /// All nodes of a mount.
@@ -72,6 +109,10 @@ impl InodeTable {
                 stage: None,
                 appender: None,
                 view: false,
+                children: 0,
+                orphan: None,
+                born: None,
+                current: None,
             },
         );
         InodeTable {
@@ -100,13 +141,16 @@ impl InodeTable {
                 node.lookups += 1;
                 if !node.links.iter().any(|(p, n)| *p == parent && n == name) {
                     node.links.push((parent, name.to_os_string()));
+                    // Named again (its own commit took the name back): no longer an orphan.
+                    node.orphan = None;
+                    self.adopt(parent);
                 }
                 return ino;
             }
             // The backing inode number was reused for a file of another type: the old node
             // is gone from the tree, whatever the kernel still holds.
             self.by_ident.remove(&ident);
-            node.links.clear();
+            self.clear_links(ino);
         }
         let ino = self.next;
         self.next += 1;
@@ -122,10 +166,41 @@ impl InodeTable {
                 stage: None,
                 appender: None,
                 view: false,
+                children: 0,
+                orphan: None,
+                born: None,
+                current: None,
             },
         );
+        self.adopt(parent);
         self.by_ident.insert(ident, ino);
         ino
+    }
+
+    /// A link naming `parent` appeared.
+    fn adopt(&mut self, parent: Ino) {
+        if let Some(p) = self.nodes.get_mut(&parent) {
+            p.children += 1;
+        }
+    }
+
+    /// A link naming `parent` went away; the parent may now be unreferenced.
+    fn release_parent(&mut self, parent: Ino) {
+        if let Some(p) = self.nodes.get_mut(&parent) {
+            p.children = p.children.saturating_sub(1);
+        }
+        self.maybe_drop(parent);
+    }
+
+    /// Removes every name of a node.
+    fn clear_links(&mut self, ino: Ino) {
+        let links = match self.nodes.get_mut(&ino) {
+            Some(node) => std::mem::take(&mut node.links),
+            None => return,
+        };
+        for (parent, _) in links {
+            self.release_parent(parent);
+        }
     }
 
     /// The node a backing inode stands for, if any.
@@ -141,49 +216,84 @@ impl InodeTable {
         self.maybe_drop(ino);
     }
 
-    /// Removes a node nobody references any more.
+    /// Removes a node nobody references any more, and then any parent only it kept alive.
     pub fn maybe_drop(&mut self, ino: Ino) {
-        if ino == ROOT {
-            return;
-        }
-        let Some(node) = self.nodes.get(&ino) else {
-            return;
-        };
-        if node.lookups == 0 && node.opens == 0 {
-            let ident = node.ident;
-            self.nodes.remove(&ino);
-            if self.by_ident.get(&ident) == Some(&ino) {
-                self.by_ident.remove(&ident);
+        let mut next = Some(ino);
+        while let Some(ino) = next.take() {
+            if ino == ROOT {
+                return;
+            }
+            let Some(node) = self.nodes.get(&ino) else {
+                return;
+            };
+            if node.lookups != 0 || node.opens != 0 || node.children != 0 {
+                return;
+            }
+            let node = self.nodes.remove(&ino).expect("checked above");
+            if self.by_ident.get(&node.ident) == Some(&ino) {
+                self.by_ident.remove(&node.ident);
+            }
+            // Parents were kept for this node's path; each may go now. (Almost always one.)
+            let mut parents = node.links.into_iter().map(|(p, _)| p);
+            next = parents.next();
+            for parent in parents {
+                self.release_parent(parent);
+            }
+            if let Some(parent) = next {
+                if let Some(p) = self.nodes.get_mut(&parent) {
+                    p.children = p.children.saturating_sub(1);
+                }
             }
         }
     }
 
     /// The name `name` in `parent` no longer refers to `ino`. `last_link` says the backing
-    /// inode lost its last name, so its identity may be reused by the next file.
-    pub fn unlink(&mut self, ino: Ino, parent: Ino, name: &OsStr, last_link: bool) {
+    /// inode lost its last name, so its identity may be reused by the next file. Returns
+    /// whether the node has no name left.
+    pub fn unlink(&mut self, ino: Ino, parent: Ino, name: &OsStr, last_link: bool) -> bool {
         let Some(node) = self.nodes.get_mut(&ino) else {
-            return;
+            return false;
         };
+        let before = node.links.len();
         node.links.retain(|(p, n)| !(*p == parent && n == name));
-        if last_link || node.kind == Kind::Dir {
-            node.links.clear();
+        let removed = before != node.links.len();
+        let nameless = last_link || node.kind == Kind::Dir;
+        if nameless {
             let ident = node.ident;
             if self.by_ident.get(&ident) == Some(&ino) {
                 self.by_ident.remove(&ident);
+            }
+        }
+        if removed {
+            self.release_parent(parent);
+        }
+        if nameless {
+            self.clear_links(ino);
+        }
+        self.nodes.get(&ino).is_some_and(|n| n.links.is_empty())
+    }
+
+    /// Records what a nameless node still reaches (see [`Orphan`]).
+    pub fn set_orphan(&mut self, ino: Ino, orphan: Orphan) {
+        if let Some(node) = self.nodes.get_mut(&ino) {
+            if node.links.is_empty() {
+                node.orphan = Some(orphan);
             }
         }
     }
 
     /// The name (`parent`, `name`) of `ino` became (`new_parent`, `new_name`).
     pub fn relink(&mut self, ino: Ino, parent: Ino, name: &OsStr, new_parent: Ino, new_name: &OsStr) {
-        if let Some(node) = self.nodes.get_mut(&ino) {
-            for link in node.links.iter_mut() {
-                if link.0 == parent && link.1 == name {
-                    *link = (new_parent, new_name.to_os_string());
-                    return;
-                }
-            }
-            node.links.insert(0, (new_parent, new_name.to_os_string()));
+        let Some(node) = self.nodes.get_mut(&ino) else { return };
+        let at = node.links.iter().position(|(p, n)| *p == parent && n == name);
+        match at {
+            Some(i) => node.links[i] = (new_parent, new_name.to_os_string()),
+            None => node.links.insert(0, (new_parent, new_name.to_os_string())),
+        }
+        node.orphan = None;
+        self.adopt(new_parent);
+        if at.is_some() {
+            self.release_parent(parent);
         }
     }
 
@@ -192,6 +302,7 @@ impl InodeTable {
         if let Some(node) = self.nodes.get_mut(&ino) {
             node.lookups += 1;
             node.links.push((parent, name.to_os_string()));
+            self.adopt(parent);
         }
     }
 
@@ -202,7 +313,10 @@ impl InodeTable {
             if self.by_ident.get(&old) == Some(&ino) {
                 self.by_ident.remove(&old);
             }
-            self.by_ident.insert(ident, ino);
+            // A node standing for this inode before (a reused inode number) no longer does.
+            if let Some(previous) = self.by_ident.insert(ident, ino).filter(|p| *p != ino) {
+                self.clear_links(previous);
+            }
         }
     }
 
@@ -294,6 +408,44 @@ mod tests {
         let d = t.lookup(ROOT, OsStr::new("x"), id(9), Kind::Dir);
         assert_ne!(f, d);
         assert_eq!(t.by_ident(id(9)), Some(d));
+    }
+
+    #[test]
+    fn a_forgotten_directory_lives_while_a_child_names_it() {
+        let mut t = InodeTable::new(id(2));
+        let a = t.lookup(ROOT, OsStr::new("a"), id(3), Kind::Dir);
+        let b = t.lookup(a, OsStr::new("b"), id(4), Kind::Dir);
+        // The kernel evicts `a` (memory pressure) while `b` is watched.
+        t.forget(a, 1);
+        assert!(t.get(a).is_some(), "b's path goes through a");
+        assert_eq!(t.path(b).unwrap(), PathBuf::from("a/b"));
+        // Looked up again, `a` is the same node.
+        assert_eq!(t.lookup(ROOT, OsStr::new("a"), id(3), Kind::Dir), a);
+        t.forget(a, 1);
+        t.forget(b, 1);
+        assert!(t.get(b).is_none());
+        assert!(t.get(a).is_none(), "dropping the child releases the parent");
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn renames_and_unlinks_move_parent_references() {
+        let mut t = InodeTable::new(id(2));
+        let d = t.lookup(ROOT, OsStr::new("d"), id(3), Kind::Dir);
+        let e = t.lookup(ROOT, OsStr::new("e"), id(5), Kind::Dir);
+        let f = t.lookup(d, OsStr::new("f"), id(4), Kind::File);
+        t.forget(d, 1);
+        t.forget(e, 1);
+        assert!(t.get(d).is_some() && t.get(e).is_none());
+        let e = t.lookup(ROOT, OsStr::new("e"), id(5), Kind::Dir);
+        t.relink(f, d, OsStr::new("f"), e, OsStr::new("f"));
+        assert!(t.get(d).is_none(), "d lost its only child");
+        t.forget(e, 1);
+        assert!(t.get(e).is_some(), "f is in e now");
+        t.lookup(e, OsStr::new("x"), id(9), Kind::File);
+        assert!(t.unlink(f, e, OsStr::new("f"), true), "no name left");
+        t.forget(f, 1);
+        assert_eq!(t.path(t.by_ident(id(9)).unwrap()).unwrap(), PathBuf::from("e/x"));
     }
 
     #[test]

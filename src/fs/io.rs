@@ -8,9 +8,10 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::handle::{Appender, Frozen, Handle, HandleIo, Stage};
+use super::handle::{Appender, Current, Frozen, Handle, HandleIo, Stage};
 use super::tree::{self, Ident};
-use super::{Attr, Caller, Core, FsError, FsOp, Ino, Kind, Opened};
+use super::remote::Invalidate;
+use super::{Attr, Caller, Core, FsError, FsOp, Ino, Kind, Opened, Placement};
 use crate::op::Op;
 use crate::policy::{PolicyTable, POLICY_FILE};
 use crate::tier::{Content, Revision, Target, TierError, WriteMode, CONTENT_TAG};
@@ -27,11 +28,13 @@ impl Core {
             .ok_or(FsError::UnknownHandle(fh))
     }
 
-    /// Opens the tree's file of a node, checked to be the node's backing inode.
+    /// Opens the tree's file of a node, checked to be the node's backing inode (for an
+    /// orphan, the inode it still reaches).
     fn open_tree_file(&self, ino: Ino, flags: i32) -> Result<File, FsError> {
         for _ in 0..3 {
             let Some((dir, name, ident)) = self.locate(ino)? else {
-                return Err(FsError::os(libc::ENOENT));
+                let fd = self.orphan_fd(ino).ok_or(FsError::os(libc::ENOENT))?;
+                return Ok(tree::reopen(fd.as_fd(), flags)?);
             };
             let file = File::from(tree::open_at(dir.as_fd(), &name, flags, 0)?);
             if Ident::of(&tree::fstat(file.as_fd())?) == ident {
@@ -42,7 +45,7 @@ impl Core {
     }
 
     /// `open` of a regular file.
-    pub fn open(self: &Arc<Self>, ino: Ino, flags: i32) -> FsOp<Opened> {
+    pub fn open(self: &Arc<Self>, caller: Caller, ino: Ino, flags: i32) -> FsOp<Opened> {
         let prepared = (|| {
             if self.kind(ino)? != Kind::File {
                 return Err(FsError::os(libc::EINVAL));
@@ -59,6 +62,13 @@ impl Core {
         };
         let tier = self.tier(&target).clone();
         let truncate = flags & libc::O_ACCMODE != libc::O_RDONLY && flags & libc::O_TRUNC != 0;
+        let read_base = if truncate {
+            // Replaced whole: made from what this program read before, if it did.
+            self.read_base(caller, &target)
+        } else {
+            self.note_read(caller, &target, tier.revision(&target));
+            None
+        };
         let this = self.clone();
         if tier.write_mode() == WriteMode::Append && truncate {
             // Opening an append file with O_TRUNC empties it: a purge, when it holds anything.
@@ -69,7 +79,7 @@ impl Core {
             if size > 0 {
                 return self
                     .purge(ino, &target)
-                    .and_then(move |()| this.open_handle(ino, flags & !libc::O_TRUNC, &target, None, None));
+                    .and_then(move |()| this.open_handle(ino, flags & !libc::O_TRUNC, &target, None, None, None));
             }
         }
         if tier.keeps_content() && !truncate && !self.has_stage(ino) {
@@ -82,13 +92,13 @@ impl Core {
                     return tier
                         .content(&target, &rev, whole)
                         .err_into()
-                        .and_then(move |content| this.open_handle(ino, flags, &target, None, Some(content)));
+                        .and_then(move |content| this.open_handle(ino, flags, &target, None, Some(content), None));
                 }
                 // Empty, or a file the tier has not stored yet: the tree's file is its content.
                 Ok(None) => {}
             }
         }
-        Op::Ready(self.open_handle(ino, flags, &target, None, None))
+        Op::Ready(self.open_handle(ino, flags, &target, None, None, read_base))
     }
 
     fn has_stage(&self, ino: Ino) -> bool {
@@ -105,7 +115,8 @@ impl Core {
     /// Creates a handle on `ino`. `created` is the file `create` just opened, if any, with the
     /// revision the tier gave the new entry (`Some(None)`: new, but not stored in the tier yet).
     /// `content` is the file that holds the current content when it is not the tree's file
-    /// (tiers that keep content).
+    /// (tiers that keep content). `read_base` is the version a truncating writer read before
+    /// (the base of what it writes), if known.
     fn open_handle(
         &self,
         ino: Ino,
@@ -113,6 +124,7 @@ impl Core {
         target: &Target,
         created: Option<(File, Option<Option<Revision>>)>,
         content: Option<Content>,
+        read_base: Option<Revision>,
     ) -> Result<Opened, FsError> {
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let append = flags & libc::O_APPEND != 0;
@@ -159,18 +171,31 @@ impl Core {
             });
         }
 
-        let existing = self.inodes.lock().get(ino).and_then(|n| n.stage.clone());
+        let (existing, current) = {
+            let table = self.inodes.lock();
+            let node = table.get(ino).ok_or(FsError::UnknownInode(ino))?;
+            (node.stage.clone(), node.current.clone())
+        };
         if !writable && existing.is_none() && created.is_none() {
-            // A reader with no writer around: the tree's file is the committed content, and a
-            // stage would only cost a lookup and a lock. Should a writer come later, this
-            // handle keeps reading what it opened (close-to-open).
+            // A reader with no writer around: the node's committed content, shared with its
+            // other readers (a stage would only cost a lock per read). A commit of this node's
+            // own writer later moves the readers to the new content, which is what the
+            // kernel's size of the node says then.
             // Not even content a tier keeps (a blob in its cache) is handed to the kernel for
             // passthrough: the kernel takes one backing file per inode while any is open, so
             // a new content could not be opened while a program still reads the old one.
-            let io = match content {
-                Some(Content { file, arriving: Some(arrival) }) => HandleIo::Arriving { file, arrival },
-                Some(Content { file, arriving: None }) => HandleIo::Direct(file),
-                None => HandleIo::Direct(Arc::new(self.open_tree_file(ino, libc::O_RDONLY)?)),
+            let io = match (current, content) {
+                (_, Some(Content { file, arriving: Some(arrival) })) => HandleIo::Arriving { file, arrival },
+                (Some(current), _) => HandleIo::Current(current),
+                (None, content) => {
+                    let file = match content {
+                        Some(content) => content.file,
+                        None => Arc::new(self.open_tree_file(ino, libc::O_RDONLY)?),
+                    };
+                    let mut table = self.inodes.lock();
+                    let node = table.get_mut(ino).ok_or(FsError::UnknownInode(ino))?;
+                    HandleIo::Current(node.current.get_or_insert_with(|| Arc::new(Current::new(file))).clone())
+                }
             };
             self.inodes.lock().get_mut(ino).ok_or(FsError::UnknownInode(ino))?.opens += 1;
             self.handles.lock().insert(
@@ -195,7 +220,7 @@ impl Core {
         let stage = match existing {
             Some(stage) => {
                 if truncate {
-                    stage.set_len(0)?;
+                    stage.truncate_by_open()?;
                 }
                 stage
             }
@@ -210,7 +235,7 @@ impl Core {
                     Some((file, None)) if !truncate => {
                         Stage::on(Arc::new(file), self.spool.clone(), tier.revision(target))
                     }
-                    _ if truncate => Stage::empty(self.spool.clone(), tier.revision(target))?,
+                    _ if truncate => Stage::empty(self.spool.clone(), read_base.or_else(|| tier.revision(target)))?,
                     _ => {
                         let file = match content {
                             Some(content) => content.file,
@@ -240,6 +265,9 @@ impl Core {
             let node = table.get_mut(ino).ok_or(FsError::UnknownInode(ino))?;
             node.stage.get_or_insert_with(|| stage.clone());
             node.opens += 1;
+        }
+        if writable {
+            stage.writers.fetch_add(1, Ordering::Relaxed);
         }
         self.handles.lock().insert(
             fh,
@@ -330,6 +358,12 @@ impl Core {
         let this = self.clone();
         Op::pending(async move {
             let _order = appender.commit_lock.lock().await;
+            if this.placement(ino)? == Placement::Unlinked {
+                // A program on this node removed the file: what was appended since goes
+                // nowhere, as with any unlinked file.
+                appender.clear();
+                return Ok(());
+            }
             let segments = appender.take(all, || this.next_fh.fetch_add(1, Ordering::Relaxed));
             if segments.is_empty() {
                 return Ok(());
@@ -370,6 +404,7 @@ impl Core {
             Err(e) => return Op::err(e),
         };
         let exclusive = flags & libc::O_EXCL != 0;
+        let read_base = self.read_base(caller, &target);
         let this = self.clone();
         let name = name.to_os_string();
         self.tier(&target)
@@ -407,10 +442,15 @@ impl Core {
                     }
                     let st = tree::fstat(file.as_fd())?;
                     let ino = table.lookup(parent, &name, Ident::of(&st), Kind::File);
+                    if created {
+                        if let Some(node) = table.get_mut(ino) {
+                            node.born = Some(std::time::Instant::now());
+                        }
+                    }
                     (file, ino, created)
                 };
                 let fresh = (created || rev.is_some()).then_some(rev);
-                let opened = match this.open_handle(ino, flags, &target, Some((file, fresh)), None) {
+                let opened = match this.open_handle(ino, flags, &target, Some((file, fresh)), None, read_base) {
                     Ok(o) => o,
                     Err(e) => {
                         this.forget(ino, 1);
@@ -458,7 +498,7 @@ impl Core {
         let handle = self.handle(fh)?;
         match &handle.io {
             // Opened for reading only; the kernel sends no writes for it.
-            HandleIo::Arriving { .. } => return Err(FsError::os(libc::EBADF)),
+            HandleIo::Arriving { .. } | HandleIo::Current(_) => return Err(FsError::os(libc::EBADF)),
             HandleIo::Direct(file) => {
                 let offset = if handle.append {
                     file.metadata()?.len()
@@ -502,7 +542,7 @@ impl Core {
         Ok(data.len() as u32)
     }
 
-    /// `fallocate` (in-place files only; a staged file's shadow is not the stored file).
+    /// `fallocate`.
     pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Result<(), FsError> {
         let handle = self.handle(fh)?;
         match &handle.io {
@@ -521,7 +561,9 @@ impl Core {
                 }
                 Ok(())
             }
-            HandleIo::Staged(_) | HandleIo::Append { .. } | HandleIo::Arriving { .. } => Err(FsError::os(libc::EOPNOTSUPP)),
+            // On the stage's copy, committed at close like a write.
+            HandleIo::Staged(stage) => Ok(stage.fallocate(mode, offset, length)?),
+            HandleIo::Append { .. } | HandleIo::Arriving { .. } | HandleIo::Current(_) => Err(FsError::os(libc::EOPNOTSUPP)),
         }
     }
 
@@ -551,7 +593,7 @@ impl Core {
             HandleIo::Staged(stage) => self.commit(handle.ino, stage.clone(), Commit::Fsync),
             HandleIo::Append { appender, target, .. } => self.append_commit(handle.ino, target.clone(), appender.clone(), true, true),
             // A reader's fsync: nothing of its own to make durable.
-            HandleIo::Arriving { .. } => Op::ok(()),
+            HandleIo::Arriving { .. } | HandleIo::Current(_) => Op::ok(()),
             HandleIo::Direct(file) => {
                 let file = file.clone();
                 Op::pending(async move {
@@ -590,8 +632,11 @@ impl Core {
             });
         }
         let (stage, commit) = match &handle.io {
-            HandleIo::Staged(stage) => (Some(stage.clone()), handle.writable && stage.needs_commit()),
-            HandleIo::Direct(_) | HandleIo::Append { .. } | HandleIo::Arriving { .. } => (None, false),
+            HandleIo::Staged(stage) => {
+                let last_writer = handle.writable && stage.writers.fetch_sub(1, Ordering::Relaxed) == 1;
+                (Some(stage.clone()), last_writer && stage.needs_commit())
+            }
+            HandleIo::Direct(_) | HandleIo::Current(_) | HandleIo::Append { .. } | HandleIo::Arriving { .. } => (None, false),
         };
         // From here on the handle's stage is referenced by `stage` and by other handles only.
         drop(handle);
@@ -633,6 +678,7 @@ impl Core {
         }
         if node.opens == 0 {
             node.file = None;
+            node.current = None;
             node.appender = None;
             if let Some(stage) = node.stage.take() {
                 refused = stage.is_refused();
@@ -656,6 +702,15 @@ impl Core {
             }
             let target = self.target_of(ino)?;
             let tier = self.tier(&target).clone();
+            if let Some(max) = tier.max_file_size(&target).filter(|max| size > *max) {
+                // Like a filesystem's largest file size: refused when set, nothing changes.
+                let e = FsError::Tier(TierError::TooBig(format!(
+                    "{} cannot be {size} bytes: its tier stores files up to {max} bytes",
+                    target.path.display()
+                )));
+                self.note_refusal(&target, &e);
+                return Err(e);
+            }
             if tier.write_mode() == WriteMode::Append {
                 let current = self.getattr(ino)?.size;
                 if size == current {
@@ -768,16 +823,37 @@ impl Core {
                 let t = this.clone();
                 return blocking(move || Ok(t.open_tree_file(ino, libc::O_RDONLY)?.sync_all()?)).await;
             };
-            let result = this.commit_frozen(ino, &stage, &frozen, durable).await;
-            if let Ok(target) = this.target_of(ino) {
-                this.count(target.policy.tier, result.is_ok());
-                match &result {
-                    Ok(()) => this.clear_refusal(&target),
-                    Err(e) => this.note_refusal(&target, e),
+            let target = match this.placement(ino)? {
+                // A program on this node removed the file: as on any filesystem, what its open
+                // descriptors write reaches no path (they still read it back).
+                Placement::Unlinked => {
+                    this.spool.remove(&frozen.name);
+                    return Ok(());
                 }
+                Placement::Named(path) | Placement::Taken(path) => this.target(path),
+            };
+            let result = this.commit_frozen(ino, &target, &stage, &frozen, durable).await;
+            this.count(target.policy.tier, result.is_ok());
+            match &result {
+                Ok(()) => this.clear_refusal(&target),
+                Err(e) => this.note_refusal(&target, e),
             }
-            if result.is_err() {
-                stage.thaw(frozen);
+            match &result {
+                Err(e) if e.is_final() => {
+                    // Refused for good: the descriptor reads the stored content again, and the
+                    // kernel forgets the refused size and pages before the program hears of
+                    // the refusal (a stat after close must not show them).
+                    match this.open_tree_file(ino, libc::O_RDONLY) {
+                        Ok(file) => stage.revert(frozen, Arc::new(file)),
+                        Err(_) => stage.thaw(frozen),
+                    }
+                    if let Some(k) = this.kernel.get() {
+                        let _ = k.invalidate_inode_acked(ino).await;
+                    }
+                }
+                // Worth retrying (EAGAIN, a full disk): an fsync may commit it later.
+                Err(_) => stage.thaw(frozen),
+                Ok(()) => stage.installed(),
             }
             result
         })
@@ -786,17 +862,17 @@ impl Core {
     async fn commit_frozen(
         self: &Arc<Self>,
         ino: Ino,
+        target: &Target,
         stage: &Stage,
         frozen: &Frozen,
         durable: bool,
     ) -> Result<(), FsError> {
-        let target = self.target_of(ino)?;
         // Validation reads at most 1 MiB of a file that was just written (in the page cache):
         // cheaper inline than a hop to the blocking pool.
-        self.validate(&target, &frozen.file)?;
+        self.validate(target, &frozen.file)?;
         let rev = self
-            .tier(&target)
-            .commit(&target, frozen.file.clone(), stage.base(), durable)
+            .tier(target)
+            .commit(target, frozen.file.clone(), stage.base(), durable)
             .into_future()
             .await?;
         stage.set_base(rev.clone());
@@ -883,10 +959,12 @@ impl Core {
     /// attributes, then an atomic rename. With `durable`, data and the rename reach the disk.
     /// When the tier already installed a newer revision (another node's change arrived while
     /// this commit was in flight) the shadow is dropped instead: the newer content stays.
+    /// A node whose name another node's change took installs at the path it had, as a new
+    /// version of it (see [`Core::replace_name`]); the kernel then finds this node there again.
     fn install(
         &self,
         ino: Ino,
-        shadow: &File,
+        shadow: &Arc<File>,
         spool_name: &CString,
         rev: Option<Revision>,
         durable: bool,
@@ -907,19 +985,78 @@ impl Core {
         };
         let (file, spool_name) = match &placeholder {
             Some((file, name)) => (file, name),
-            None => (shadow, spool_name),
+            None => (shadow.as_ref(), spool_name),
         };
-        let (dir, name, _) = self.locate(ino)?.ok_or(FsError::os(libc::ENOENT))?;
-        {
+        let mut inval = Vec::new();
+        let mut synced_dir = None;
+        for _ in 0..3 {
+            let placement = self.placement(ino)?;
+            let (dir, link) = match &placement {
+                Placement::Named(_) => {
+                    let link = self.inodes.lock().get(ino).and_then(|n| n.links.first().cloned());
+                    let (parent, name) = link.ok_or(FsError::os(libc::ENOENT))?;
+                    (self.dir_fd(parent)?, (parent, name))
+                }
+                Placement::Taken(path) => {
+                    let parent = path.parent().unwrap_or(Path::new(""));
+                    let name = path.file_name().ok_or(FsError::os(libc::EINVAL))?.to_os_string();
+                    (self.ensure_dir(parent, &mut inval)?, (0, name))
+                }
+                Placement::Unlinked => {
+                    self.spool.remove(spool_name);
+                    return Ok(());
+                }
+            };
+            let name = link.1.clone();
+            let cname = tree::cname(&name)?;
             let mut table = self.inodes.lock();
+            let node = table.get(ino).ok_or(FsError::UnknownInode(ino))?;
+            let unchanged = match &placement {
+                Placement::Named(_) => node.links.first() == Some(&link) && table.path(ino).is_some(),
+                Placement::Taken(path) => node.links.is_empty() && node.orphan.as_ref().is_some_and(|o| o.remote && o.path == *path),
+                Placement::Unlinked => false,
+            };
+            if !unchanged {
+                // Renamed, or its name taken, while the commit was in flight: look again.
+                continue;
+            }
+            let current = node.current.clone();
             if !self.tier(&target).admit(&target, rev.as_ref()) {
                 drop(table);
                 self.spool.remove(spool_name);
+                // The kernel's view of the node is this writer's content, which lost.
+                inval.push(Invalidate::Inode(ino));
+                self.send(inval);
                 return Ok(());
             }
-            tree::rename_at(self.spool.dir().as_fd(), spool_name, dir.as_fd(), &name, 0)?;
-            table.set_ident(ino, Ident::of(&tree::fstat(file.as_fd())?));
+            match &placement {
+                Placement::Named(_) => {
+                    tree::rename_at(self.spool.dir().as_fd(), spool_name, dir.as_fd(), &cname, 0)?;
+                    table.set_ident(ino, Ident::of(&tree::fstat(file.as_fd())?));
+                }
+                _ => {
+                    let path = target.path.clone();
+                    let new = self.replace_name(&mut table, &dir, &name, &path, spool_name, &mut inval)?;
+                    table.set_ident(ino, new);
+                    let fd = Arc::new(std::os::fd::OwnedFd::from(tree::reopen(file.as_fd(), libc::O_PATH)?));
+                    if let Some(node) = table.get_mut(ino) {
+                        node.orphan = Some(super::inode::Orphan { fd, path, remote: true });
+                    }
+                }
+            }
+            drop(table);
+            // Readers of this node read what its writer committed, as the kernel's size says.
+            if let Some(current) = current {
+                current.set(shadow.clone());
+            }
+            synced_dir = Some(dir);
+            break;
         }
+        self.send(inval);
+        let Some(dir) = synced_dir else {
+            self.spool.remove(spool_name);
+            return Err(FsError::os(libc::ESTALE));
+        };
         if durable {
             File::from(tree::open_at(dir.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?)
                 .sync_all()?;

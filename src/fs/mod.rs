@@ -26,7 +26,7 @@ pub mod tree;
 mod xattr;
 
 use std::collections::HashMap;
-use std::ffi::{CString, OsStr};
+use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, OwnedFd};
@@ -47,7 +47,7 @@ use crate::op::Op;
 use crate::policy::{PolicyTable, TierKind, HISTORY_DIR, POLICY_FILE};
 use crate::tier::{Revision, Target, Tier, Tiers, WriteMode};
 use handle::{DirHandle, Handle, Spool};
-use inode::InodeTable;
+use inode::{InodeTable, Orphan};
 use tree::Ident;
 
 /// An operation of the core: ready now, or a future for the runtime.
@@ -210,6 +210,20 @@ pub trait KernelCache: Send + Sync {
     fn invalidate_inode(&self, ino: Ino);
     /// Drops a cached name in a directory.
     fn invalidate_entry(&self, parent: Ino, name: &OsStr);
+    /// Like [`KernelCache::invalidate_inode`]; the receiver completes once the kernel has
+    /// dropped them, so that a reply sent after it cannot meet the old attributes.
+    fn invalidate_inode_acked(&self, ino: Ino) -> tokio::sync::oneshot::Receiver<()>;
+}
+
+/// Where a node's commits go (see [`Core::placement`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Placement {
+    /// Its path.
+    Named(PathBuf),
+    /// The path another node's change took from it: its writers commit there still.
+    Taken(PathBuf),
+    /// A program on this node removed its last name: what its writers write goes nowhere.
+    Unlinked,
 }
 
 /// Settings of the core.
@@ -271,6 +285,12 @@ pub struct Core {
     schemas: crate::schema::Schemas,
     /// Why the last commit of a path was refused (`user.syncfs.error`), until one succeeds.
     errors: Mutex<HashMap<PathBuf, String>>,
+    /// The revision of a merge path each process last opened to read: the version it read,
+    /// so the base of what it writes there later (SPEC 3.3), by (process id, path).
+    reads: Mutex<LruCache<(u32, PathBuf), Revision>>,
+    /// Process ids of the thread ids FUSE requests carry (node, Java and Go programs do file
+    /// work on pools of threads), with when each was learned.
+    processes: Mutex<LruCache<u32, (u32, std::time::Instant)>>,
     /// Commit counters, by tier.
     pub counters: HashMap<TierKind, Counters>,
     /// Read and write requests the core served itself (passthrough ones never reach it).
@@ -347,6 +367,8 @@ impl Core {
         Ok(Core {
             schemas: crate::schema::Schemas::new(root.clone()),
             errors: Mutex::new(HashMap::new()),
+            reads: Mutex::new(LruCache::new(NonZeroUsize::new(READS_KEPT).expect("not zero"))),
+            processes: Mutex::new(LruCache::new(NonZeroUsize::new(1024).expect("not zero"))),
             root,
             spool: Arc::new(Spool::open(spool_fd)?),
             policies,
@@ -391,14 +413,37 @@ impl Core {
 
     // ---- resolution ---------------------------------------------------------------------
 
-    /// The policy target of a node's current path.
+    /// The policy target of a node's current path (for an orphan, the path it had).
     fn target_of(&self, ino: Ino) -> Result<Target, FsError> {
         let path = {
             let table = self.inodes.lock();
-            table.get(ino).ok_or(FsError::UnknownInode(ino))?;
-            table.path(ino).ok_or(FsError::os(libc::ENOENT))?
+            let node = table.get(ino).ok_or(FsError::UnknownInode(ino))?;
+            match table.path(ino) {
+                Some(path) => path,
+                None => node.orphan.as_ref().map(|o| o.path.clone()).ok_or(FsError::os(libc::ENOENT))?,
+            }
         };
         Ok(self.target(path))
+    }
+
+    /// Where a node's commits go: its path, the path another node's change took from it, or
+    /// nowhere (a program on this node removed its last name).
+    fn placement(&self, ino: Ino) -> Result<Placement, FsError> {
+        let table = self.inodes.lock();
+        let node = table.get(ino).ok_or(FsError::UnknownInode(ino))?;
+        if let Some(path) = table.path(ino) {
+            return Ok(Placement::Named(path));
+        }
+        match &node.orphan {
+            Some(o) if o.remote => Ok(Placement::Taken(o.path.clone())),
+            Some(_) => Ok(Placement::Unlinked),
+            None => Err(FsError::os(libc::ENOENT)),
+        }
+    }
+
+    /// The backing inode a nameless node still reaches.
+    fn orphan_fd(&self, ino: Ino) -> Option<Arc<OwnedFd>> {
+        self.inodes.lock().get(ino)?.orphan.as_ref().map(|o| o.fd.clone())
     }
 
     /// The policy target of `name` in directory `parent`.
@@ -443,7 +488,11 @@ impl Core {
                 if node.kind != Kind::Dir {
                     return Err(FsError::os(libc::ENOTDIR));
                 }
-                (table.path(ino).ok_or(FsError::os(libc::ENOENT))?, node.ident)
+                match table.path(ino) {
+                    Some(path) => (path, node.ident),
+                    // A removed directory the kernel still holds (a process's cwd).
+                    None => return node.orphan.as_ref().map(|o| o.fd.clone()).ok_or(FsError::os(libc::ENOENT)),
+                }
             };
             let fd = tree::resolve_dir(self.root.as_fd(), &c_path(&path)?)?;
             if Ident::of(&tree::fstat(fd.as_fd())?) == ident {
@@ -476,7 +525,7 @@ impl Core {
         }
         for _ in 0..3 {
             let Some((dir, name, ident)) = self.locate(ino)? else {
-                return Err(FsError::os(libc::ENOENT));
+                return self.orphan_fd(ino).ok_or(FsError::os(libc::ENOENT));
             };
             let fd = tree::open_path_at(dir.as_fd(), &name)?;
             if Ident::of(&tree::fstat(fd.as_fd())?) == ident {
@@ -498,10 +547,9 @@ impl Core {
         }
         for _ in 0..3 {
             let Some((dir, name, ident)) = self.locate(ino)? else {
-                // No name left: only open handles can still reach it.
-                let file = self.inodes.lock().get(ino).and_then(|n| n.file.clone());
-                return match file {
-                    Some(file) => Ok(tree::fstat(file.as_fd())?),
+                // No name left: what the node still reaches.
+                return match self.orphan_fd(ino) {
+                    Some(fd) => Ok(tree::fstat(fd.as_fd())?),
                     None => Err(FsError::os(libc::ENOENT)),
                 };
             };
@@ -727,7 +775,8 @@ impl Core {
         })
     }
 
-    /// `mknod`: regular files, fifos and sockets (devices are refused).
+    /// `mknod`: regular files, fifos, sockets and devices, where the tier stores inodes
+    /// (local). The mount's `nodev` keeps device nodes from being opened through it.
     pub fn mknod(
         self: &Arc<Self>,
         caller: Caller,
@@ -737,7 +786,7 @@ impl Core {
         rdev: u32,
     ) -> FsOp<Attr> {
         let kind = Kind::from_mode(mode);
-        if matches!(kind, Kind::CharDevice | Kind::BlockDevice | Kind::Dir | Kind::Symlink) {
+        if matches!(kind, Kind::Dir | Kind::Symlink) {
             return Op::err(FsError::os(libc::EPERM));
         }
         self.make_node(caller, parent, name, kind, move |dir, name| {
@@ -807,6 +856,7 @@ impl Core {
         let synced = target.policy.tier != TierKind::Local;
         let this = self.clone();
         let name = name.to_os_string();
+        let path = target.path.clone();
         self.tier(&target)
             .remove(&target, kind)
             .err_into()
@@ -820,11 +870,16 @@ impl Core {
                     Err(e) if synced && e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
                     Err(e) => return Err(e.into()),
                 };
-                tree::unlink_at(dir.as_fd(), &cname, is_dir)?;
                 let last = st.st_nlink <= 1 || is_dir;
                 let ino = table.by_ident(Ident::of(&st));
+                let kept = keep_backing(&table, ino, last, &dir, &cname)?;
+                tree::unlink_at(dir.as_fd(), &cname, is_dir)?;
                 if let Some(ino) = ino {
-                    table.unlink(ino, parent, &name, last);
+                    if table.unlink(ino, parent, &name, last) {
+                        if let Some(fd) = kept {
+                            table.set_orphan(ino, Orphan { fd, path, remote: false });
+                        }
+                    }
                     if is_dir {
                         drop(table);
                         this.dir_fds.lock().pop(&ino);
@@ -841,6 +896,7 @@ impl Core {
     /// replaced file that lost its last name, if any.
     pub fn rename(
         self: &Arc<Self>,
+        caller: Caller,
         parent: Ino,
         name: &OsStr,
         new_parent: Ino,
@@ -864,7 +920,7 @@ impl Core {
                 && flags == 0
                 && self.tier(&to).write_mode() == WriteMode::Staged;
             if idiom {
-                return self.rename_commit(parent, name, new_parent, new_name, to);
+                return self.rename_commit(caller, parent, name, new_parent, new_name, to);
             }
             return Op::err(FsError::CrossTier {
                 op: "rename",
@@ -889,12 +945,13 @@ impl Core {
             }
         }
         let synced = from.policy.tier != TierKind::Local;
+        let base = self.base_of_move(caller, parent, name, &to);
         let this = self.clone();
         let name = name.to_os_string();
         let new_name = new_name.to_os_string();
         let noted = (self.clone(), to.clone());
         self.tier(&from)
-            .rename(&from, &to, kind, content)
+            .rename(&from, &to, kind, content, base)
             .err_into()
             .inspect_err(move |e| noted.0.note_refusal(&noted.1, e))
             .and_then(move |()| {
@@ -922,6 +979,7 @@ impl Core {
     /// commit (ESTALE, EAGAIN, EINVAL...) moves nothing: the temporary file stays.
     fn rename_commit(
         self: &Arc<Self>,
+        caller: Caller,
         parent: Ino,
         name: &OsStr,
         new_parent: Ino,
@@ -933,7 +991,7 @@ impl Core {
             let named = tree::get_xattr(file.as_fd(), c"user.syncfs.rev")?;
             let base = match named {
                 Some(value) => Some(Revision(String::from_utf8_lossy(&value).trim().to_string())),
-                None => self.tier(&to).revision(&to),
+                None => self.base_of_move(caller, parent, name, &to),
             };
             self.validate(&to, &file)?;
             Ok::<_, FsError>((Arc::new(file), base))
@@ -971,6 +1029,60 @@ impl Core {
                 }
                 moved
             })
+    }
+
+    /// The process a request's thread belongs to (cached: a thread id is reused only after
+    /// its thread ended, so an answer is trusted for a few seconds).
+    fn process_of(&self, tid: u32) -> u32 {
+        let now = std::time::Instant::now();
+        if let Some((pid, at)) = self.processes.lock().get(&tid).copied() {
+            if now.duration_since(at) < std::time::Duration::from_secs(5) {
+                return pid;
+            }
+        }
+        let pid = thread_group(tid);
+        self.processes.lock().put(tid, (pid, now));
+        pid
+    }
+
+    /// Records that `caller` opened `target` (a merge path) to read its version `rev`.
+    pub(super) fn note_read(&self, caller: Caller, target: &Target, rev: Option<Revision>) {
+        if target.policy.consistency != crate::policy::Consistency::Merge {
+            return;
+        }
+        let Some(rev) = rev else { return };
+        let pid = self.process_of(caller.pid);
+        self.reads.lock().put((pid, target.path.clone()), rev);
+    }
+
+    /// The version of `target` (a merge path) that `caller`'s process last opened to read.
+    pub(super) fn read_base(&self, caller: Caller, target: &Target) -> Option<Revision> {
+        if target.policy.consistency != crate::policy::Consistency::Merge {
+            return None;
+        }
+        let pid = self.process_of(caller.pid);
+        self.reads.lock().get(&(pid, target.path.clone())).cloned()
+    }
+
+    /// The base of content moved onto `to` from `name` in `parent` (SPEC 3.3): the version of
+    /// `to` the moving process last read (what its copy was made from); else the version
+    /// current when the moved file was created here (the program read the target before
+    /// writing its copy); without either, the current version.
+    fn base_of_move(&self, caller: Caller, parent: Ino, name: &OsStr, to: &Target) -> Option<Revision> {
+        if let Some(read) = self.read_base(caller, to) {
+            return Some(read);
+        }
+        let born = (|| {
+            let dir = self.dir_fd(parent).ok()?;
+            let st = tree::lstat_at(dir.as_fd(), &tree::cname(name).ok()?).ok()?;
+            let table = self.inodes.lock();
+            table.get(table.by_ident(Ident::of(&st))?)?.born
+        })();
+        let tier = self.tier(to);
+        match born {
+            Some(when) => tier.revision_at(to, when),
+            None => tier.revision(to),
+        }
     }
 
     /// Replaces the file `name` in `parent` by a placeholder of its content (size, metadata,
@@ -1015,26 +1127,39 @@ impl Core {
         let src = tree::lstat_at(from_dir.as_fd(), &cfrom)?;
         let src_ino = table.by_ident(Ident::of(&src));
         if admit.is_some_and(|admit| !admit()) {
+            let last = src.st_nlink <= 1;
+            let kept = keep_backing(&table, src_ino, last, &from_dir, &cfrom)?;
+            let path = table.path(parent).map(|p| p.join(name));
             tree::unlink_at(from_dir.as_fd(), &cfrom, false)?;
             if let Some(ino) = src_ino {
-                table.unlink(ino, parent, name, src.st_nlink <= 1);
+                if table.unlink(ino, parent, name, last) {
+                    if let (Some(fd), Some(path)) = (kept, path) {
+                        table.set_orphan(ino, Orphan { fd, path, remote: false });
+                    }
+                }
             }
-            return Ok(src_ino.filter(|_| src.st_nlink <= 1));
+            return Ok(src_ino.filter(|_| last));
         }
         let dst = tree::lstat_at(to_dir.as_fd(), &cto).ok();
-        tree::rename_at(from_dir.as_fd(), &cfrom, to_dir.as_fd(), &cto, flags)?;
         let dst_ino = dst.as_ref().and_then(|d| table.by_ident(Ident::of(d)));
+        let exchange = flags & libc::RENAME_EXCHANGE != 0;
+        let replaced = dst_ino.filter(|d| !exchange && Some(*d) != src_ino);
+        let dst_last = dst.as_ref().is_some_and(|d| d.st_nlink <= 1 || Kind::from_mode(d.st_mode) == Kind::Dir);
+        let kept = keep_backing(&table, replaced, dst_last, &to_dir, &cto)?;
+        let dst_path = table.path(new_parent).map(|p| p.join(new_name));
+        tree::rename_at(from_dir.as_fd(), &cfrom, to_dir.as_fd(), &cto, flags)?;
         let mut gone = None;
-        if flags & libc::RENAME_EXCHANGE != 0 {
+        if exchange {
             if let Some(ino) = dst_ino {
                 table.relink(ino, new_parent, new_name, parent, name);
             }
-        } else if let (Some(ino), Some(d)) = (dst_ino, dst.as_ref()) {
-            if Some(ino) != src_ino {
-                let last = d.st_nlink <= 1;
-                table.unlink(ino, new_parent, new_name, last);
-                gone = Some(ino).filter(|_| last);
+        } else if let Some(ino) = replaced {
+            if table.unlink(ino, new_parent, new_name, dst_last) {
+                if let (Some(fd), Some(path)) = (kept, dst_path) {
+                    table.set_orphan(ino, Orphan { fd, path, remote: false });
+                }
             }
+            gone = Some(ino).filter(|_| dst_last);
         }
         if let Some(ino) = src_ino {
             table.relink(ino, parent, name, new_parent, new_name);
@@ -1140,6 +1265,39 @@ impl Core {
             frsize: st.f_frsize as u32,
         })
     }
+}
+
+/// Opens the backing inode of a name that is about to lose its node's last link, when
+/// something still uses the node: open files (which keep working, as on any filesystem) or,
+/// for directories, the kernel's references. An unused file's storage is freed at once instead.
+fn keep_backing(
+    table: &InodeTable,
+    ino: Option<Ino>,
+    last: bool,
+    dir: &OwnedFd,
+    name: &CStr,
+) -> Result<Option<Arc<OwnedFd>>, FsError> {
+    let Some(node) = ino.filter(|_| last).and_then(|i| table.get(i)) else {
+        return Ok(None);
+    };
+    if node.kind != Kind::Dir && node.opens == 0 {
+        return Ok(None);
+    }
+    Ok(Some(Arc::new(tree::open_path_at(dir.as_fd(), name)?)))
+}
+
+/// How many (process, path) reads of merge paths are remembered as bases of later writes.
+const READS_KEPT: usize = 4096;
+
+/// The process (thread group) of a thread id, from `/proc/<tid>/status`; the thread id itself
+/// when that cannot be read.
+fn thread_group(tid: u32) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(tid)
 }
 
 /// Refuses names that could address something other than one entry of the directory. The

@@ -20,6 +20,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Weak};
 
+use std::ffi::{CStr, OsStr};
+
+use super::inode::{InodeTable, Orphan};
 use super::tree::{self, Ident};
 use super::{Core, FsError, Ino, Kind};
 use crate::op::Op;
@@ -91,17 +94,23 @@ fn walk(dir: &OwnedFd, rel: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// Lets programs that open the file from now on see the new content: writers that have it
-/// open keep their own stage (what they read and wrote) and commit it against the base they
-/// started from when they close.
-fn detach_stage(table: &mut super::inode::InodeTable, ino: Ino) {
-    if let Some(node) = table.get_mut(ino) {
-        node.stage = None;
-    }
+/// Under the table lock, before `name` in `dir` changes behind the kernel's back: the node
+/// that stands for it, with an fd of its backing inode, so that it lives on (see
+/// [`Core::orphan_taken`]).
+fn take_name(table: &InodeTable, dir: &OwnedFd, name: &CStr) -> Result<Option<(Ino, Arc<OwnedFd>)>, FsError> {
+    let Ok(st) = tree::lstat_at(dir.as_fd(), name) else { return Ok(None) };
+    let Some(ino) = table.by_ident(Ident::of(&st)) else { return Ok(None) };
+    Ok(Some((ino, Arc::new(tree::open_path_at(dir.as_fd(), name)?))))
+}
+
+/// The node of a directory fd, under the table lock.
+fn dir_node(table: &InodeTable, dir: &OwnedFd) -> Option<Ino> {
+    let st = tree::fstat(dir.as_fd()).ok()?;
+    table.by_ident(Ident::of(&st))
 }
 
 /// What to tell the kernel once the table lock is released.
-enum Invalidate {
+pub(super) enum Invalidate {
     Inode(Ino),
     Entry(Ino, std::ffi::OsString),
 }
@@ -139,7 +148,7 @@ impl Core {
     /// kernel takes the directory's lock to drop a name, a pending request in that directory
     /// (an exclusive create waiting for NATS) can hold it, and its reply needs a runtime
     /// worker, which this very call would block.
-    fn send(&self, inval: Vec<Invalidate>) {
+    pub(super) fn send(&self, inval: Vec<Invalidate>) {
         let Some(k) = self.kernel.get() else { return };
         for i in inval {
             match i {
@@ -156,7 +165,7 @@ impl Core {
     }
 
     /// Opens (creating what is missing) the directory `rel` below the root.
-    fn ensure_dir(&self, rel: &Path, inval: &mut Vec<Invalidate>) -> Result<Arc<OwnedFd>, FsError> {
+    pub(super) fn ensure_dir(&self, rel: &Path, inval: &mut Vec<Invalidate>) -> Result<Arc<OwnedFd>, FsError> {
         // Usually it exists: one openat2 instead of a walk.
         if let Some(dir) = self.existing_dir(rel)? {
             return Ok(dir);
@@ -209,6 +218,53 @@ impl Core {
         }
     }
 
+    /// Under the table lock: moves the spool file `spool_name` to `name` in `dir` (the tree's
+    /// copy of `path`), as a new version that replaces the old one behind the kernel's back.
+    /// The node of the old version keeps it (an orphan: open files and the kernel's entries
+    /// read it whole, its size matching it), and the kernel drops the name, so its next lookup
+    /// meets the new version as a new node. Returns the new version's identity.
+    pub(super) fn replace_name(
+        &self,
+        table: &mut InodeTable,
+        dir: &OwnedFd,
+        name: &OsStr,
+        path: &Path,
+        spool_name: &CStr,
+        inval: &mut Vec<Invalidate>,
+    ) -> Result<Ident, FsError> {
+        let cname = tree::cname(name)?;
+        let taken = take_name(table, dir, &cname)?;
+        tree::rename_at(self.spool.dir().as_fd(), spool_name, dir.as_fd(), &cname, 0)?;
+        let new = Ident::of(&tree::lstat_at(dir.as_fd(), &cname)?);
+        self.orphan_taken(table, dir, name, path, taken, inval);
+        Ok(new)
+    }
+
+    /// After `name` in `dir` changed behind the kernel's back: the node that stood for it (if
+    /// any) becomes an orphan that its writers still commit from, and the kernel is told to
+    /// drop the name (also a negative entry, when there was no node). The kernel takes the
+    /// directory's lock for that, after any lookup in flight there has installed its answer, so
+    /// no answer about the old version outlives the invalidation.
+    pub(super) fn orphan_taken(
+        &self,
+        table: &mut InodeTable,
+        dir: &OwnedFd,
+        name: &OsStr,
+        path: &Path,
+        taken: Option<(Ino, Arc<OwnedFd>)>,
+        inval: &mut Vec<Invalidate>,
+    ) {
+        let parent = dir_node(table, dir);
+        if let Some((ino, fd)) = taken {
+            if table.unlink(ino, parent.unwrap_or(0), name, true) {
+                table.set_orphan(ino, Orphan { fd, path: path.to_path_buf(), remote: true });
+            }
+        }
+        if let Some(parent) = parent {
+            inval.push(Invalidate::Entry(parent, name.to_os_string()));
+        }
+    }
+
     /// Applies another node's change of `path` (see the module docs).
     pub fn apply_remote(&self, path: &Path, change: RemoteChange, rev: Option<Revision>) -> Result<(), FsError> {
         let target = self.target(path.to_path_buf());
@@ -231,7 +287,7 @@ impl Core {
                     Some(_) => Some(tree::open_path_at(dir.as_fd(), &cname)?),
                     None => None,
                 };
-                let (file, spool_name) = match &change {
+                let (_file, spool_name) = match &change {
                     RemoteChange::Stub { size } => {
                         let like = old_fd.as_ref().map(|fd| fd.as_fd()).ok_or(NEW_FILE_MODE);
                         self.placeholder(like, *size, rev.as_ref())?
@@ -260,23 +316,7 @@ impl Core {
                     self.spool.remove(&spool_name);
                     return Ok(());
                 }
-                // Re-read under the lock: a local change may have replaced the name meanwhile.
-                let old = tree::lstat_at(dir.as_fd(), &cname).ok();
-                tree::rename_at(self.spool.dir().as_fd(), &spool_name, dir.as_fd(), &cname, 0)?;
-                let new = Ident::of(&tree::fstat(file.as_fd())?);
-                match old.and_then(|st| table.by_ident(Ident::of(&st))) {
-                    Some(ino) => {
-                        table.set_ident(ino, new);
-                        detach_stage(&mut table, ino);
-                        inval.push(Invalidate::Inode(ino));
-                    }
-                    None => {
-                        drop(table);
-                        if let Some(parent) = self.dir_ino(&dir) {
-                            inval.push(Invalidate::Entry(parent, name.to_os_string()));
-                        }
-                    }
-                }
+                self.replace_name(&mut table, &dir, name, path, &spool_name, &mut inval)?;
                 Ok(())
             }
             RemoteChange::Append { at, bytes } => {
@@ -325,32 +365,22 @@ impl Core {
                 Ok(())
             }
             RemoteChange::Delete => {
-                let dir = self.existing_dir(parent_rel)?;
-                let parent_ino = dir.as_ref().and_then(|d| self.dir_ino(d));
+                let Some(dir) = self.existing_dir(parent_rel)? else {
+                    return Ok(());
+                };
                 let mut table = self.inodes.lock();
                 if !tier.admit(&target, rev.as_ref()) {
                     return Ok(());
                 }
-                let Some(dir) = dir else {
-                    return Ok(());
-                };
                 let Ok(st) = tree::lstat_at(dir.as_fd(), &cname) else {
                     return Ok(());
                 };
                 if Kind::from_mode(st.st_mode) != Kind::File {
                     return Ok(());
                 }
+                let taken = take_name(&table, &dir, &cname)?;
                 tree::unlink_at(dir.as_fd(), &cname, false)?;
-                if let Some(ino) = table.by_ident(Ident::of(&st)) {
-                    detach_stage(&mut table, ino);
-                    if let Some(parent) = parent_ino {
-                        table.unlink(ino, parent, name, st.st_nlink <= 1);
-                    }
-                }
-                drop(table);
-                if let Some(parent) = parent_ino {
-                    inval.push(Invalidate::Entry(parent, name.to_os_string()));
-                }
+                self.orphan_taken(&mut table, &dir, name, path, taken, &mut inval);
                 Ok(())
             }
             RemoteChange::Dir => {
@@ -371,7 +401,6 @@ impl Core {
                 let Some(dir) = self.existing_dir(parent_rel)? else {
                     return Ok(());
                 };
-                let parent_ino = self.dir_ino(&dir);
                 let mut table = self.inodes.lock();
                 let Ok(st) = tree::lstat_at(dir.as_fd(), &cname) else {
                     return Ok(());
@@ -379,6 +408,7 @@ impl Core {
                 if Kind::from_mode(st.st_mode) != Kind::Dir {
                     return Ok(());
                 }
+                let taken = take_name(&table, &dir, &cname)?;
                 match tree::unlink_at(dir.as_fd(), &cname, true) {
                     Ok(()) => {}
                     // Not empty (or busy as a mount point): it stays.
@@ -387,16 +417,11 @@ impl Core {
                     }
                     Err(e) => return Err(e.into()),
                 }
-                let ino = table.by_ident(Ident::of(&st));
-                if let (Some(ino), Some(parent)) = (ino, parent_ino) {
-                    table.unlink(ino, parent, name, true);
-                }
+                let gone = taken.as_ref().map(|(ino, _)| *ino);
+                self.orphan_taken(&mut table, &dir, name, path, taken, &mut inval);
                 drop(table);
-                if let Some(ino) = ino {
+                if let Some(ino) = gone {
                     self.dir_fds.lock().pop(&ino);
-                }
-                if let Some(parent) = parent_ino {
-                    inval.push(Invalidate::Entry(parent, name.to_os_string()));
                 }
                 Ok(())
             }

@@ -75,14 +75,14 @@ impl Fixture {
     }
 
     fn read_all(&self, ino: Ino) -> Vec<u8> {
-        let opened = self.run(self.core.open(ino, libc::O_RDONLY)).unwrap();
+        let opened = self.run(self.core.open(ME, ino, libc::O_RDONLY)).unwrap();
         let data = self.run(self.core.read(opened.fh, 0, 1 << 20)).unwrap();
         self.run(self.core.release(opened.fh)).unwrap();
         data
     }
 
     fn write_file(&self, ino: Ino, flags: i32, data: &[u8]) -> Result<(), FsError> {
-        let opened = self.run(self.core.open(ino, flags))?;
+        let opened = self.run(self.core.open(ME, ino, flags))?;
         self.core.write(opened.fh, 0, data)?;
         let flushed = self.run(self.core.flush(opened.fh));
         self.run(self.core.release(opened.fh))?;
@@ -111,7 +111,7 @@ fn create_write_read_round_trip() {
 fn append_and_truncate() {
     let f = Fixture::new();
     let ino = f.create(ROOT, "log", b"one\n");
-    let opened = f.run(f.core.open(ino, libc::O_WRONLY | libc::O_APPEND)).unwrap();
+    let opened = f.run(f.core.open(ME, ino, libc::O_WRONLY | libc::O_APPEND)).unwrap();
     f.core.write(opened.fh, 0, b"two\n").unwrap();
     f.run(f.core.release(opened.fh)).unwrap();
     assert_eq!(f.read_all(ino), b"one\ntwo\n");
@@ -134,12 +134,12 @@ fn rename_replace_noreplace_and_exchange() {
     let f = Fixture::new();
     let a = f.create(ROOT, "a", b"A");
     let b = f.create(ROOT, "b", b"B");
-    let noreplace = f.run(f.core.rename(ROOT, OsStr::new("a"), ROOT, OsStr::new("b"), libc::RENAME_NOREPLACE));
+    let noreplace = f.run(f.core.rename(ME, ROOT, OsStr::new("a"), ROOT, OsStr::new("b"), libc::RENAME_NOREPLACE));
     assert_eq!(errno(noreplace), libc::EEXIST);
-    f.run(f.core.rename(ROOT, OsStr::new("a"), ROOT, OsStr::new("b"), libc::RENAME_EXCHANGE)).unwrap();
+    f.run(f.core.rename(ME, ROOT, OsStr::new("a"), ROOT, OsStr::new("b"), libc::RENAME_EXCHANGE)).unwrap();
     assert_eq!(f.read_all(f.ino("a").unwrap()), b"B");
     assert_eq!(f.ino("a").unwrap(), b);
-    f.run(f.core.rename(ROOT, OsStr::new("a"), ROOT, OsStr::new("b"), 0)).unwrap();
+    f.run(f.core.rename(ME, ROOT, OsStr::new("a"), ROOT, OsStr::new("b"), 0)).unwrap();
     assert_eq!(errno(f.ino("a")), libc::ENOENT);
     let now_b = f.ino("b").unwrap();
     assert_eq!(now_b, b);
@@ -154,7 +154,7 @@ fn directories_and_renames_of_ancestors() {
     let d = f.run(f.core.mkdir(ME, ROOT, OsStr::new("d"), 0o755)).unwrap().ino;
     let x = f.create(d, "x", b"1");
     assert_eq!(errno(f.run(f.core.remove(ROOT, OsStr::new("d"), true))), libc::ENOTEMPTY);
-    f.run(f.core.rename(ROOT, OsStr::new("d"), ROOT, OsStr::new("e"), 0)).unwrap();
+    f.run(f.core.rename(ME, ROOT, OsStr::new("d"), ROOT, OsStr::new("e"), 0)).unwrap();
     assert_eq!(f.core.target_of(x).unwrap().path, Path::new("e/x"));
     assert_eq!(f.read_all(x), b"1");
     f.run(f.core.remove(d, OsStr::new("x"), false)).unwrap();
@@ -193,7 +193,7 @@ fn names_that_could_escape_are_refused() {
 fn open_unlinked_file_stays_usable() {
     let f = Fixture::new();
     let a = f.create(ROOT, "a", b"keep");
-    let opened = f.run(f.core.open(a, libc::O_RDWR)).unwrap();
+    let opened = f.run(f.core.open(ME, a, libc::O_RDWR)).unwrap();
     f.run(f.core.remove(ROOT, OsStr::new("a"), false)).unwrap();
     f.core.write(opened.fh, 4, b"!").unwrap();
     assert_eq!(f.run(f.core.read(opened.fh, 0, 10)).unwrap(), b"keep!");
@@ -230,7 +230,7 @@ fn staged_writes_are_visible_to_the_writer_only_after_commit_in_the_tree() {
     let ino = f.ino(POLICY_FILE).unwrap();
     let before = std::fs::read(f.tree.join(POLICY_FILE)).unwrap();
     let good = b"policies: []\n";
-    let opened = f.run(f.core.open(ino, libc::O_RDWR | libc::O_TRUNC)).unwrap();
+    let opened = f.run(f.core.open(ME, ino, libc::O_RDWR | libc::O_TRUNC)).unwrap();
     f.core.write(opened.fh, 0, good).unwrap();
     assert_eq!(f.run(f.core.read(opened.fh, 0, 100)).unwrap(), good);
     assert_eq!(f.core.getattr(ino).unwrap().size, good.len() as u64);
@@ -251,7 +251,7 @@ fn renaming_an_invalid_file_onto_the_policy_file_is_refused() {
     let f = Fixture::new();
     let syncfs = f.ino(".syncfs").unwrap();
     f.create(syncfs, "new.yml", b"policies: nope\n");
-    let r = f.run(f.core.rename(syncfs, OsStr::new("new.yml"), syncfs, OsStr::new("policies.yml"), 0));
+    let r = f.run(f.core.rename(ME, syncfs, OsStr::new("new.yml"), syncfs, OsStr::new("policies.yml"), 0));
     assert_eq!(errno(r), libc::EINVAL);
     assert!(f.tree.join(".syncfs/new.yml").exists());
     assert!(std::fs::read_to_string(f.tree.join(POLICY_FILE)).unwrap().contains("policies:\n"));

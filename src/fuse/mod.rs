@@ -454,7 +454,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let _s = tracing::debug_span!("rename", pid = req.pid(), parent = parent.0, ?name, newparent = newparent.0, ?newname).entered();
-        let op = self.core.rename(parent.0, name, newparent.0, newname, flags.bits());
+        let op = self.core.rename(caller(req), parent.0, name, newparent.0, newname, flags.bits());
         let pt = self.clone_passthrough_dropper();
         self.answer(op, "rename", move |r| match r {
             Ok(gone) => {
@@ -484,7 +484,7 @@ impl Filesystem for FuseAdapter {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _s = tracing::debug_span!("open", pid = req.pid(), ino = ino.0).entered();
-        match self.core.open(ino.0, flags.0) {
+        match self.core.open(caller(req), ino.0, flags.0) {
             Op::Ready(Ok(opened)) => {
                 let fopen = Self::open_flags(&opened);
                 self.reply_open(ino.0, opened, fopen, reply)
@@ -790,14 +790,23 @@ fn xattr_reply(value: Vec<u8>, size: u32, reply: ReplyXattr) {
 /// request handler, or from a runtime worker, can deadlock: dropping a name takes the
 /// directory's lock, which a pending request in that directory may hold while its reply waits
 /// for the very thread that would be blocked.
+///
+/// The kernel answers an inode invalidation with ENOENT when it has no such inode yet: a
+/// lookup's answer about it can be on its way, to be installed after the invalidation with
+/// what it said before the change. So such an invalidation is tried again a few times over
+/// ~120 ms (the answer lands within microseconds); by then the kernel has the inode, or has
+/// forgotten it.
 pub struct Invalidator {
     tx: Mutex<mpsc::Sender<Invalidation>>,
 }
 
 enum Invalidation {
-    Inode(Ino),
+    Inode(Ino, Option<tokio::sync::oneshot::Sender<()>>),
     Entry(Ino, std::ffi::OsString),
 }
+
+/// Retries of an inode invalidation the kernel did not know the inode for, and their delays.
+const INODE_RETRY_MS: [u64; 6] = [1, 3, 8, 16, 32, 64];
 
 impl Invalidator {
     /// Starts the notification thread.
@@ -806,13 +815,53 @@ impl Invalidator {
         std::thread::Builder::new()
             .name("syncfs-inval".into())
             .spawn(move || {
-                for msg in rx {
-                    let result = match &msg {
-                        Invalidation::Inode(ino) => notifier.inval_inode(INodeNo(*ino), 0, 0),
-                        Invalidation::Entry(parent, name) => notifier.inval_entry(INodeNo(*parent), name),
+                // (when, inode, attempts so far)
+                let mut retries: Vec<(std::time::Instant, Ino, usize)> = Vec::new();
+                let inval_inode = |ino: Ino, attempt: usize, retries: &mut Vec<(std::time::Instant, Ino, usize)>| {
+                    match notifier.inval_inode(INodeNo(ino), 0, 0) {
+                        Err(e) if e.raw_os_error() == Some(libc::ENOENT) && attempt < INODE_RETRY_MS.len() => {
+                            let at = std::time::Instant::now() + Duration::from_millis(INODE_RETRY_MS[attempt]);
+                            retries.push((at, ino, attempt + 1));
+                        }
+                        Err(e) => tracing::debug!(ino, error = %e, "kernel invalidation failed"),
+                        Ok(()) => {}
+                    }
+                };
+                loop {
+                    let wait = retries
+                        .iter()
+                        .map(|(at, _, _)| at.saturating_duration_since(std::time::Instant::now()))
+                        .min();
+                    let msg = match wait {
+                        Some(wait) => match rx.recv_timeout(wait) {
+                            Ok(msg) => Some(msg),
+                            Err(mpsc::RecvTimeoutError::Timeout) => None,
+                            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                        },
+                        None => match rx.recv() {
+                            Ok(msg) => Some(msg),
+                            Err(_) => return,
+                        },
                     };
-                    if let Err(e) = result {
-                        tracing::debug!(error = %e, "kernel invalidation failed");
+                    match msg {
+                        Some(Invalidation::Inode(ino, ack)) => {
+                            inval_inode(ino, 0, &mut retries);
+                            if let Some(ack) = ack {
+                                let _ = ack.send(());
+                            }
+                        }
+                        Some(Invalidation::Entry(parent, name)) => {
+                            if let Err(e) = notifier.inval_entry(INodeNo(parent), &name) {
+                                tracing::debug!(error = %e, "kernel invalidation failed");
+                            }
+                        }
+                        None => {}
+                    }
+                    let now = std::time::Instant::now();
+                    let due: Vec<_> = retries.iter().filter(|(at, _, _)| *at <= now).copied().collect();
+                    retries.retain(|(at, _, _)| *at > now);
+                    for (_, ino, attempt) in due {
+                        inval_inode(ino, attempt, &mut retries);
                     }
                 }
             })
@@ -823,10 +872,16 @@ impl Invalidator {
 
 impl KernelCache for Invalidator {
     fn invalidate_inode(&self, ino: Ino) {
-        let _ = self.tx.lock().send(Invalidation::Inode(ino));
+        let _ = self.tx.lock().send(Invalidation::Inode(ino, None));
     }
 
     fn invalidate_entry(&self, parent: Ino, name: &OsStr) {
         let _ = self.tx.lock().send(Invalidation::Entry(parent, name.to_os_string()));
+    }
+
+    fn invalidate_inode_acked(&self, ino: Ino) -> tokio::sync::oneshot::Receiver<()> {
+        let (ack, done) = tokio::sync::oneshot::channel();
+        let _ = self.tx.lock().send(Invalidation::Inode(ino, Some(ack)));
+        done
     }
 }

@@ -61,6 +61,7 @@ impl Tier for LocalTier {
         _to: &Target,
         _kind: Kind,
         _content: Option<Arc<File>>,
+        _base: Option<super::Revision>,
     ) -> Op<(), TierError> {
         Op::ok(())
     }

@@ -52,6 +52,7 @@ pub mod git;
 pub mod jetstream;
 pub mod kv;
 pub mod local;
+pub mod revlog;
 pub mod stream;
 
 use std::fs::File;
@@ -205,6 +206,19 @@ pub trait Tier: Send + Sync + 'static {
     /// The revision of the content the tree holds for `at`, if the tier has revisions.
     fn revision(&self, at: &Target) -> Option<Revision>;
 
+    /// The revision `at` had at `when`, a recent moment: the base of a file created then and
+    /// renamed onto `at` (its writer read the version current then; see [`revlog`]). Tiers
+    /// that keep no log answer with the current revision.
+    fn revision_at(&self, at: &Target, _when: std::time::Instant) -> Option<Revision> {
+        self.revision(at)
+    }
+
+    /// The largest file the tier stores at `at`, if it has a limit: setting a larger size
+    /// fails at once with `EFBIG`, and so does a commit of larger content.
+    fn max_file_size(&self, _at: &Target) -> Option<u64> {
+        None
+    }
+
     /// A name is about to be created. `exclusive` is `O_EXCL`. Returns the revision of the new
     /// (empty) entry when the tier stored it already.
     fn create(&self, at: &Target, kind: Kind, exclusive: bool) -> Op<Option<Revision>, TierError>;
@@ -229,13 +243,15 @@ pub trait Tier: Send + Sync + 'static {
     fn remove(&self, at: &Target, kind: Kind) -> Op<(), TierError>;
 
     /// A name is about to move within this tier (both targets belong to it). `content` is the
-    /// file's current content, for tiers that store content by name.
+    /// file's current content, for tiers that store content by name; `base` is the revision
+    /// of `to` the moved content was made against (see [`Tier::revision_at`]).
     fn rename(
         &self,
         from: &Target,
         to: &Target,
         kind: Kind,
         content: Option<Arc<File>>,
+        base: Option<Revision>,
     ) -> Op<(), TierError>;
 
     /// Whether hard links are allowed (only where the tier stores inodes, not names).

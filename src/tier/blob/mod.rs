@@ -672,7 +672,7 @@ impl Tier for BlobTier {
         })
     }
 
-    fn rename(&self, from: &Target, to: &Target, kind: Kind, _content: Option<Arc<File>>) -> Op<(), TierError> {
+    fn rename(&self, from: &Target, to: &Target, kind: Kind, _content: Option<Arc<File>>, _base: Option<Revision>) -> Op<(), TierError> {
         if kind != Kind::File {
             return Op::err(TierError::CrossDevice(format!(
                 "{}: directories of object-store paths cannot be renamed atomically",

@@ -65,6 +65,9 @@ pub struct GitSettings {
     pub max_delay: Duration,
     /// How often the remote is fetched without a notice from another node.
     pub fetch_interval: Duration,
+    /// The largest file committed (larger ones get `EFBIG`): git keeps every version of every
+    /// file on every node, so large content belongs in the blob tier.
+    pub max_file_bytes: u64,
     /// User name for https (and ssh) remotes.
     pub username: Option<String>,
     /// Password or token for https remotes.
@@ -82,6 +85,7 @@ impl Default for GitSettings {
             quiet: Duration::from_millis(1500),
             max_delay: Duration::from_secs(30),
             fetch_interval: Duration::from_secs(10),
+            max_file_bytes: 1 << 30,
             username: None,
             password: None,
             ssh_key: None,
@@ -139,6 +143,21 @@ struct State {
     applying: HashMap<PathBuf, Option<Oid>>,
     /// The node that last changed each path, where known.
     writers: HashMap<PathBuf, String>,
+    /// Recent changes of `held`, for the base of renames onto a path.
+    log: super::revlog::RevisionLog,
+}
+
+impl State {
+    /// The tree holds `blob` for `path` from now on (`None`: nothing).
+    fn hold(&mut self, path: &Path, blob: Option<Oid>) {
+        let before = match blob {
+            Some(b) => self.held.insert(path.to_path_buf(), b),
+            None => self.held.remove(path),
+        };
+        if before != blob {
+            self.log.changed(path, before.map(revision), std::time::Instant::now());
+        }
+    }
 }
 
 /// What `syncfs status` shows about the durable tier.
@@ -198,7 +217,7 @@ impl Shared {
                     st.local.insert(path.to_path_buf(), (b, gen));
                 }
                 None => {
-                    st.held.remove(path);
+                    st.hold(path, None);
                     st.local.remove(path);
                 }
             }
@@ -222,6 +241,7 @@ impl Shared {
 #[derive(Clone)]
 pub struct GitTier {
     shared: Arc<Shared>,
+    max_file_bytes: u64,
     worker: Arc<Mutex<Option<Worker>>>,
     rt: tokio::runtime::Handle,
     nats: Option<Arc<Nats>>,
@@ -382,6 +402,7 @@ impl GitTier {
         let worker = Worker::new(shared.clone(), repo, remote.clone(), settings, rx, nats.clone(), rt.clone());
         Ok(GitTier {
             shared,
+            max_file_bytes: settings.max_file_bytes,
             worker: Arc::new(Mutex::new(Some(worker))),
             rt,
             nats,
@@ -489,6 +510,16 @@ impl Tier for GitTier {
         self.held(&at.path).map(revision)
     }
 
+    fn revision_at(&self, at: &Target, when: std::time::Instant) -> Option<Revision> {
+        let st = self.shared.state.lock();
+        let current = st.held.get(&at.path).copied().map(revision);
+        st.log.at(&at.path, when, current)
+    }
+
+    fn max_file_size(&self, _at: &Target) -> Option<u64> {
+        Some(self.max_file_bytes)
+    }
+
     fn create(&self, at: &Target, _kind: Kind, _exclusive: bool) -> Op<Option<Revision>, TierError> {
         // Exclusivity is this node's own O_EXCL: git has no cluster-wide create.
         if !storable(&at.path) {
@@ -505,6 +536,14 @@ impl Tier for GitTier {
         let at = at.clone();
         Op::pending(async move {
             blocking(move || {
+                let len = content.metadata()?.len();
+                if len > this.max_file_bytes {
+                    return Err(TierError::TooBig(format!(
+                        "{} is {len} bytes; git paths take files up to {} bytes (git.max_file_bytes; the blob tier takes larger ones)",
+                        at.path.display(),
+                        this.max_file_bytes
+                    )));
+                }
                 let blob = this.store(&at, &content)?;
                 let base = base.and_then(|r| Oid::from_str(&r.0).ok()).or_else(|| this.held(&at.path));
                 this.shared.record(&at.path, base, Some(blob), durable);
@@ -527,10 +566,7 @@ impl Tier for GitTier {
                 if st.pending.contains_key(path) {
                     return false;
                 }
-                match expected {
-                    Some(oid) => st.held.insert(path.clone(), oid),
-                    None => st.held.remove(path),
-                };
+                st.hold(path, expected);
                 let gen = st.gen;
                 st.merged_at.insert(path.clone(), gen);
                 return true;
@@ -548,7 +584,7 @@ impl Tier for GitTier {
                 }
             }
         }
-        st.held.insert(path.clone(), oid);
+        st.hold(path, Some(oid));
         true
     }
 
@@ -560,7 +596,7 @@ impl Tier for GitTier {
         Op::ok(())
     }
 
-    fn rename(&self, from: &Target, to: &Target, kind: Kind, content: Option<Arc<File>>) -> Op<(), TierError> {
+    fn rename(&self, from: &Target, to: &Target, kind: Kind, content: Option<Arc<File>>, base: Option<Revision>) -> Op<(), TierError> {
         if kind == Kind::Dir {
             return Op::err(TierError::CrossDevice(format!(
                 "{} is a directory of git paths: it moves by copy and delete",
@@ -584,12 +620,14 @@ impl Tier for GitTier {
                     None => this.store(&to, &content)?,
                 };
                 let from_base = this.held(&from.path);
-                let to_base = this.held(&to.path);
+                // The moved content was made on the version current when its file was
+                // created; without one, on today's.
+                let to_base = base.and_then(|r| Oid::from_str(&r.0).ok()).or_else(|| this.held(&to.path));
                 this.shared.record(&from.path, from_base, None, false);
                 this.shared.record(&to.path, to_base, Some(blob), false);
                 // No install follows a rename: the tree's file moves as it is.
                 let mut st = this.shared.state.lock();
-                st.held.insert(to.path.clone(), blob);
+                st.hold(&to.path, Some(blob));
                 st.local.remove(&to.path);
                 Ok(())
             })

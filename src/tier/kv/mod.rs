@@ -492,6 +492,15 @@ impl Tier for KvTier {
             .map(|e| Revision(e.known.to_string()))
     }
 
+    fn revision_at(&self, at: &Target, when: std::time::Instant) -> Option<Revision> {
+        let current = self.revision(at);
+        self.inner.view.lock().log.at(&at.path, when, current)
+    }
+
+    fn max_file_size(&self, _at: &Target) -> Option<u64> {
+        Some(self.inner.value_limit() as u64)
+    }
+
     fn create(&self, at: &Target, kind: Kind, exclusive: bool) -> Op<Option<Revision>, TierError> {
         let inner = self.inner.clone();
         let at = at.clone();
@@ -602,7 +611,7 @@ impl Tier for KvTier {
         })
     }
 
-    fn rename(&self, from: &Target, to: &Target, kind: Kind, content: Option<Arc<File>>) -> Op<(), TierError> {
+    fn rename(&self, from: &Target, to: &Target, kind: Kind, content: Option<Arc<File>>, base: Option<Revision>) -> Op<(), TierError> {
         if kind != Kind::File {
             return Op::err(TierError::CrossDevice(format!(
                 "{}: directories of nats-kv paths cannot be renamed atomically",
@@ -614,7 +623,7 @@ impl Tier for KvTier {
         };
         let inner = self.inner.clone();
         let (from, to) = (from.clone(), to.clone());
-        let (from_rev, to_rev) = (self.revision(&from), self.revision(&to));
+        let (from_rev, to_rev) = (self.revision(&from), base);
         Op::pending(async move {
             let value = read_value(&content, inner.value_limit(), &from.path)?;
             inner.write(&to, KvOp::Put(value), to_rev).await?;

@@ -52,6 +52,8 @@ pub struct View {
     expiry: BinaryHeap<Reverse<(SystemTime, PathBuf, u64)>>,
     /// Entries this mount keeps alive (ephemeral policies).
     pub owned: HashMap<PathBuf, Owned>,
+    /// Recent revision changes, for the base of renames onto a path.
+    pub log: crate::tier::revlog::RevisionLog,
 }
 
 impl View {
@@ -79,6 +81,8 @@ impl View {
             }
         }
         let installed = self.files.get(path).map(|e| e.installed).unwrap_or(0);
+        let before = self.files.get(path).filter(|e| !e.deleted).map(|e| e.known);
+        self.log_change(path, before);
         if !deleted {
             if let Some(ttl) = ttl {
                 self.expiry.push(Reverse((created + ttl, path.to_path_buf(), rev)));
@@ -116,8 +120,15 @@ impl View {
 
     /// Forgets a path (its file was swept away).
     pub fn remove(&mut self, path: &Path) {
-        self.files.remove(path);
+        if let Some(e) = self.files.remove(path) {
+            self.log_change(path, Some(e.known).filter(|_| !e.deleted));
+        }
         self.owned.remove(path);
+    }
+
+    fn log_change(&mut self, path: &Path, before: Option<u64>) {
+        let before = before.map(|r| crate::tier::Revision(r.to_string()));
+        self.log.changed(path, before, std::time::Instant::now());
     }
 
     /// Paths of a bucket.
@@ -152,11 +163,11 @@ impl View {
                 break;
             }
             let Reverse((_, path, rev)) = self.expiry.pop().expect("peeked");
-            if let Some(e) = self.files.get_mut(&path) {
-                if e.known == rev && !e.deleted {
-                    e.deleted = true;
-                    due.push((path, rev));
-                }
+            let expires = self.files.get_mut(&path).filter(|e| e.known == rev && !e.deleted);
+            if let Some(e) = expires {
+                e.deleted = true;
+                self.log_change(&path, Some(rev));
+                due.push((path, rev));
             }
         }
         due

@@ -413,7 +413,7 @@ impl Tier for StreamTier {
         Op::pending(async move { inner.rollup(&at, "delete").await })
     }
 
-    fn rename(&self, from: &Target, _to: &Target, _kind: Kind, _content: Option<Arc<File>>) -> Op<(), TierError> {
+    fn rename(&self, from: &Target, _to: &Target, _kind: Kind, _content: Option<Arc<File>>, _base: Option<Revision>) -> Op<(), TierError> {
         Op::err(TierError::CrossDevice(format!(
             "{}: files of append paths are not renamed (a rename would rewrite the stream)",
             from.path.display()
