@@ -11,16 +11,16 @@ use crate::harness::{last_errno, syncfs, wait_content, wait_for, Mount, Options}
 use crate::nats::NatsServer;
 
 /// Short timings so tests take seconds; the defaults are measured in benches.
-const QUICK: &str = "git:\n  quiet_ms: 200\n  fetch_interval_ms: 1000\n";
+pub(crate) const QUICK: &str = "git:\n  quiet_ms: 200\n  fetch_interval_ms: 1000\n";
 
 /// A shared bare remote in a temporary directory.
-struct Remote {
+pub(crate) struct Remote {
     _dir: tempfile::TempDir,
-    path: PathBuf,
+    pub(crate) path: PathBuf,
 }
 
 impl Remote {
-    fn new() -> Remote {
+    pub(crate) fn new() -> Remote {
         let dir = tempfile::Builder::new().prefix("syncfs-remote-").tempdir().unwrap();
         let path = dir.path().join("shared.git");
         git(&["init", "--quiet", "--bare", "-b", "main", &path.display().to_string()]);
@@ -28,16 +28,16 @@ impl Remote {
     }
 
     /// Makes the remote unreachable (as a network outage would).
-    fn away(&self) {
+    pub(crate) fn away(&self) {
         std::fs::rename(&self.path, self.path.with_extension("away")).unwrap();
     }
 
-    fn back(&self) {
+    pub(crate) fn back(&self) {
         std::fs::rename(self.path.with_extension("away"), &self.path).unwrap();
     }
 
     /// `git show main:PATH` in the remote.
-    fn show(&self, path: &str) -> Option<String> {
+    pub(crate) fn show(&self, path: &str) -> Option<String> {
         let out = Command::new("git")
             .arg("--git-dir")
             .arg(&self.path)
@@ -48,7 +48,7 @@ impl Remote {
     }
 
     /// Every version of every file the remote's history holds, as text.
-    fn all_history(&self) -> String {
+    pub(crate) fn all_history(&self) -> String {
         git(&["--git-dir", &self.path.display().to_string(), "log", "-p", "--all"])
     }
 }
@@ -59,7 +59,7 @@ fn git(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn node(name: &str, remote: &Remote, nats: &NatsServer) -> Mount {
+pub(crate) fn node(name: &str, remote: &Remote, nats: &NatsServer) -> Mount {
     Mount::with(Options {
         node: Some(name.into()),
         nats: vec![nats.url()],
@@ -74,7 +74,7 @@ fn git_status(m: &Mount) -> Value {
 }
 
 /// Waits until the node committed everything and the remote has it.
-fn wait_pushed(m: &Mount) {
+pub(crate) fn wait_pushed(m: &Mount) {
     let ok = wait_for(Duration::from_secs(30), || {
         let g = git_status(m);
         g["uncommitted"] == 0 && g["unpushed"] == 0 && g["error"].is_null() && !g["head"].is_null()
@@ -122,7 +122,7 @@ fn edit(m: &Mount, edits: &[(&str, &str)]) {
 }
 
 /// Waits until both nodes hold the same bytes at `rel` and returns them.
-fn converged(a: &Mount, b: &Mount, rel: &str) -> String {
+pub(crate) fn converged(a: &Mount, b: &Mount, rel: &str) -> String {
     let mut last = (String::new(), String::new());
     let same = wait_for(Duration::from_secs(40), || {
         let x = std::fs::read_to_string(a.path(rel)).unwrap_or_default();

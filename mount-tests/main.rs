@@ -4,13 +4,16 @@
 //! (getfattr/setfattr), python3 and setpriv; `scripts/install-deps.sh` installs them.
 
 mod blob;
+mod checker;
 mod errors;
 mod fast;
 mod git;
 mod harness;
+mod history;
 mod lifecycle;
 mod model;
 mod nats;
 mod permissions;
+mod reads;
 mod stream;
 mod tools;
