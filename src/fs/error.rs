@@ -57,6 +57,9 @@ pub enum FsError {
         /// The path.
         path: PathBuf,
     },
+    /// An `O_TRUNC` open of a file a program on this node is executing.
+    #[error("{0} is being executed")]
+    TextBusy(PathBuf),
     /// A read-only path (the history view).
     #[error("{0} is read-only (syncfs's history view)")]
     ReadOnly(PathBuf),
@@ -103,6 +106,7 @@ impl FsError {
             FsError::Unsupported { .. } => libc::EPERM,
             FsError::ReadOnlyAttribute(_) => libc::EPERM,
             FsError::ReadOnly(_) => libc::EROFS,
+            FsError::TextBusy(_) => libc::ETXTBSY,
             FsError::AttributeNamespace(_) => libc::EOPNOTSUPP,
             FsError::NoAttribute(_) => libc::ENODATA,
             FsError::Range { .. } => libc::ERANGE,
@@ -185,6 +189,7 @@ mod tests {
                 libc::EXDEV,
             ),
             (FsError::ReadOnlyAttribute("user.syncfs.tier".into()), libc::EPERM),
+            (FsError::TextBusy(p()), libc::ETXTBSY),
             (FsError::AttributeNamespace("trusted.x".into()), libc::EOPNOTSUPP),
             (FsError::NoAttribute("user.x".into()), libc::ENODATA),
             (FsError::Range { size: 1, needed: 2 }, libc::ERANGE),

@@ -7,8 +7,10 @@
 //! directory that takes the writes and serves the reads, so programs on this node see their own
 //! writes at once. At flush or fsync the shadow is *frozen* (the next write copies it first),
 //! validated, committed to the tier, and then renamed over the tree's file. A refused commit
-//! leaves the tree's file exactly as it was, and the shadow is kept so that a later fsync can
-//! retry; it is discarded when the last handle closes.
+//! leaves the tree's file exactly as it was; a refusal for good puts the stage back on it, a
+//! failure worth retrying (EAGAIN) keeps the shadow so that a later fsync can retry. It is
+//! discarded when the last handle closes. A file the open created is committed from the tree
+//! as it is until something is written ([`Stage::created`]).
 //!
 //! Until the first write a stage reads the tree's file itself (`owned == None`), so opening for
 //! write costs no copy.
@@ -22,7 +24,7 @@
 
 use std::ffi::CString;
 use std::fs::File;
-use std::io::{self, Seek, SeekFrom};
+use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -130,8 +132,9 @@ struct StageInner {
 pub struct Frozen {
     /// The complete content to commit; nothing writes it any more.
     pub file: Arc<File>,
-    /// Its name in the spool.
-    pub name: CString,
+    /// Its name in the spool; `None` when it is the tree's file itself (a file this node
+    /// just created, committed as it is).
+    pub name: Option<CString>,
 }
 
 impl Stage {
@@ -151,6 +154,19 @@ impl Stage {
             base: Mutex::new(base),
             writers: AtomicU64::new(0),
         }
+    }
+
+    /// A stage on a file this open just created in the tree, which the tier has not stored
+    /// yet: its first commit stores it as it is (even if nothing is written: `touch`), and
+    /// until a write the node's attributes are the created file's own.
+    pub fn created(file: Arc<File>, spool: Arc<Spool>, base: Option<Revision>) -> Stage {
+        let stage = Stage::on(file, spool, base);
+        {
+            let mut inner = stage.inner.lock();
+            inner.dirty = true;
+            inner.open_only = true;
+        }
+        stage
     }
 
     /// The base revision of the next commit.
@@ -206,10 +222,7 @@ impl Stage {
         }
         let (mut copy, name) = self.spool.create()?;
         let result = (|| {
-            // The shared file is only used with positional I/O, so its offset is free to move.
-            let mut from = inner.file.try_clone()?;
-            from.seek(SeekFrom::Start(0))?;
-            io::copy(&mut from, &mut copy)?;
+            io::copy(&mut tree::ReadAt::new(&inner.file), &mut copy)?;
             // Owner and mode now, so installing it later changes nothing but the name.
             tree::copy_metadata(inner.file.as_fd(), &copy)?;
             Ok::<_, io::Error>(())
@@ -299,14 +312,27 @@ impl Stage {
         if !inner.dirty || (inner.open_only && !all) {
             return None;
         }
-        let name = inner.owned.take()?;
+        // Not owned but dirty: a created file, committed from the tree as it is.
+        let name = inner.owned.take();
         inner.dirty = false;
         inner.open_only = false;
-        inner.committing = true;
+        inner.committing = name.is_some();
         Some(Frozen {
             file: inner.file.clone(),
             name,
         })
+    }
+
+    /// The commit of `frozen` went nowhere (the file has no name left): the stage keeps it
+    /// as its own, so the descriptor reads it and `fstat` shows it, committed no more.
+    pub fn keep(&self, frozen: Frozen) {
+        let mut inner = self.inner.lock();
+        inner.committing = false;
+        if inner.owned.is_none() && Arc::ptr_eq(&inner.file, &frozen.file) {
+            inner.owned = frozen.name;
+        } else if let Some(name) = &frozen.name {
+            self.spool.remove(name);
+        }
     }
 
     /// The commit of `frozen` failed: give the content back, unless newer writes replaced it.
@@ -314,11 +340,11 @@ impl Stage {
         let mut inner = self.inner.lock();
         inner.committing = false;
         if inner.owned.is_none() && Arc::ptr_eq(&inner.file, &frozen.file) {
-            inner.owned = Some(frozen.name);
+            inner.owned = frozen.name;
             inner.dirty = true;
             inner.refused = true;
-        } else {
-            self.spool.remove(&frozen.name);
+        } else if let Some(name) = &frozen.name {
+            self.spool.remove(name);
         }
     }
 
@@ -327,7 +353,9 @@ impl Stage {
     pub fn revert(&self, frozen: Frozen, file: Arc<File>) {
         let mut inner = self.inner.lock();
         inner.committing = false;
-        self.spool.remove(&frozen.name);
+        if let Some(name) = &frozen.name {
+            self.spool.remove(name);
+        }
         if inner.owned.is_none() && Arc::ptr_eq(&inner.file, &frozen.file) {
             inner.file = file;
             inner.dirty = false;
@@ -517,23 +545,41 @@ impl Drop for Appender {
 /// handles and replaced when the node's own commit is installed, so that what they read is
 /// always what the kernel's size and pages of the node describe. (Another node's change never
 /// replaces it: that change is a new node.)
+///
+/// While a writer stages the node, its readers read the stage: the kernel's size of the node
+/// is then what the writer wrote, and a read of the older content could come back short and
+/// shrink it for later readers too.
 #[derive(Debug)]
-pub struct Current(Mutex<Arc<File>>);
+pub struct Current {
+    file: Mutex<Arc<File>>,
+    stage: Mutex<std::sync::Weak<Stage>>,
+}
 
 impl Current {
     /// Readers start on `file`.
     pub fn new(file: Arc<File>) -> Current {
-        Current(Mutex::new(file))
+        Current {
+            file: Mutex::new(file),
+            stage: Mutex::new(std::sync::Weak::new()),
+        }
     }
 
     /// The file to read now.
     pub fn file(&self) -> Arc<File> {
-        self.0.lock().clone()
+        if let Some(stage) = self.stage.lock().upgrade() {
+            return stage.file();
+        }
+        self.file.lock().clone()
     }
 
     /// The node's content is `file` from now on.
     pub fn set(&self, file: Arc<File>) {
-        *self.0.lock() = file;
+        *self.file.lock() = file;
+    }
+
+    /// A writer stages the node: readers read its stage while it lives.
+    pub fn follow(&self, stage: &Arc<Stage>) {
+        *self.stage.lock() = Arc::downgrade(stage);
     }
 }
 
@@ -579,6 +625,13 @@ pub struct Handle {
     pub append: bool,
     /// Opened for writing.
     pub writable: bool,
+    /// Its stage must be committed when it closes: it can write, or its open changed the
+    /// file (created or truncated it, also read-only).
+    pub commits: bool,
+    /// The thread that opened it (for the merge base of its writes).
+    pub opener: u32,
+    /// Opened to execute the file (the kernel refuses writers then; syncfs refuses `O_TRUNC`).
+    pub exec: bool,
 }
 
 impl Handle {

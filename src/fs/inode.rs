@@ -50,6 +50,8 @@ pub struct Node {
     pub lookups: u64,
     /// Open file handles.
     pub opens: u32,
+    /// Of those, handles that opened the file to execute it.
+    pub execs: u32,
     /// The fd shared by the node's in-place handles while any is open.
     pub file: Option<Arc<std::fs::File>>,
     /// The write stage of a staged file while it has open handles.
@@ -105,6 +107,7 @@ impl InodeTable {
                 links: Vec::new(),
                 lookups: 1,
                 opens: 0,
+                execs: 0,
                 file: None,
                 stage: None,
                 appender: None,
@@ -162,6 +165,7 @@ impl InodeTable {
                 links: vec![(parent, name.to_os_string())],
                 lookups: 1,
                 opens: 0,
+                execs: 0,
                 file: None,
                 stage: None,
                 appender: None,

@@ -10,7 +10,6 @@ use std::sync::Arc;
 
 use super::handle::{Appender, Current, Frozen, Handle, HandleIo, Stage};
 use super::tree::{self, Ident};
-use super::remote::Invalidate;
 use super::{Attr, Caller, Core, FsError, FsOp, Ino, Kind, Opened, Placement};
 use crate::op::Op;
 use crate::policy::{PolicyTable, POLICY_FILE};
@@ -18,6 +17,25 @@ use crate::tier::{Content, Revision, Target, TierError, WriteMode, CONTENT_TAG};
 
 /// The largest file the core reads whole to validate (policy file, schema-checked documents).
 const MAX_VALIDATED_SIZE: u64 = 16 << 20;
+
+/// The open flag the kernel sets (and FUSE passes on) when it opens a file to execute it.
+const FMODE_EXEC: i32 = 0x20;
+
+/// What an open brings to the handle it makes.
+struct Opening {
+    /// The open flags.
+    flags: i32,
+    /// The file `create` just opened, if any, with the revision the tier gave the new entry
+    /// (`Some(None)`: new, but not stored in the tier yet).
+    created: Option<(File, Option<Option<Revision>>)>,
+    /// The file that holds the current content when it is not the tree's file (tiers that
+    /// keep content).
+    content: Option<Content>,
+    /// The version a truncating writer read before (the base of what it writes), if known.
+    read_base: Option<Revision>,
+    /// The opening thread.
+    opener: u32,
+}
 
 impl Core {
     fn handle(&self, fh: u64) -> Result<Arc<Handle>, FsError> {
@@ -46,13 +64,21 @@ impl Core {
 
     /// `open` of a regular file.
     pub fn open(self: &Arc<Self>, caller: Caller, ino: Ino, flags: i32) -> FsOp<Opened> {
+        // As on a local filesystem, O_TRUNC truncates whatever the access mode (the kernel,
+        // with FUSE_ATOMIC_O_TRUNC, has already dropped its size and pages when it sends this).
+        let truncate = flags & libc::O_TRUNC != 0;
         let prepared = (|| {
             if self.kind(ino)? != Kind::File {
                 return Err(FsError::os(libc::EINVAL));
             }
             let target = self.target_of(ino)?;
-            if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
+            if flags & libc::O_ACCMODE != libc::O_RDONLY || truncate {
                 super::writable(&target)?;
+            }
+            if truncate && self.inodes.lock().get(ino).is_some_and(|n| n.execs > 0) {
+                // The kernel refuses writers of a running program, but checks a read-only
+                // O_TRUNC only after the open truncated it (which kills the program).
+                return Err(FsError::TextBusy(target.path));
             }
             Ok(target)
         })();
@@ -61,7 +87,6 @@ impl Core {
             Err(e) => return Op::err(e),
         };
         let tier = self.tier(&target).clone();
-        let truncate = flags & libc::O_ACCMODE != libc::O_RDONLY && flags & libc::O_TRUNC != 0;
         let read_base = if truncate {
             // Replaced whole: made from what this program read before, if it did.
             self.read_base(caller, &target)
@@ -69,6 +94,8 @@ impl Core {
             self.note_read(caller, &target, tier.revision(&target));
             None
         };
+        let opener = caller.pid;
+        let opening = move |content| Opening { flags, created: None, content, read_base: None, opener };
         let this = self.clone();
         if tier.write_mode() == WriteMode::Append && truncate {
             // Opening an append file with O_TRUNC empties it: a purge, when it holds anything.
@@ -77,9 +104,8 @@ impl Core {
                 Err(e) => return Op::err(e),
             };
             if size > 0 {
-                return self
-                    .purge(ino, &target)
-                    .and_then(move |()| this.open_handle(ino, flags & !libc::O_TRUNC, &target, None, None, None));
+                let opening = Opening { flags: flags & !libc::O_TRUNC, ..opening(None) };
+                return self.purge(ino, &target).and_then(move |()| this.open_handle(ino, &target, opening));
             }
         }
         if tier.keeps_content() && !truncate && !self.has_stage(ino) {
@@ -92,13 +118,13 @@ impl Core {
                     return tier
                         .content(&target, &rev, whole)
                         .err_into()
-                        .and_then(move |content| this.open_handle(ino, flags, &target, None, Some(content), None));
+                        .and_then(move |content| this.open_handle(ino, &target, opening(Some(content))));
                 }
                 // Empty, or a file the tier has not stored yet: the tree's file is its content.
                 Ok(None) => {}
             }
         }
-        Op::Ready(self.open_handle(ino, flags, &target, None, None, read_base))
+        Op::Ready(self.open_handle(ino, &target, Opening { read_base, ..opening(None) }))
     }
 
     fn has_stage(&self, ino: Ino) -> bool {
@@ -112,27 +138,18 @@ impl Core {
         Ok(tag.map(|t| Revision(String::from_utf8_lossy(&t).into_owned())))
     }
 
-    /// Creates a handle on `ino`. `created` is the file `create` just opened, if any, with the
-    /// revision the tier gave the new entry (`Some(None)`: new, but not stored in the tier yet).
-    /// `content` is the file that holds the current content when it is not the tree's file
-    /// (tiers that keep content). `read_base` is the version a truncating writer read before
-    /// (the base of what it writes), if known.
-    fn open_handle(
-        &self,
-        ino: Ino,
-        flags: i32,
-        target: &Target,
-        created: Option<(File, Option<Option<Revision>>)>,
-        content: Option<Content>,
-        read_base: Option<Revision>,
-    ) -> Result<Opened, FsError> {
+    /// Creates a handle on `ino` (see [`Opening`]).
+    fn open_handle(&self, ino: Ino, target: &Target, opening: Opening) -> Result<Opened, FsError> {
+        let Opening { flags, created, content, read_base, opener } = opening;
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let append = flags & libc::O_APPEND != 0;
-        let truncate = writable && flags & libc::O_TRUNC != 0;
+        let truncate = flags & libc::O_TRUNC != 0;
+        let exec = flags & FMODE_EXEC != 0;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let handle = |io, commits| Handle { ino, io, append, writable, commits, opener, exec };
 
         if self.tier(target).write_mode() == WriteMode::Append {
-            return self.open_append(ino, fh, target, writable, append, created);
+            return self.open_append(ino, fh, target, writable, created, |io| handle(io, writable));
         }
 
         if !self.is_staged(target) {
@@ -152,17 +169,10 @@ impl Core {
                 let node = table.get_mut(ino).ok_or(FsError::UnknownInode(ino))?;
                 let file = node.file.get_or_insert(file).clone();
                 node.opens += 1;
+                node.execs += exec as u32;
                 file
             };
-            self.handles.lock().insert(
-                fh,
-                Arc::new(Handle {
-                    ino,
-                    io: HandleIo::Direct(file.clone()),
-                    append,
-                    writable,
-                }),
-            );
+            self.handles.lock().insert(fh, Arc::new(handle(HandleIo::Direct(file.clone()), false)));
             return Ok(Opened {
                 fh,
                 passthrough: Some(file),
@@ -171,12 +181,7 @@ impl Core {
             });
         }
 
-        let (existing, current) = {
-            let table = self.inodes.lock();
-            let node = table.get(ino).ok_or(FsError::UnknownInode(ino))?;
-            (node.stage.clone(), node.current.clone())
-        };
-        if !writable && existing.is_none() && created.is_none() {
+        if !writable && !truncate && created.is_none() {
             // A reader with no writer around: the node's committed content, shared with its
             // other readers (a stage would only cost a lock per read). A commit of this node's
             // own writer later moves the readers to the new content, which is what the
@@ -184,39 +189,24 @@ impl Core {
             // Not even content a tier keeps (a blob in its cache) is handed to the kernel for
             // passthrough: the kernel takes one backing file per inode while any is open, so
             // a new content could not be opened while a program still reads the old one.
-            let io = match (current, content) {
-                (_, Some(Content { file, arriving: Some(arrival) })) => HandleIo::Arriving { file, arrival },
-                (Some(current), _) => HandleIo::Current(current),
-                (None, content) => {
-                    let file = match content {
-                        Some(content) => content.file,
-                        None => Arc::new(self.open_tree_file(ino, libc::O_RDONLY)?),
-                    };
-                    let mut table = self.inodes.lock();
-                    let node = table.get_mut(ino).ok_or(FsError::UnknownInode(ino))?;
-                    HandleIo::Current(node.current.get_or_insert_with(|| Arc::new(Current::new(file))).clone())
-                }
-            };
-            self.inodes.lock().get_mut(ino).ok_or(FsError::UnknownInode(ino))?.opens += 1;
-            self.handles.lock().insert(
-                fh,
-                Arc::new(Handle {
-                    ino,
-                    io,
-                    append,
-                    writable,
-                }),
-            );
-            // No cached pages across opens: a reader that opened the previous content just
-            // before another node's change can read it after the invalidation and so refill
-            // the inode's page cache with old pages.
-            return Ok(Opened {
-                fh,
-                passthrough: None,
-                keep_cache: false,
-                needs_flush: false,
-            });
+            if let Some(io) = self.reader_io(ino, content.clone(), exec)? {
+                self.handles.lock().insert(fh, Arc::new(handle(io, false)));
+                // No cached pages across opens: a reader that opened the previous content just
+                // before another node's change can read it after the invalidation and so refill
+                // the inode's page cache with old pages.
+                return Ok(Opened {
+                    fh,
+                    passthrough: None,
+                    keep_cache: false,
+                    needs_flush: false,
+                });
+            }
+            // A writer staged the node meanwhile: read through its stage.
         }
+        // A handle whose open changed the file (created or truncated it) commits even when it
+        // cannot write.
+        let commits = writable || truncate || created.is_some();
+        let existing = self.inodes.lock().get(ino).and_then(|n| n.stage.clone());
         let stage = match existing {
             Some(stage) => {
                 if truncate {
@@ -229,7 +219,7 @@ impl Core {
                 let fresh = match created {
                     // A new name the tier has not stored yet: its first commit creates it, even
                     // if nothing is written (`touch`).
-                    Some((_, Some(None))) => Stage::empty(self.spool.clone(), None)?,
+                    Some((file, Some(None))) => Stage::created(Arc::new(file), self.spool.clone(), None),
                     // A new name the tier stored already (an exclusive create): its base.
                     Some((file, Some(rev))) => Stage::on(Arc::new(file), self.spool.clone(), rev),
                     Some((file, None)) if !truncate => {
@@ -264,26 +254,72 @@ impl Core {
             let mut table = self.inodes.lock();
             let node = table.get_mut(ino).ok_or(FsError::UnknownInode(ino))?;
             node.stage.get_or_insert_with(|| stage.clone());
+            if let Some(current) = &node.current {
+                current.follow(&stage);
+            }
             node.opens += 1;
+            node.execs += exec as u32;
         }
-        if writable {
+        if commits {
             stage.writers.fetch_add(1, Ordering::Relaxed);
         }
-        self.handles.lock().insert(
-            fh,
-            Arc::new(Handle {
-                ino,
-                io: HandleIo::Staged(stage),
-                append,
-                writable,
-            }),
-        );
+        self.handles.lock().insert(fh, Arc::new(handle(HandleIo::Staged(stage), commits)));
         Ok(Opened {
             fh,
             passthrough: None,
             keep_cache: false,
             needs_flush: true,
         })
+    }
+
+    /// The reader handle of a staged node with no writer: its shared current content. Decided
+    /// in one critical section with the count of opens, so a release in between cannot drop
+    /// the shared slot, nor an install move the content under a reader that is joining; `None`
+    /// when a writer staged the node meanwhile.
+    fn reader_io(&self, ino: Ino, content: Option<Content>, exec: bool) -> Result<Option<HandleIo>, FsError> {
+        if let Some(Content { file, arriving: Some(arrival) }) = content {
+            self.count_open(ino, exec)?;
+            return Ok(Some(HandleIo::Arriving { file, arrival }));
+        }
+        let mut content = content.map(|c| c.file);
+        for _ in 0..3 {
+            let shared = self.inodes.lock().get(ino).ok_or(FsError::UnknownInode(ino))?.current.is_some();
+            // Opened before the lock: the table lock is never held across file system calls
+            // that can wait on the disk.
+            let opened = match (shared, content.take()) {
+                (true, _) => None,
+                (false, Some(file)) => Some((file, true)),
+                (false, None) => Some((Arc::new(self.open_tree_file(ino, libc::O_RDONLY)?), false)),
+            };
+            let mut table = self.inodes.lock();
+            let node = table.get_mut(ino).ok_or(FsError::UnknownInode(ino))?;
+            if node.stage.is_some() {
+                return Ok(None);
+            }
+            let current = match (&node.current, opened) {
+                (Some(current), _) => current.clone(),
+                (None, Some((file, from_tier))) => {
+                    // The tree's file must still be the node's: an install in between moved it.
+                    if !from_tier && tree::fstat(file.as_fd()).map(|st| Ident::of(&st)).ok() != Some(node.ident) {
+                        continue;
+                    }
+                    node.current.insert(Arc::new(Current::new(file))).clone()
+                }
+                (None, None) => continue,
+            };
+            node.opens += 1;
+            node.execs += exec as u32;
+            return Ok(Some(HandleIo::Current(current)));
+        }
+        Err(FsError::os(libc::ESTALE))
+    }
+
+    fn count_open(&self, ino: Ino, exec: bool) -> Result<(), FsError> {
+        let mut table = self.inodes.lock();
+        let node = table.get_mut(ino).ok_or(FsError::UnknownInode(ino))?;
+        node.opens += 1;
+        node.execs += exec as u32;
+        Ok(())
     }
 
     /// A handle on a file of an append tier: readers read the tree's file; writers share the
@@ -295,8 +331,8 @@ impl Core {
         fh: u64,
         target: &Target,
         writable: bool,
-        append: bool,
         created: Option<(File, Option<Option<Revision>>)>,
+        handle: impl FnOnce(HandleIo) -> Handle,
     ) -> Result<Opened, FsError> {
         let fresh = matches!(created, Some((_, Some(_))));
         let file = match created {
@@ -323,7 +359,7 @@ impl Core {
                 HandleIo::Direct(file)
             }
         };
-        self.handles.lock().insert(fh, Arc::new(Handle { ino, io, append, writable }));
+        self.handles.lock().insert(fh, Arc::new(handle(io)));
         Ok(Opened {
             fh,
             passthrough: None,
@@ -450,7 +486,8 @@ impl Core {
                     (file, ino, created)
                 };
                 let fresh = (created || rev.is_some()).then_some(rev);
-                let opened = match this.open_handle(ino, flags, &target, Some((file, fresh)), None, read_base) {
+                let opening = Opening { flags, created: Some((file, fresh)), content: None, read_base, opener: caller.pid };
+                let opened = match this.open_handle(ino, &target, opening) {
                     Ok(o) => o,
                     Err(e) => {
                         this.forget(ino, 1);
@@ -572,8 +609,8 @@ impl Core {
         match self.handle(fh) {
             Err(e) => Op::err(e),
             Ok(handle) => match &handle.io {
-                HandleIo::Staged(stage) if handle.writable => {
-                    self.commit(handle.ino, stage.clone(), Commit::Flush)
+                HandleIo::Staged(stage) if handle.commits => {
+                    self.commit(handle.ino, stage.clone(), Commit::Flush, Some(handle.opener))
                 }
                 HandleIo::Append { appender, target, .. } => {
                     self.append_commit(handle.ino, target.clone(), appender.clone(), false, false)
@@ -590,7 +627,7 @@ impl Core {
             Err(e) => return Op::err(e),
         };
         match &handle.io {
-            HandleIo::Staged(stage) => self.commit(handle.ino, stage.clone(), Commit::Fsync),
+            HandleIo::Staged(stage) => self.commit(handle.ino, stage.clone(), Commit::Fsync, Some(handle.opener)),
             HandleIo::Append { appender, target, .. } => self.append_commit(handle.ino, target.clone(), appender.clone(), true, true),
             // A reader's fsync: nothing of its own to make durable.
             HandleIo::Arriving { .. } | HandleIo::Current(_) => Op::ok(()),
@@ -618,7 +655,7 @@ impl Core {
         let Some(handle) = self.handles.lock().remove(&fh) else {
             return Op::err(FsError::UnknownHandle(fh));
         };
-        let ino = handle.ino;
+        let (ino, exec, opener) = (handle.ino, handle.exec, handle.opener);
         if let HandleIo::Append { appender, target, .. } = &handle.io {
             let this = self.clone();
             let commit = self.append_commit(ino, target.clone(), appender.clone(), true, false);
@@ -627,13 +664,13 @@ impl Core {
                 if let Err(e) = commit.into_future().await {
                     tracing::warn!(ino, error = %e, "append at release failed; it was not stored");
                 }
-                this.finish_release(ino, None);
+                this.finish_release(ino, None, exec);
                 Ok(())
             });
         }
         let (stage, commit) = match &handle.io {
             HandleIo::Staged(stage) => {
-                let last_writer = handle.writable && stage.writers.fetch_sub(1, Ordering::Relaxed) == 1;
+                let last_writer = handle.commits && stage.writers.fetch_sub(1, Ordering::Relaxed) == 1;
                 (Some(stage.clone()), last_writer && stage.needs_commit())
             }
             HandleIo::Direct(_) | HandleIo::Current(_) | HandleIo::Append { .. } | HandleIo::Arriving { .. } => (None, false),
@@ -643,29 +680,31 @@ impl Core {
         match stage {
             Some(stage) if commit => {
                 let this = self.clone();
-                let commit = self.commit(ino, stage.clone(), Commit::Release);
+                let commit = self.commit(ino, stage.clone(), Commit::Release, Some(opener));
                 Op::pending(async move {
                     if let Err(e) = commit.into_future().await {
                         tracing::warn!(ino, error = %e, "commit at release failed; the stored file is unchanged");
                     }
-                    this.finish_release(ino, Some(stage));
+                    this.finish_release(ino, Some(stage), exec);
                     Ok(())
                 })
             }
             stage => {
-                self.finish_release(ino, stage);
+                self.finish_release(ino, stage, exec);
                 Op::ok(())
             }
         }
     }
 
-    /// Counts a handle of `ino` closed; `stage` is the handle's stage, if it had one.
-    fn finish_release(&self, ino: Ino, stage: Option<Arc<Stage>>) {
+    /// Counts a handle of `ino` closed; `stage` is the handle's stage, if it had one, `exec`
+    /// whether it was opened to execute the file.
+    fn finish_release(&self, ino: Ino, stage: Option<Arc<Stage>>, exec: bool) {
         let mut table = self.inodes.lock();
         let Some(node) = table.get_mut(ino) else {
             return;
         };
         node.opens = node.opens.saturating_sub(1);
+        node.execs = node.execs.saturating_sub(exec as u32);
         let mut refused = false;
         if let Some(stage) = stage {
             // A stage another node's change detached from the inode, closed by its last
@@ -739,7 +778,7 @@ impl Core {
                     });
                     return Ok(Some(Op::pending(async move {
                         let stage = op.into_future().await?;
-                        let result = this.commit(ino, stage.clone(), Commit::Release).into_future().await;
+                        let result = this.commit(ino, stage.clone(), Commit::Release, None).into_future().await;
                         stage.discard();
                         result
                     })));
@@ -778,10 +817,28 @@ impl Core {
                 Some(HandleIo::Staged(stage)) => Some(stage.clone()),
                 _ => None,
             };
-            let existing = own.or_else(|| self.inodes.lock().get(ino).and_then(|n| n.stage.clone()));
+            let existing = match own {
+                Some(stage) => Some(stage),
+                None => {
+                    // A truncate by path through the node's stage holds the stage like an open
+                    // file until it committed: a release in between must not drop it.
+                    let mut table = self.inodes.lock();
+                    let node = table.get_mut(ino).ok_or(FsError::UnknownInode(ino))?;
+                    let stage = node.stage.clone();
+                    if stage.is_some() {
+                        node.opens += 1;
+                    }
+                    stage
+                }
+            };
             match existing {
                 Some(stage) => {
-                    stage.set_len(size)?;
+                    if let Err(e) = stage.set_len(size) {
+                        if fh.is_none() {
+                            self.finish_release(ino, Some(stage), false);
+                        }
+                        return Err(e.into());
+                    }
                     // A writer's close commits it; a truncate by path commits now.
                     Ok(fh.is_none().then_some((stage, false)))
                 }
@@ -797,11 +854,14 @@ impl Core {
             Err(e) => Op::err(e),
             Ok(None) => Op::ok(()),
             Ok(Some((stage, transient))) => {
-                let commit = self.commit(ino, stage.clone(), Commit::Release);
+                let commit = self.commit(ino, stage.clone(), Commit::Release, None);
+                let this = self.clone();
                 Op::pending(async move {
                     let result = commit.into_future().await;
                     if transient {
                         stage.discard();
+                    } else {
+                        this.finish_release(ino, Some(stage), false);
                     }
                     result
                 })
@@ -809,12 +869,15 @@ impl Core {
         }
     }
 
-    /// Commits a stage: freeze, validate, hand to the tier, install into the tree.
-    fn commit(self: &Arc<Self>, ino: Ino, stage: Arc<Stage>, when: Commit) -> FsOp<()> {
+    /// Commits a stage: freeze, validate, hand to the tier, install into the tree. `opener`
+    /// is the thread that opened the committing handle: on merge paths its process has then
+    /// read what it committed (the base of its next write).
+    fn commit(self: &Arc<Self>, ino: Ino, stage: Arc<Stage>, when: Commit, opener: Option<u32>) -> FsOp<()> {
         let this = self.clone();
         let durable = when == Commit::Fsync;
         Op::pending(async move {
             let _order = stage.commit_lock.lock().await;
+            let placement = this.placement(ino);
             let Some(frozen) = stage.freeze(when != Commit::Flush) else {
                 if !durable {
                     return Ok(());
@@ -823,40 +886,69 @@ impl Core {
                 let t = this.clone();
                 return blocking(move || Ok(t.open_tree_file(ino, libc::O_RDONLY)?.sync_all()?)).await;
             };
-            let target = match this.placement(ino)? {
+            let target = match placement {
+                Err(e) => {
+                    stage.thaw(frozen);
+                    return Err(e);
+                }
                 // A program on this node removed the file: as on any filesystem, what its open
                 // descriptors write reaches no path (they still read it back).
-                Placement::Unlinked => {
-                    this.spool.remove(&frozen.name);
+                Ok(Placement::Unlinked) => {
+                    stage.keep(frozen);
                     return Ok(());
                 }
-                Placement::Named(path) | Placement::Taken(path) => this.target(path),
+                Ok(Placement::Named(path) | Placement::Taken(path)) => this.target(path),
             };
             let result = this.commit_frozen(ino, &target, &stage, &frozen, durable).await;
             this.count(target.policy.tier, result.is_ok());
             match &result {
-                Ok(()) => this.clear_refusal(&target),
+                Ok(_) => this.clear_refusal(&target),
                 Err(e) => this.note_refusal(&target, e),
             }
-            match &result {
+            let keeps_content = this.tier(&target).keeps_content();
+            match result {
+                Ok(Installed::Yes(rev)) => {
+                    stage.installed();
+                    if let Some(opener) = opener {
+                        this.note_read(Caller { uid: 0, gid: 0, pid: opener }, &target, rev);
+                    }
+                    Ok(())
+                }
+                Ok(Installed::Lost) => {
+                    // A newer version won: the descriptor reads what the node holds now, and
+                    // the kernel forgets what this writer wrote.
+                    this.fall_back(ino, &stage, frozen, keeps_content).await;
+                    Ok(())
+                }
                 Err(e) if e.is_final() => {
                     // Refused for good: the descriptor reads the stored content again, and the
                     // kernel forgets the refused size and pages before the program hears of
                     // the refusal (a stat after close must not show them).
-                    match this.open_tree_file(ino, libc::O_RDONLY) {
-                        Ok(file) => stage.revert(frozen, Arc::new(file)),
-                        Err(_) => stage.thaw(frozen),
-                    }
-                    if let Some(k) = this.kernel.get() {
-                        let _ = k.invalidate_inode_acked(ino).await;
-                    }
+                    this.fall_back(ino, &stage, frozen, keeps_content).await;
+                    Err(e)
                 }
                 // Worth retrying (EAGAIN, a full disk): an fsync may commit it later.
-                Err(_) => stage.thaw(frozen),
-                Ok(()) => stage.installed(),
+                Err(e) => {
+                    stage.thaw(frozen);
+                    Err(e)
+                }
             }
-            result
         })
+    }
+
+    /// Puts a stage whose content did not land back on what the node holds, and waits until
+    /// the kernel dropped the node's cached attributes and pages.
+    async fn fall_back(&self, ino: Ino, stage: &Stage, frozen: Frozen, keeps_content: bool) {
+        // A placeholder is not content: a tier that keeps content keeps the writer's bytes on
+        // the stage instead (they read as written; nothing is committed).
+        let stored = if keeps_content { None } else { self.open_tree_file(ino, libc::O_RDONLY).ok() };
+        match stored {
+            Some(file) => stage.revert(frozen, Arc::new(file)),
+            None => stage.thaw(frozen),
+        }
+        if let Some(k) = self.kernel.get() {
+            let _ = k.invalidate_inode_acked(ino).await;
+        }
     }
 
     async fn commit_frozen(
@@ -866,7 +958,7 @@ impl Core {
         stage: &Stage,
         frozen: &Frozen,
         durable: bool,
-    ) -> Result<(), FsError> {
+    ) -> Result<Installed, FsError> {
         // Validation reads at most 1 MiB of a file that was just written (in the page cache):
         // cheaper inline than a hop to the blocking pool.
         self.validate(target, &frozen.file)?;
@@ -876,14 +968,25 @@ impl Core {
             .into_future()
             .await?;
         stage.set_base(rev.clone());
-        if durable {
+        let installed = if durable {
             // fsync can stall: keep it off the runtime's workers.
-            let (t, file, name) = (self.clone(), frozen.file.clone(), frozen.name.clone());
-            blocking(move || t.install(ino, &file, &name, rev, true)).await
+            let (t, file, name, r) = (self.clone(), frozen.file.clone(), frozen.name.clone(), rev.clone());
+            blocking(move || t.install(ino, &file, name.as_ref(), r, true)).await?
         } else {
             // A handful of metadata calls and a rename on the local tree.
-            self.install(ino, &frozen.file, &frozen.name, rev, false)
+            self.install(ino, &frozen.file, frozen.name.as_ref(), rev.clone(), false)?
+        };
+        if !installed {
+            return Ok(Installed::Lost);
         }
+        if frozen.name.is_some() {
+            // The rename that installed it gave the file a new change time: the kernel's
+            // cached one must go before the program hears the commit is done.
+            if let Some(k) = self.kernel.get() {
+                let _ = k.invalidate_attrs_acked(ino).await;
+            }
+        }
+        Ok(Installed::Yes(rev))
     }
 
     fn count(&self, tier: crate::policy::TierKind, ok: bool) {
@@ -961,31 +1064,65 @@ impl Core {
     /// this commit was in flight) the shadow is dropped instead: the newer content stays.
     /// A node whose name another node's change took installs at the path it had, as a new
     /// version of it (see [`Core::replace_name`]); the kernel then finds this node there again.
+    ///
+    /// `spool_name` is the shadow's name in the spool; `None` when the shadow is the tree's
+    /// file itself (a created file committed as it is), which then stays where it is. Returns
+    /// whether the content landed (not when a newer version won).
     fn install(
         &self,
         ino: Ino,
         shadow: &Arc<File>,
-        spool_name: &CString,
+        spool_name: Option<&CString>,
         rev: Option<Revision>,
         durable: bool,
-    ) -> Result<(), FsError> {
+    ) -> Result<bool, FsError> {
         let old = self.node_fd(ino)?;
         let target = self.target_of(ino)?;
-        let placeholder = if self.tier(&target).keeps_content() {
+        let keeps_content = self.tier(&target).keeps_content();
+        let in_place = spool_name.is_none() && !keeps_content && self.placement(ino)? != Placement::Unlinked;
+        if in_place && matches!(self.placement(ino)?, Placement::Named(_)) {
+            // Committed as it is: only the tier's record of what the tree holds changes.
+            let table = self.inodes.lock();
+            let same = table.get(ino).is_some_and(|n| tree::fstat(shadow.as_fd()).is_ok_and(|st| Ident::of(&st) == n.ident));
+            let admitted = self.tier(&target).admit(&target, rev.as_ref());
+            drop(table);
+            if durable && same {
+                shadow.sync_all()?;
+            }
+            return Ok(admitted);
+        }
+        // Anything else moves a file into place: a copy of an in-place file whose name was
+        // taken, a placeholder, or the shadow itself.
+        let copied = match spool_name {
+            Some(_) => None,
+            None if keeps_content => None,
+            None => Some(self.spool_copy(shadow)?),
+        };
+        let spool_name = match (&copied, spool_name) {
+            (Some((_, name)), _) => name.clone(),
+            (None, Some(name)) => name.clone(),
+            (None, None) => CString::default(),
+        };
+        let spool_name = &spool_name;
+        let placeholder = if keeps_content {
             // The tier holds the content now; the tree gets its placeholder.
             let stub = self.placeholder(Ok(old.as_fd()), shadow.metadata()?.len(), rev.as_ref());
-            self.spool.remove(spool_name);
+            if !spool_name.is_empty() {
+                self.spool.remove(spool_name);
+            }
             Some(stub?)
         } else {
-            tree::copy_metadata(old.as_fd(), shadow)?;
+            let moved = copied.as_ref().map(|(f, _)| f).unwrap_or(shadow.as_ref());
+            tree::copy_metadata(old.as_fd(), moved)?;
             if durable {
-                shadow.sync_all()?;
+                moved.sync_all()?;
             }
             None
         };
-        let (file, spool_name) = match &placeholder {
-            Some((file, name)) => (file, name),
-            None => (shadow.as_ref(), spool_name),
+        let (file, spool_name) = match (&placeholder, &copied) {
+            (Some((file, name)), _) => (file, name),
+            (None, Some((file, name))) => (file, name),
+            (None, None) => (shadow.as_ref(), spool_name),
         };
         let mut inval = Vec::new();
         let mut synced_dir = None;
@@ -1003,8 +1140,9 @@ impl Core {
                     (self.ensure_dir(parent, &mut inval)?, (0, name))
                 }
                 Placement::Unlinked => {
+                    tracing::debug!(ino, path = %target.path.display(), "committed, but removed here meanwhile: not installed");
                     self.spool.remove(spool_name);
-                    return Ok(());
+                    return Ok(false);
                 }
             };
             let name = link.1.clone();
@@ -1024,10 +1162,8 @@ impl Core {
             if !self.tier(&target).admit(&target, rev.as_ref()) {
                 drop(table);
                 self.spool.remove(spool_name);
-                // The kernel's view of the node is this writer's content, which lost.
-                inval.push(Invalidate::Inode(ino));
                 self.send(inval);
-                return Ok(());
+                return Ok(false);
             }
             match &placement {
                 Placement::Named(_) => {
@@ -1054,6 +1190,7 @@ impl Core {
         }
         self.send(inval);
         let Some(dir) = synced_dir else {
+            tracing::warn!(ino, path = %target.path.display(), "committed, but renamed here three times meanwhile: not installed");
             self.spool.remove(spool_name);
             return Err(FsError::os(libc::ESTALE));
         };
@@ -1061,7 +1198,18 @@ impl Core {
             File::from(tree::open_at(dir.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?)
                 .sync_all()?;
         }
-        Ok(())
+        Ok(true)
+    }
+
+    /// A copy of `file` in the spool, to move into the tree.
+    fn spool_copy(&self, file: &File) -> Result<(File, CString), FsError> {
+        let (mut copy, name) = self.spool.create()?;
+        let copied = std::io::copy(&mut tree::ReadAt::new(file), &mut copy);
+        if let Err(e) = copied {
+            self.spool.remove(&name);
+            return Err(e.into());
+        }
+        Ok((copy, name))
     }
 }
 
@@ -1099,6 +1247,14 @@ impl Core {
             }
         }
     }
+}
+
+/// Whether a commit's content landed in the tree.
+enum Installed {
+    /// It did; its revision.
+    Yes(Option<Revision>),
+    /// A newer version was there first.
+    Lost,
 }
 
 /// What asks for a commit.

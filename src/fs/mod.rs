@@ -213,6 +213,8 @@ pub trait KernelCache: Send + Sync {
     /// Like [`KernelCache::invalidate_inode`]; the receiver completes once the kernel has
     /// dropped them, so that a reply sent after it cannot meet the old attributes.
     fn invalidate_inode_acked(&self, ino: Ino) -> tokio::sync::oneshot::Receiver<()>;
+    /// Drops only the cached attributes of an inode (not its pages); acknowledged the same way.
+    fn invalidate_attrs_acked(&self, ino: Ino) -> tokio::sync::oneshot::Receiver<()>;
 }
 
 /// Where a node's commits go (see [`Core::placement`]).
@@ -872,7 +874,7 @@ impl Core {
                 };
                 let last = st.st_nlink <= 1 || is_dir;
                 let ino = table.by_ident(Ident::of(&st));
-                let kept = keep_backing(&table, ino, last, &dir, &cname)?;
+                let kept = keep_backing(&table, ino, (parent, &name), last, &dir, &cname)?;
                 tree::unlink_at(dir.as_fd(), &cname, is_dir)?;
                 if let Some(ino) = ino {
                     if table.unlink(ino, parent, &name, last) {
@@ -962,6 +964,16 @@ impl Core {
                 };
                 if moved.is_ok() {
                     this.clear_refusal(&to);
+                    this.note_read(caller, &to, this.tier(&to).revision(&to));
+                }
+                if synced {
+                    // Another node's change of either name may have landed while the tier
+                    // worked (the kernel held the directories then): its invalidation found
+                    // the kernel's entries where they were before the move.
+                    this.send(vec![
+                        remote::Invalidate::Entry(parent, name.clone()),
+                        remote::Invalidate::Entry(new_parent, new_name.clone()),
+                    ]);
                 }
                 moved
             })
@@ -1026,6 +1038,8 @@ impl Core {
                 let moved = this.rename_local(parent, &name, new_parent, &new_name, 0, Some(&admit));
                 if moved.is_ok() {
                     this.clear_refusal(&to);
+                    // What this program wrote is what it has read of the path from now on.
+                    this.note_read(caller, &to, rev);
                 }
                 moved
             })
@@ -1128,7 +1142,7 @@ impl Core {
         let src_ino = table.by_ident(Ident::of(&src));
         if admit.is_some_and(|admit| !admit()) {
             let last = src.st_nlink <= 1;
-            let kept = keep_backing(&table, src_ino, last, &from_dir, &cfrom)?;
+            let kept = keep_backing(&table, src_ino, (parent, name), last, &from_dir, &cfrom)?;
             let path = table.path(parent).map(|p| p.join(name));
             tree::unlink_at(from_dir.as_fd(), &cfrom, false)?;
             if let Some(ino) = src_ino {
@@ -1145,7 +1159,7 @@ impl Core {
         let exchange = flags & libc::RENAME_EXCHANGE != 0;
         let replaced = dst_ino.filter(|d| !exchange && Some(*d) != src_ino);
         let dst_last = dst.as_ref().is_some_and(|d| d.st_nlink <= 1 || Kind::from_mode(d.st_mode) == Kind::Dir);
-        let kept = keep_backing(&table, replaced, dst_last, &to_dir, &cto)?;
+        let kept = keep_backing(&table, replaced, (new_parent, new_name), dst_last, &to_dir, &cto)?;
         let dst_path = table.path(new_parent).map(|p| p.join(new_name));
         tree::rename_at(from_dir.as_fd(), &cfrom, to_dir.as_fd(), &cto, flags)?;
         let mut gone = None;
@@ -1270,17 +1284,22 @@ impl Core {
 /// Opens the backing inode of a name that is about to lose its node's last link, when
 /// something still uses the node: open files (which keep working, as on any filesystem) or,
 /// for directories, the kernel's references. An unused file's storage is freed at once instead.
+///
+/// `last` says the backing inode loses its last link; a node can also lose the last name it
+/// knows while the file keeps others it never looked up (a hard link), and still needs one.
 fn keep_backing(
     table: &InodeTable,
     ino: Option<Ino>,
+    link: (Ino, &OsStr),
     last: bool,
     dir: &OwnedFd,
     name: &CStr,
 ) -> Result<Option<Arc<OwnedFd>>, FsError> {
-    let Some(node) = ino.filter(|_| last).and_then(|i| table.get(i)) else {
+    let Some(node) = ino.and_then(|i| table.get(i)) else {
         return Ok(None);
     };
-    if node.kind != Kind::Dir && node.opens == 0 {
+    let nameless = last || node.links.iter().all(|(p, n)| *p == link.0 && n == link.1);
+    if !nameless || (node.kind != Kind::Dir && node.opens == 0) {
         return Ok(None);
     }
     Ok(Some(Arc::new(tree::open_path_at(dir.as_fd(), name)?)))

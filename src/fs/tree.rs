@@ -543,3 +543,27 @@ pub fn read_file(root: BorrowedFd<'_>, rel: &std::path::Path) -> io::Result<Opti
     file.read_to_end(&mut data)?;
     Ok(Some((data, st.st_mode & 0o7777)))
 }
+
+/// A reader of a whole file by positional reads. The files syncfs reads whole (a stage's
+/// content, a commit in flight) are shared by several handles and tasks at once; a `dup` of one
+/// shares its offset, so a seek and read there could race with another and read from the
+/// middle, or nothing.
+pub struct ReadAt<'a> {
+    file: &'a std::fs::File,
+    pos: u64,
+}
+
+impl<'a> ReadAt<'a> {
+    /// Reads `file` from its start.
+    pub fn new(file: &'a std::fs::File) -> ReadAt<'a> {
+        ReadAt { file, pos: 0 }
+    }
+}
+
+impl std::io::Read for ReadAt<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = std::os::unix::fs::FileExt::read_at(self.file, buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}

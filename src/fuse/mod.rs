@@ -801,7 +801,8 @@ pub struct Invalidator {
 }
 
 enum Invalidation {
-    Inode(Ino, Option<tokio::sync::oneshot::Sender<()>>),
+    /// Attributes and pages (`pages`), or attributes only.
+    Inode(Ino, bool, Option<tokio::sync::oneshot::Sender<()>>),
     Entry(Ino, std::ffi::OsString),
 }
 
@@ -815,13 +816,15 @@ impl Invalidator {
         std::thread::Builder::new()
             .name("syncfs-inval".into())
             .spawn(move || {
-                // (when, inode, attempts so far)
-                let mut retries: Vec<(std::time::Instant, Ino, usize)> = Vec::new();
-                let inval_inode = |ino: Ino, attempt: usize, retries: &mut Vec<(std::time::Instant, Ino, usize)>| {
-                    match notifier.inval_inode(INodeNo(ino), 0, 0) {
+                // (when, inode, pages too, attempts so far)
+                let mut retries: Vec<(std::time::Instant, Ino, bool, usize)> = Vec::new();
+                let inval_inode = |ino: Ino, pages: bool, attempt: usize, retries: &mut Vec<(std::time::Instant, Ino, bool, usize)>| {
+                    // An offset below zero leaves the pages alone.
+                    let offset = if pages { 0 } else { -1 };
+                    match notifier.inval_inode(INodeNo(ino), offset, 0) {
                         Err(e) if e.raw_os_error() == Some(libc::ENOENT) && attempt < INODE_RETRY_MS.len() => {
                             let at = std::time::Instant::now() + Duration::from_millis(INODE_RETRY_MS[attempt]);
-                            retries.push((at, ino, attempt + 1));
+                            retries.push((at, ino, pages, attempt + 1));
                         }
                         Err(e) => tracing::debug!(ino, error = %e, "kernel invalidation failed"),
                         Ok(()) => {}
@@ -830,7 +833,7 @@ impl Invalidator {
                 loop {
                     let wait = retries
                         .iter()
-                        .map(|(at, _, _)| at.saturating_duration_since(std::time::Instant::now()))
+                        .map(|(at, ..)| at.saturating_duration_since(std::time::Instant::now()))
                         .min();
                     let msg = match wait {
                         Some(wait) => match rx.recv_timeout(wait) {
@@ -844,8 +847,8 @@ impl Invalidator {
                         },
                     };
                     match msg {
-                        Some(Invalidation::Inode(ino, ack)) => {
-                            inval_inode(ino, 0, &mut retries);
+                        Some(Invalidation::Inode(ino, pages, ack)) => {
+                            inval_inode(ino, pages, 0, &mut retries);
                             if let Some(ack) = ack {
                                 let _ = ack.send(());
                             }
@@ -858,10 +861,10 @@ impl Invalidator {
                         None => {}
                     }
                     let now = std::time::Instant::now();
-                    let due: Vec<_> = retries.iter().filter(|(at, _, _)| *at <= now).copied().collect();
-                    retries.retain(|(at, _, _)| *at > now);
-                    for (_, ino, attempt) in due {
-                        inval_inode(ino, attempt, &mut retries);
+                    let due: Vec<_> = retries.iter().filter(|(at, ..)| *at <= now).copied().collect();
+                    retries.retain(|(at, ..)| *at > now);
+                    for (_, ino, pages, attempt) in due {
+                        inval_inode(ino, pages, attempt, &mut retries);
                     }
                 }
             })
@@ -872,7 +875,7 @@ impl Invalidator {
 
 impl KernelCache for Invalidator {
     fn invalidate_inode(&self, ino: Ino) {
-        let _ = self.tx.lock().send(Invalidation::Inode(ino, None));
+        let _ = self.tx.lock().send(Invalidation::Inode(ino, true, None));
     }
 
     fn invalidate_entry(&self, parent: Ino, name: &OsStr) {
@@ -881,7 +884,13 @@ impl KernelCache for Invalidator {
 
     fn invalidate_inode_acked(&self, ino: Ino) -> tokio::sync::oneshot::Receiver<()> {
         let (ack, done) = tokio::sync::oneshot::channel();
-        let _ = self.tx.lock().send(Invalidation::Inode(ino, Some(ack)));
+        let _ = self.tx.lock().send(Invalidation::Inode(ino, true, Some(ack)));
+        done
+    }
+
+    fn invalidate_attrs_acked(&self, ino: Ino) -> tokio::sync::oneshot::Receiver<()> {
+        let (ack, done) = tokio::sync::oneshot::channel();
+        let _ = self.tx.lock().send(Invalidation::Inode(ino, false, Some(ack)));
         done
     }
 }

@@ -279,24 +279,33 @@ pub const TEMP_FILE_NAMES: [&str; 14] = [
     "*.tmp",             // many programs
     "*.tmp-*",           // npm's write-file-atomic and atomically (tbd): NAME.tmp-<stamp><hex>
     "*.part",            // downloads, rsync --partial, KDE
-    "sedXXXXXX",         // GNU sed -i (six letters or digits)
-    "tmpXXXXXXXX",       // Python's tempfile (eight of a-z, 0-9, _)
-    ".NAME.XXXXXX",      // rsync (six letters or digits, at least one a digit or capital)
+    "sedXXXXXX",         // GNU sed -i (six letters or digits, a digit or capital among them)
+    "tmpXXXXXXXX",       // Python's tempfile (eight of a-z, 0-9, _, a digit among them)
+    ".NAME.XXXXXX",      // rsync (six letters or digits, capitals and small letters among them)
     "*.crdownload",      // browsers
 ];
 
 /// Whether a file name is one of [`TEMP_FILE_NAMES`].
 pub fn is_temp_name(name: &[u8]) -> bool {
+    // The random parts below come from mkstemp (letters of both cases and digits) and
+    // Python's tempfile (lower-case letters, digits, `_`). A real name almost never mixes like
+    // that, so each rule also asks for the mix: `sediments`, `tmpl_header`, `.env.sample` and
+    // `.babelrc.node14` stay real files, at the price of missing the rare temporary name
+    // without it (0.5% of sed's, 8% of Python's and of rsync's).
     let alnum = |b: &u8| b.is_ascii_alphanumeric();
     let ends = |suffix: &[u8]| name.len() > suffix.len() && name.ends_with(suffix);
     let mkstemp = |x: &[u8]| x.len() == 6 && x.iter().all(alnum);
-    let python = |x: &[u8]| x.len() == 8 && x.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_');
+    let sed = |x: &[u8]| mkstemp(x) && x.iter().any(|b| b.is_ascii_digit() || b.is_ascii_uppercase());
+    let python = |x: &[u8]| {
+        x.len() == 8
+            && x.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_')
+            && x.iter().any(u8::is_ascii_digit)
+    };
     let rsync = || {
-        // `.` NAME `.` XXXXXX, where a real dotfile such as `.env.sample` has no digit or
-        // capital in its extension (mkstemp's six characters almost always do).
+        // `.` NAME `.` XXXXXX
         name.len() >= 9 && name[0] == b'.' && name[name.len() - 7] == b'.' && {
             let x = &name[name.len() - 6..];
-            mkstemp(x) && x.iter().any(|b| b.is_ascii_digit() || b.is_ascii_uppercase())
+            mkstemp(x) && x.iter().any(u8::is_ascii_uppercase) && x.iter().any(u8::is_ascii_lowercase)
         }
     };
     ends(b".swp")
@@ -310,7 +319,7 @@ pub fn is_temp_name(name: &[u8]) -> bool {
         || name.windows(5).skip(1).any(|w| w == b".tmp-")
         || ends(b".part")
         || ends(b".crdownload")
-        || name.strip_prefix(b"sed").is_some_and(mkstemp)
+        || name.strip_prefix(b"sed").is_some_and(sed)
         || name.strip_prefix(b"tmp").is_some_and(python)
         || rsync()
 }

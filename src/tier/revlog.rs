@@ -8,8 +8,8 @@
 //! git takes the parent of a commit from what was checked out.
 //!
 //! The log keeps, per path, the moments its revision changed and the revision before each
-//! change, for [`KEEP`] (and at most [`PER_PATH`] changes per path): enough for a program's
-//! read-modify-write, bounded however many paths change.
+//! change, for [`KEEP`] (at most [`PER_PATH`] changes per path and [`MAX_CHANGES`] in all):
+//! enough for a program's read-modify-write, bounded however fast paths change.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -21,6 +21,8 @@ use super::Revision;
 pub const KEEP: Duration = Duration::from_secs(600);
 /// Changes remembered per path; older ones answer with the oldest known revision.
 pub const PER_PATH: usize = 16;
+/// Changes remembered in all: past this, the oldest go first, however recent.
+pub const MAX_CHANGES: usize = 100_000;
 
 /// Recent revision changes of paths (see the module docs).
 #[derive(Debug, Default)]
@@ -35,6 +37,10 @@ impl RevisionLog {
     /// Records that `path` changed at `now` from revision `before` (`None`: it did not exist).
     pub fn changed(&mut self, path: &Path, before: Option<Revision>, now: Instant) {
         self.forget_before(now.checked_sub(KEEP).unwrap_or(now));
+        while self.order.len() >= MAX_CHANGES {
+            let oldest = self.order.front().map(|(at, _)| *at).expect("not empty");
+            self.forget_before(oldest + Duration::from_nanos(1));
+        }
         let changes = self.paths.entry(path.to_path_buf()).or_default();
         if changes.len() == PER_PATH {
             changes.pop_front();

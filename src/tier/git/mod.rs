@@ -33,7 +33,7 @@ mod worker;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::{Read, Seek, Write};
+use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -459,9 +459,7 @@ impl GitTier {
             )));
         }
         let mut new = Vec::with_capacity(len as usize);
-        let mut reader = content.try_clone()?;
-        reader.rewind()?;
-        reader.read_to_end(&mut new)?;
+        crate::fs::tree::ReadAt::new(content).read_to_end(&mut new)?;
         let old = self.shared.objects.lock().read_blob(old).map_err(backend)?;
         let changed = crate::merge::immutable_changes(&at.path, rules, &old, &new);
         if !changed.is_empty() {
@@ -480,11 +478,9 @@ impl GitTier {
         if let Some(bytes) = self.check_immutable(at, content)? {
             return self.shared.objects.lock().git.blob(&bytes).map_err(backend);
         }
-        let mut reader = content.try_clone()?;
-        reader.rewind()?;
         let objects = self.shared.objects.lock();
         let mut writer = objects.git.blob_writer(None).map_err(backend)?;
-        std::io::copy(&mut reader, &mut writer)?;
+        std::io::copy(&mut crate::fs::tree::ReadAt::new(content), &mut writer)?;
         writer.flush()?;
         writer.commit().map_err(backend)
     }

@@ -170,9 +170,7 @@ fn read_value(file: &File, limit: usize, path: &Path) -> Result<Bytes, TierError
         )));
     }
     let mut buf = Vec::with_capacity(len);
-    let mut reader = file.try_clone()?;
-    std::io::Seek::seek(&mut reader, std::io::SeekFrom::Start(0))?;
-    reader.read_to_end(&mut buf)?;
+    crate::fs::tree::ReadAt::new(file).read_to_end(&mut buf)?;
     if buf.len() > limit {
         return Err(TierError::TooBig(format!("{} grew past {limit} bytes", path.display())));
     }
@@ -487,9 +485,13 @@ impl Tier for KvTier {
 
     fn revision(&self, at: &Target) -> Option<Revision> {
         let view = self.inner.view.lock();
-        view.get(&at.path)
-            .filter(|e| !e.deleted)
-            .map(|e| Revision(e.known.to_string()))
+        let e = view.get(&at.path)?;
+        // The revision whose content the tree holds: a newer one the watch heard of is not in
+        // the tree yet, and a writer opening now starts from the tree's content.
+        if e.installed != 0 && e.installed < e.known {
+            return Some(Revision(e.installed.to_string()));
+        }
+        (!e.deleted).then(|| Revision(e.known.to_string()))
     }
 
     fn revision_at(&self, at: &Target, when: std::time::Instant) -> Option<Revision> {
