@@ -14,6 +14,7 @@ mod lifecycle;
 mod model;
 mod nats;
 mod permissions;
+mod posix;
 mod reads;
 mod stream;
 mod tools;

@@ -5,9 +5,10 @@ set -euo pipefail
 
 # fuse3: fusermount3 and /etc/fuse.conf; attr: getfattr/setfattr; util-linux: setpriv;
 # bindfs: the benchmark's FUSE baseline; gcc/libc6-dev: crates that build C code;
-# pkg-config/libssl-dev: libgit2's https and ssh transports.
+# pkg-config/libssl-dev: libgit2's https and ssh transports; libacl1-dev: pjdfstest's ACL
+# bindings (exacl) link libacl.
 PACKAGES=(fuse3 attr git bindfs python3 util-linux coreutils gcc libc6-dev ca-certificates curl debian-archive-keyring
-          pkg-config libssl-dev)
+          pkg-config libssl-dev libacl1-dev)
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then
@@ -66,6 +67,23 @@ if ! command -v cargo >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo" ]; then
   echo "install-deps: installing the Rust toolchain with rustup"
   curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
 fi
+
+# The POSIX suites the mount tests run as regression gates (mount-tests/posix.rs): the Rust
+# pjdfstest and fsx from crates.io, pinned, so a new release cannot change what the gate
+# checks. Built with their own lock files (--locked) into a root of the project's, not
+# ~/.cargo/bin, so the tests find exactly these versions; rebuilt only when a binary is missing
+# or reports another version, since each build takes minutes on two cores.
+TOOLS_ROOT=/var/lib/syncfs/tools
+POSIX_TOOLS=(pjdfstest@0.2.2 fsx@0.3.2)
+for tool in "${POSIX_TOOLS[@]}"; do
+  name=${tool%@*} version=${tool#*@}
+  if [ "$("$TOOLS_ROOT/bin/$name" --version 2>/dev/null)" != "$name $version" ]; then
+    echo "install-deps: building $name $version into $TOOLS_ROOT"
+    # shellcheck disable=SC1091
+    . "$(dirname "$0")/env.sh"
+    $SUDO env "PATH=$PATH" cargo install --quiet --locked --force --root "$TOOLS_ROOT" --version "$version" "$name"
+  fi
+done
 
 if [ ! -e /dev/fuse ]; then
   echo "install-deps: warning: /dev/fuse is missing; mounting will fail (load the fuse module, or run the container with --device /dev/fuse)" >&2
