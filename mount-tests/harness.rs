@@ -222,13 +222,38 @@ impl Mount {
     }
 }
 
+impl Mount {
+    /// Unmounts with `syncfs umount`, giving up after `secs`: a hung daemon (the bug a test just
+    /// caught) never exits, so it is killed and the mount detached, and the next test runs.
+    fn umount_within(&self, secs: u64) -> bool {
+        let mut child = Command::new(bin())
+            .args(["umount", &self.mnt.display().to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("run syncfs umount");
+        if wait_for(Duration::from_secs(secs), || child.try_wait().ok().flatten().is_some()) {
+            return child.wait().is_ok_and(|s| s.success());
+        }
+        let pid = std::fs::read_to_string(self.state.join("lock")).unwrap_or_default();
+        if let Ok(pid) = pid.trim().parse::<i32>() {
+            // SAFETY: signalling this test's own daemon.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        let _ = child.kill();
+        let _ = child.wait();
+        eprintln!("{}: the daemon did not unmount within {secs} s; killed it", self.mnt.display());
+        false
+    }
+}
+
 impl Drop for Mount {
     fn drop(&mut self) {
         if !self.mounted {
             return;
         }
-        let out = syncfs(&["umount", &self.mnt.display().to_string()]);
-        if !out.status.success() {
+        if !self.umount_within(60) {
             let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
         }
         if std::thread::panicking() {
