@@ -7,6 +7,8 @@
 # filesystem layers and not the disk (this machine's ext4 is mounted with `discard`, whose
 # TRIMs make file creation swing by 3x between rounds). BENCH_ON=disk uses /var/tmp instead.
 #   FILES=2000 ROUNDS=7 MIB=256 SEQ_ROUNDS=3 BENCH_ON=tmpfs scripts/bench.sh
+# BASELINE=/path/to/an/older/syncfs also measures the KV claim and propagation with that build,
+# in the same run and on the same server, to show what a change cost.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
@@ -124,6 +126,20 @@ kvrun lock-raw "$url" bench_raw "$LOCKS" >> "$kvresults"
 kvrun lock-mount "$work/kv-a-mnt/fast/claims" "$LOCKS" >> "$kvresults"
 kvrun prop-raw "$url" bench_raw "$PROPS" >> "$kvresults"
 kvrun prop-mount "$work/kv-a-mnt/fast/casual" "$work/kv-b-mnt/fast/casual" "$PROPS" >> "$kvresults"
+if [ -n "${BASELINE:-}" ]; then
+  # The same two measurements with the older build, then again with this one, so drift over
+  # the run shows; each line is tagged with its build.
+  mkdir -p "$work/kv-a0-mnt" "$work/kv-b0-mnt"
+  "$BASELINE" mount "$work/kv-a0-mnt" --state "$work/kv-a0" --node a0 --nats "$url" >/dev/null
+  "$BASELINE" mount "$work/kv-b0-mnt" --state "$work/kv-b0" --node b0 --nats "$url" >/dev/null
+  for build in base new; do
+    if [ "$build" = base ]; then a="$work/kv-a0-mnt"; b="$work/kv-b0-mnt"; else a="$work/kv-a-mnt"; b="$work/kv-b-mnt"; fi
+    kvrun lock-mount "$a/fast/claims" "$LOCKS" | sed "s/^lock_mount /lock_mount_$build /" >> "$kvresults"
+    kvrun prop-mount "$a/fast/casual" "$b/fast/casual" "$PROPS" | sed "s/^propagation_mount /propagation_mount_$build /" >> "$kvresults"
+  done
+  "$BASELINE" umount "$work/kv-a0-mnt" >/dev/null
+  "$BASELINE" umount "$work/kv-b0-mnt" >/dev/null
+fi
 # Memory of a mount holding KEYS keys: written directly, then read by a fresh mount.
 casual=$(python3 - <<'PYB'
 h = 0x811c9dc5
@@ -216,7 +232,7 @@ mv "$work/remote.away" "$work/remote.git"
 gitrun converge "$url" "$work/remote.git" "$work/git-a-mnt" "$work/git-b-mnt" "$GITFILES" >> "$gitresults"
 
 python3 - "$results" "$FILES" "$ROUNDS" "$MIB" "$SEQ_ROUNDS" "$passthrough" "$BENCH_ON" "$kvresults" "$LOCKS" "$PROPS" "$gitresults" "$streamresults" "$APPENDS" "$blobresults" "$BLOB_MIB" "$BLOB_ROUNDS" > "$work/benchmarks.md" <<'PY'
-import platform, statistics, subprocess, sys, datetime
+import datetime, os, platform, statistics, subprocess, sys
 path, files, rounds, mib, seq_rounds, passthrough, bench_on, kvpath, locks, props, gitpath, streampath, appends, blobpath, blob_mib, blob_rounds = sys.argv[1:]
 data = {}
 for line in open(path):
@@ -238,7 +254,9 @@ print("## Measured\n")
 print("By `scripts/bench.sh`: this part is its output, rewritten on every run.\n")
 print(f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
 print(f"- machine: {cores} vCPU ({cpu}), {int(mem)//1024//1024} GiB RAM, kernel {platform.release()}")
-print(f"- command: `FILES={files} ROUNDS={rounds} MIB={mib} SEQ_ROUNDS={seq_rounds} APPENDS={appends} BLOB_MIB={blob_mib} BLOB_ROUNDS={blob_rounds} BENCH_ON={bench_on} scripts/bench.sh`")
+baseline = os.environ.get("BASELINE")
+baseline = f"BASELINE={baseline} " if baseline else ""
+print(f"- command: `{baseline}FILES={files} ROUNDS={rounds} MIB={mib} SEQ_ROUNDS={seq_rounds} APPENDS={appends} BLOB_MIB={blob_mib} BLOB_ROUNDS={blob_rounds} BENCH_ON={bench_on} scripts/bench.sh`")
 print(f"- backing storage of every target: {'a private tmpfs (measures the filesystem layers, not the disk)' if bench_on == 'tmpfs' else 'the root ext4 disk (/var/tmp)'}")
 print(f"- syncfs: release build, local tier, FUSE passthrough {'on' if passthrough == 'True' else 'OFF (kernel refused)'} in the `syncfs` column, off in `syncfs-nopt`")
 print("- bindfs: Debian's bindfs, default options (single-threaded) and `--multithreaded`")
@@ -281,6 +299,14 @@ for label, mount, raw in [
 ]:
     m, r = kv[mount], kv[raw]
     print(f"| {label} | {m[0]:.0f} / {m[1]:.0f} us | {r[0]:.0f} / {r[1]:.0f} us | {m[0] / r[0]:.2f}x |")
+if "lock_mount_base" in kv:
+    print("\nThe same claims and propagation with an older build (`BASELINE`), on the same server in")
+    print("this run, after this build's rows above; this build was measured once more after it.\n")
+    print("| operation | older build p50 / p99 | this build p50 / p99 | ratio (p50) |")
+    print("|---|---:|---:|---:|")
+    for label, key in [("claim", "lock_mount"), ("propagation A -> B", "propagation_mount")]:
+        o, n = kv[key + "_base"], kv[key + "_new"]
+        print(f"| {label} | {o[0]:.0f} / {o[1]:.0f} us | {n[0]:.0f} / {n[1]:.0f} us | {n[0] / o[0]:.2f}x |")
 if memory:
     keys, rss, hwm, secs = memory
     print(f"\nA fresh mount reading a bucket of {int(keys):,} keys: ready in {secs} s, daemon RSS {int(rss)//1024} MiB (peak {int(hwm)//1024} MiB).")
