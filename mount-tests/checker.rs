@@ -30,12 +30,13 @@ use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::fd::IntoRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::git::{Remote, QUICK};
 use crate::harness::{wait_content, wait_for, Mount, Options};
 use crate::history::{
     self, check_appends, check_fields, check_linearizable, check_lww_converged, check_no_stale_reads, check_reads_written, Final, History, Kind, Recorder,
@@ -48,8 +49,6 @@ const SETTLE_KV: Duration = Duration::from_secs(2);
 /// Git propagation bound with [`QUICK`] timings (measured: about 0.25 s when idle).
 const SETTLE_GIT: Duration = Duration::from_secs(5);
 
-/// Short git timings so drivers take seconds (as in mount-tests/git.rs).
-const QUICK: &str = "git:\n  quiet_ms: 200\n  fetch_interval_ms: 1000\n";
 
 /// The default table's modes, plus a git lww path.
 const TABLE: &str = r#"
@@ -73,28 +72,6 @@ policies:
     tier: git
     consistency: merge
 "#;
-
-/// A shared bare remote (the few lines of git.rs's `Remote` these drivers need).
-struct Remote {
-    /// Removed on drop.
-    _dir: tempfile::TempDir,
-    /// The bare repository, as every node's `--git-remote`.
-    path: PathBuf,
-}
-
-impl Remote {
-    fn new() -> Remote {
-        let dir = tempfile::Builder::new().prefix("syncfs-remote-").tempdir().unwrap();
-        let path = dir.path().join("shared.git");
-        let out = Command::new("git")
-            .args(["init", "--quiet", "--bare", "-b", "main"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "git init: {}", String::from_utf8_lossy(&out.stderr));
-        Remote { _dir: dir, path }
-    }
-}
 
 /// A node on `nats` (and `remote`), with [`TABLE`] and [`QUICK`].
 fn node(name: &str, nats: &NatsServer, remote: Option<&Remote>) -> Mount {
