@@ -222,3 +222,45 @@ impl OldServer {
         OldServer { port }
     }
 }
+
+// --- Fault helpers (mount-tests/faults.rs): signals, a restart after a kill, the log. ---
+
+impl NatsServer {
+    /// The server's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Sends `signal` to the server (SIGSTOP, SIGCONT, ...).
+    pub fn signal(&self, signal: i32) {
+        if let Some(pid) = self.pid() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(pid as i32, signal) };
+        }
+    }
+
+    /// `kill -9`: JetStream gets no chance to flush (the OS keeps what it wrote).
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port and store after [`NatsServer::stop`] or
+    /// [`NatsServer::kill9`].
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the server still runs");
+        self.spawn();
+    }
+
+    /// Whether it runs now.
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+}

@@ -191,6 +191,9 @@ impl FileConfig {
                             "token" => n.token = Some(Secret(string(file, v, "nats.token")?)),
                             "credentials" => n.credentials = Some(path(v, "nats.credentials")?),
                             "timeout_ms" => n.timeout = Duration::from_millis(number(file, v, "nats.timeout_ms")?.max(1)),
+                            "ping_interval_ms" => {
+                                n.ping_interval = Duration::from_millis(number(file, v, "nats.ping_interval_ms")?.max(100))
+                            }
                             "tls" => {
                                 for (tk, tv) in entries(file, v, "`nats.tls`")? {
                                     match tk.as_str().unwrap_or("") {
@@ -291,7 +294,7 @@ impl FileConfig {
                             other => {
                                 return Err(at(file, k, format!(
                                     "unknown key `nats.{other}` (expected url, user, password, token, \
-                                     credentials, tls, kv, stream, object_store, timeout_ms)"
+                                     credentials, tls, kv, stream, object_store, timeout_ms, ping_interval_ms)"
                                 )))
                             }
                         }

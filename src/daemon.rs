@@ -31,7 +31,7 @@ use crate::fuse::{AdapterConfig, FuseAdapter, Invalidator};
 use crate::nats::embedded::Embedded;
 use crate::nats::Nats;
 use crate::policy::{PolicyTable, TierKind, DEFAULT_POLICY_FILE, POLICY_FILE};
-use crate::status::{FuseStatus, GitStatus, NatsStatus, Status, TierStatus, STATUS_XATTR};
+use crate::status::{FuseStatus, GitStatus, NatsStatus, QuarantinedPath, Status, TierStatus, STATUS_XATTR};
 use crate::status::{BlobsStatus, StreamsStatus};
 use crate::tier::blob::BlobTier;
 use crate::tier::git::{self, GitTier};
@@ -280,6 +280,7 @@ fn load_policies(cfg: &MountConfig, tree: &Path) -> anyhow::Result<PolicyTable> 
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644))?;
         tracing::info!(file = %file.display(), "seeded the policy table");
     }
+    secure_policy_file(&file)?;
     let text = std::fs::read_to_string(&file)
         .with_context(|| format!("cannot read the policy file {}", file.display()))?;
     let table = PolicyTable::parse(&text, &file).map_err(|e| {
@@ -289,6 +290,30 @@ fn load_policies(cfg: &MountConfig, tree: &Path) -> anyhow::Result<PolicyTable> 
             )
         })?;
     Ok(table)
+}
+
+/// Keeps `.syncfs/` 0755 and the policy file 0644, owned by the daemon's user, at every
+/// mount: the table decides where every node's files go, so with `allow_other` no other local
+/// user may rewrite it. (Older releases left a table adopted from the remote 0777/0666.)
+/// Symlinks are left alone: the daemon never changes what a link points at.
+fn secure_policy_file(file: &Path) -> anyhow::Result<()> {
+    // SAFETY: these calls cannot fail.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    for (path, mode) in [(file.parent().expect("has a parent"), 0o755), (file, 0o644)] {
+        let meta = std::fs::symlink_metadata(path).with_context(|| format!("{}", path.display()))?;
+        if meta.file_type().is_symlink() {
+            return Ok(());
+        }
+        if (meta.uid(), meta.gid()) != (uid, gid) {
+            std::os::unix::fs::lchown(path, Some(uid), Some(gid)).with_context(|| format!("cannot chown {}", path.display()))?;
+        }
+        if meta.mode() & 0o7777 != mode {
+            tracing::warn!(path = %path.display(), mode = format!("{:o}", meta.mode() & 0o7777), "the policy table's mode was not {mode:o}; reset it");
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                .with_context(|| format!("cannot chmod {}", path.display()))?;
+        }
+    }
+    Ok(())
 }
 
 fn raise_fd_limit() {
@@ -575,6 +600,12 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
                 uncommitted: git_info.uncommitted,
                 head: git_info.head,
                 error: git_info.error,
+                quarantined: git_info
+                    .quarantined
+                    .into_iter()
+                    .map(|q| QuarantinedPath { path: q.path, reason: q.reason })
+                    .collect(),
+                policy_error: git_info.policy_error,
             },
             tiers,
             pending_writes: status_kv.as_ref().map(|k| k.pending() as u64).unwrap_or(0),

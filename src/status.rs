@@ -133,6 +133,21 @@ pub struct GitStatus {
     /// The last error reaching the remote, until an exchange succeeds.
     #[serde(default)]
     pub error: Option<String>,
+    /// Paths git refuses, kept out of this node's commits (its files) or tree (the branch's).
+    #[serde(default)]
+    pub quarantined: Vec<QuarantinedPath>,
+    /// Why the branch's policy table is not installed, while it is not a valid table.
+    #[serde(default)]
+    pub policy_error: Option<String>,
+}
+
+/// A path the durable tier keeps out, and why.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct QuarantinedPath {
+    /// Relative to the sync root.
+    pub path: String,
+    /// Why, and what fixes it.
+    pub reason: String,
 }
 
 /// Counters of one tier.
@@ -191,6 +206,15 @@ impl Status {
         let _ = writeln!(s, "git:          {git}");
         if let Some(e) = &self.git.error {
             let _ = writeln!(s, "git error:    {e}");
+        }
+        if let Some(e) = &self.git.policy_error {
+            let _ = writeln!(s, "policy table: {e}");
+        }
+        if !self.git.quarantined.is_empty() {
+            let _ = writeln!(s, "quarantined:  {} paths git refuses", self.git.quarantined.len());
+            for q in &self.git.quarantined {
+                let _ = writeln!(s, "  {}: {}", q.path, q.reason);
+            }
         }
         if self.streams.streams > 0 {
             let _ = writeln!(s, "streams:      {} streams, {} files", self.streams.streams, self.streams.files);

@@ -879,6 +879,17 @@ impl Core {
             let _order = stage.commit_lock.lock().await;
             let placement = this.placement(ino);
             let Some(frozen) = stage.freeze(when != Commit::Flush) else {
+                // An O_TRUNC open with nothing written yet waits for release, whose errors reach
+                // no program: a validated file checks that empty content at close instead, so
+                // `: > file` fails like `truncate -s 0`. Nothing changes: a write still may.
+                if when == Commit::Flush && stage.needs_commit() && stage.owns_shadow() {
+                    if let Ok(Placement::Named(path) | Placement::Taken(path)) = &placement {
+                        let target = this.target(path.clone());
+                        if super::validates(&target) {
+                            this.validate(&target, &stage.file())?;
+                        }
+                    }
+                }
                 if !durable {
                     return Ok(());
                 }

@@ -84,7 +84,11 @@ impl Core {
         Ok(match short {
             "tier" => Some(target.policy.tier.name().as_bytes().to_vec()),
             "policy" => Some(target.policy.pattern.as_bytes().to_vec()),
-            "error" => self.refusal(&target.path).map(String::into_bytes),
+            // A refused write here, else what the tier says (a claim this mount lost).
+            "error" => self
+                .refusal(&target.path)
+                .map(String::into_bytes)
+                .or_else(|| self.tier(&target).attribute(&target, name)),
             "content" => None,
             _ => {
                 let tier = self.tier(&target);

@@ -66,8 +66,12 @@ pub struct NatsSettings {
     pub replicas: usize,
     /// History of the buckets syncfs creates (values kept per key).
     pub history: i64,
-    /// How long a request (publish, ack) may take before it counts as lost.
+    /// How long a publish may take, retries included, before its outcome counts as unknown:
+    /// strongly consistent operations fail within it.
     pub timeout: Duration,
+    /// How often the client pings the server: after three unanswered pings the connection
+    /// counts as dead (a half-open link or a stopped server) and is replaced.
+    pub ping_interval: Duration,
 }
 
 impl Default for NatsSettings {
@@ -84,7 +88,8 @@ impl Default for NatsSettings {
             tls_required: false,
             replicas: 1,
             history: 1,
-            timeout: Duration::from_secs(5),
+            timeout: Duration::from_secs(2),
+            ping_interval: Duration::from_secs(1),
         }
     }
 }
@@ -127,11 +132,14 @@ pub enum PublishFailure {
     WrongLastSequence,
     /// The message is larger than the server's `max_payload`.
     TooBig,
-    /// No stream takes the subject.
+    /// No stream takes the subject (JetStream is starting, stopping or has no leader).
     NoStream,
-    /// The server did not answer or the connection is down; the publish may or may not have
-    /// landed (a retry with the same message id is safe).
+    /// Nothing was published: the server is unreachable or refused the request.
     Unavailable(String),
+    /// The message went out (or waits in the client's buffer for the next connection) and no
+    /// acknowledgement came within the timeout: it may land, now or later. A retry with the
+    /// same message id is safe while JetStream's duplicate window lasts.
+    Unknown(String),
 }
 
 impl fmt::Display for PublishFailure {
@@ -141,6 +149,7 @@ impl fmt::Display for PublishFailure {
             PublishFailure::TooBig => f.write_str("larger than the server's max_payload"),
             PublishFailure::NoStream => f.write_str("no stream takes the subject"),
             PublishFailure::Unavailable(reason) => f.write_str(reason),
+            PublishFailure::Unknown(reason) => write!(f, "outcome unknown: {reason}"),
         }
     }
 }
@@ -209,6 +218,7 @@ impl Nats {
             .retry_on_initial_connect()
             .max_reconnects(None)
             .connection_timeout(Duration::from_secs(2))
+            .ping_interval(settings.ping_interval)
             .request_timeout(Some(settings.timeout))
             .reconnect_delay_callback(|attempts| {
                 Duration::from_millis((50u64 << attempts.min(6)).min(2000))
@@ -357,9 +367,10 @@ impl Nats {
     }
 
     /// Publishes one message to JetStream and waits for its acknowledgement; returns the
-    /// stream sequence it got. A lost acknowledgement is retried (twice, while connected) with
-    /// the same `msg_id`, which JetStream de-duplicates, so a retry never stores it twice (for
-    /// a duplicate, the ack names the original's sequence).
+    /// stream sequence it got. A lost acknowledgement is retried with the same `msg_id`, which
+    /// JetStream de-duplicates (for a duplicate, the ack names the original's sequence), while
+    /// the timeout lasts: the whole call takes at most `timeout`, so a strongly consistent
+    /// operation fails within it.
     pub async fn publish(
         &self,
         subject: String,
@@ -369,7 +380,8 @@ impl Nats {
         expected_last_subject_sequence: Option<u64>,
     ) -> Result<u64, PublishFailure> {
         use async_nats::jetstream::context::PublishErrorKind as Kind;
-        let mut attempt = 0;
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut sent = false;
         loop {
             let mut message = jetstream::message::PublishMessage::build()
                 .payload(payload.clone())
@@ -378,9 +390,18 @@ impl Nats {
             if let Some(seq) = expected_last_subject_sequence {
                 message = message.expected_last_subject_sequence(seq);
             }
-            let result = match self.js.send_publish(subject.clone(), message).await {
-                Ok(ack) => ack.await,
-                Err(e) => Err(e),
+            let unknown = |why: &str| PublishFailure::Unknown(format!("{why} within {:?}", self.timeout));
+            let ack = match tokio::time::timeout_at(deadline, self.js.send_publish(subject.clone(), message)).await {
+                // The client may have taken it into its buffer: it can still go out.
+                Err(_) => return Err(unknown("not sent")),
+                Ok(Err(e)) if !sent => return Err(PublishFailure::Unavailable(e.to_string())),
+                Ok(Err(_)) => return Err(unknown("not acknowledged")),
+                Ok(Ok(ack)) => ack,
+            };
+            sent = true;
+            let result = match tokio::time::timeout_at(deadline, ack).await {
+                Err(_) => return Err(unknown("not acknowledged")),
+                Ok(result) => result,
             };
             match result {
                 Ok(ack) => return Ok(ack.sequence),
@@ -388,11 +409,13 @@ impl Nats {
                     Kind::WrongLastSequence => return Err(PublishFailure::WrongLastSequence),
                     Kind::MaxPayloadExceeded => return Err(PublishFailure::TooBig),
                     Kind::StreamNotFound => return Err(PublishFailure::NoStream),
-                    Kind::TimedOut | Kind::BrokenPipe | Kind::MaxAckPending if attempt < 2 && self.is_connected() => {
-                        attempt += 1;
-                        tracing::debug!(%subject, attempt, "publish not acknowledged; retrying with the same message id");
+                    Kind::TimedOut | Kind::BrokenPipe | Kind::MaxAckPending => {
+                        if tokio::time::Instant::now() >= deadline || !self.is_connected() {
+                            return Err(unknown("not acknowledged"));
+                        }
+                        tracing::debug!(%subject, "publish not acknowledged; retrying with the same message id");
                     }
-                    _ => return Err(PublishFailure::Unavailable(e.to_string())),
+                    _ => return Err(unknown(&e.to_string())),
                 },
             }
         }

@@ -395,6 +395,14 @@ impl PolicyTable {
         &self.source
     }
 
+    /// Checks the bytes of a [`POLICY_FILE`] as a write of it is checked, for content that
+    /// arrives by other ways (the git remote): UTF-8 text and a table this build can apply.
+    /// The reason names the line and column.
+    pub fn check_file(bytes: &[u8]) -> Result<PolicyTable, String> {
+        let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_string())?;
+        PolicyTable::parse(text, Path::new(POLICY_FILE))
+            .map_err(|e| format!("line {}, column {}: {}", e.line, e.col, e.reason))
+    }
 }
 
 thread_local! {

@@ -246,3 +246,17 @@ fn every_pairing_is_decided() {
         .sum();
     assert_eq!(served, 8);
 }
+
+#[test]
+fn check_file_takes_what_a_write_takes_and_says_where() {
+    assert!(PolicyTable::check_file(DEFAULT_POLICY_FILE.as_bytes()).is_ok());
+    for (bytes, reason) in [
+        (&b"policies: [oops\n"[..], "line 2"),
+        (b"", "line"),
+        (b"policies:\n  - pattern: x\n    tier: gti\n", "unknown tier `gti`"),
+        (b"\xff\xfe", "not UTF-8"),
+    ] {
+        let e = PolicyTable::check_file(bytes).unwrap_err();
+        assert!(e.contains(reason), "{bytes:?}: {e}");
+    }
+}

@@ -188,6 +188,20 @@ pub fn key_of(path: &std::path::Path) -> Result<String, TierError> {
     })
 }
 
+/// What a failed publish of `subject` means to a program. A missing stream counts as
+/// JetStream being unavailable: the tier made its stream when it connected, so it is starting,
+/// stopping or without a leader (lww writes queue, strong operations get EAGAIN).
+pub fn publish_error(tier: crate::policy::TierKind, subject: &str, e: crate::nats::PublishFailure) -> TierError {
+    use crate::nats::PublishFailure as F;
+    match e {
+        F::TooBig => TierError::TooBig(format!("{subject}: larger than the server's max_payload")),
+        F::NoStream => TierError::unavailable(tier, format!("JetStream has no stream for {subject} now (starting, stopping or without a leader)")),
+        F::WrongLastSequence => TierError::Backend(format!("{subject}: unexpected sequence check")),
+        F::Unavailable(reason) => TierError::unavailable(tier, reason),
+        F::Unknown(reason) => TierError::Unknown { tier, reason },
+    }
+}
+
 /// Runs blocking file work off the runtime's workers.
 pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, TierError> + Send + 'static) -> Result<T, TierError> {
     tokio::task::spawn_blocking(f)

@@ -160,6 +160,16 @@ pub enum TierError {
         /// What failed.
         reason: String,
     },
+    /// A strongly consistent operation whose outcome is unknown: the request went out and
+    /// no answer came in time. The tier reconciles it when it learns the outcome (its message
+    /// id shows up, or not).
+    #[error("{tier}: outcome unknown ({reason}); it is reconciled when the link returns")]
+    Unknown {
+        /// The tier.
+        tier: TierKind,
+        /// What timed out.
+        reason: String,
+    },
     /// The write breaks the path's policy.
     #[error("refused by policy: {0}")]
     Refused(String),

@@ -51,7 +51,7 @@ use super::jetstream::{self, blocking, MsgIds, Tasks};
 use super::kv::{bucket_name, key, pattern_root};
 use super::{Arrival, Content, RemoteChange, RemoteSink, Revision, Target, Tier, TierError, WriteMode};
 use crate::fs::Kind;
-use crate::nats::{Nats, PublishFailure};
+use crate::nats::Nats;
 use crate::op::Op;
 use crate::policy::{PolicyTable, TierKind};
 
@@ -331,10 +331,7 @@ impl Inner {
             .nats
             .publish(subject, payload, headers, &self.ids.next(), None)
             .await
-            .map_err(|e| match e {
-                PublishFailure::Unavailable(reason) => unavailable(reason),
-                other => backend("publishing a blob pointer", other),
-            })?;
+            .map_err(|e| jetstream::publish_error(TierKind::ObjectStore, "a blob pointer", e))?;
         let mut view = self.view.lock();
         let newer = view.get(&at.path).is_none_or(|e| e.seq < seq);
         if newer {

@@ -27,6 +27,7 @@
 //! daemon had not committed by comparing the tree with it, and commits them first.
 
 mod history;
+mod names;
 mod remote;
 pub mod repo;
 mod worker;
@@ -34,7 +35,7 @@ mod worker;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{Read, Write};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -145,6 +146,9 @@ struct State {
     writers: HashMap<PathBuf, String>,
     /// Recent changes of `held`, for the base of renames onto a path.
     log: super::revlog::RevisionLog,
+    /// Files of this node's tree kept out of its commits, with why: names git refuses, and
+    /// changes no tree update could take. The file stays; its next change tries again.
+    quarantined: BTreeMap<PathBuf, String>,
 }
 
 impl State {
@@ -179,6 +183,21 @@ pub struct GitInfo {
     pub error: Option<String>,
     /// Conflict files in the branch.
     pub conflicts: Vec<String>,
+    /// Paths kept out of this node's commits (its own files) or of its tree (the branch's),
+    /// because git refuses them, by path.
+    pub quarantined: Vec<Quarantined>,
+    /// Why the branch's policy table is not installed on this node, while it is not a valid
+    /// table: the node keeps its last valid one.
+    pub policy_error: Option<String>,
+}
+
+/// A path the durable tier keeps out, and why.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Quarantined {
+    /// Relative to the sync root.
+    pub path: String,
+    /// Why, and what fixes it.
+    pub reason: String,
 }
 
 pub(crate) struct Shared {
@@ -222,6 +241,7 @@ impl Shared {
                 }
             }
             st.writers.insert(path.to_path_buf(), self.node.clone());
+            st.quarantined.remove(path);
         }
         if !durable {
             self.send(Cmd::Dirty);
@@ -264,12 +284,17 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, TierError> + 
         .map_err(|e| TierError::Backend(format!("blocking task: {e}")))?
 }
 
-/// Whether git can store a path: no component named `.git` (in any case).
+/// Whether git can store a path: no component git refuses as a tree entry ([`names`]).
 fn storable(path: &Path) -> bool {
-    path.components().all(|c| match c {
-        Component::Normal(name) => !name.to_string_lossy().eq_ignore_ascii_case(".git"),
-        _ => false,
-    })
+    names::refusal(path).is_none()
+}
+
+/// Refuses a path git cannot store (`EPERM`), saying why.
+fn check_storable(path: &Path) -> Result<(), TierError> {
+    match names::refusal(path) {
+        None => Ok(()),
+        Some(why) => Err(TierError::Refused(format!("git cannot store {}: {why}", path.display()))),
+    }
 }
 
 /// The NATS subject on which nodes sharing the remote `url` announce their pushes (the
@@ -279,41 +304,129 @@ pub fn notice_subject_for(url: &str) -> String {
 }
 
 /// Prepares a node's repository before its policy table is read: on the first mount with a
-/// remote, fetches it and adopts its branch, and puts the shared policy file into the tree
-/// so that this node starts with the cluster's table rather than seeding its own.
+/// remote, fetches it and adopts its branch, and puts the shared policy file into the tree so
+/// that this node starts with the cluster's table rather than seeding its own.
+///
+/// Only a valid table is ever put there (no mount could start with another): when the
+/// branch's is not one (a broken table pushed with plain git), the newest valid table of its
+/// history is. A tree whose table is not valid (installed by an older syncfs) is repaired the
+/// same way, after a fetch, so that a remote fixed meanwhile heals the node.
 pub fn bootstrap(state_dir: &Path, settings: &GitSettings) -> anyhow::Result<()> {
     worker::set_timeouts();
     let repo = Repo::open(&state_dir.join("git"))
         .map_err(|e| anyhow::anyhow!("cannot open the git repository {}: {e}", state_dir.join("git").display()))?;
-    let Some(remote) = Remote::new(settings) else {
-        return Ok(());
-    };
-    if repo.target(repo::TREE).is_some() || repo.target(repo::MAIN).is_some() {
-        return Ok(());
-    }
-    if let Err(e) = remote.fetch(&repo.git) {
-        tracing::warn!(error = %e, "cannot fetch the git remote on the first mount; starting from this node's files");
-        return Ok(());
-    }
-    let Some(origin) = repo.target(repo::ORIGIN) else {
-        return Ok(());
-    };
-    repo.set_ref(repo::MAIN, origin, None, "syncfs: first mount, the remote's branch")?;
     let policy_file = state_dir.join("tree").join(POLICY_FILE);
-    if !policy_file.exists() {
-        let tree = repo.tree_of(Some(origin))?;
-        if let Some(blob) = Repo::blob_at(tree.as_ref(), Path::new(POLICY_FILE)) {
-            std::fs::create_dir_all(policy_file.parent().expect("has a parent"))?;
-            std::fs::write(&policy_file, repo.read_blob(blob)?)?;
-            tracing::info!("took the policy table from the git remote");
+    let first = repo.target(repo::TREE).is_none() && repo.target(repo::MAIN).is_none();
+    let broken = std::fs::read(&policy_file).ok().and_then(|b| PolicyTable::check_file(&b).err());
+    let remote = Remote::new(settings);
+    if !(first && remote.is_some()) && broken.is_none() {
+        return Ok(());
+    }
+    if let Some(remote) = &remote {
+        if let Err(e) = remote.fetch(&repo.git) {
+            tracing::warn!(error = %e, "cannot fetch the git remote before reading the policy table; starting from this node's files");
+            if broken.is_none() {
+                return Ok(());
+            }
         }
+    }
+    if first {
+        if let Some(origin) = repo.target(repo::ORIGIN) {
+            repo.set_ref(repo::MAIN, origin, None, "syncfs: first mount, the remote's branch")?;
+        }
+    }
+    if broken.is_none() && policy_file.exists() {
+        return Ok(());
+    }
+    let tips: Vec<Oid> = [repo::ORIGIN, repo::MAIN].iter().filter_map(|r| repo.target(r)).collect();
+    let Some((commit, bytes)) = newest_valid_table(&repo, &tips)? else {
+        return Ok(());
+    };
+    write_policy_file(&policy_file, &bytes)?;
+    let tip_table = tips.first().and_then(|t| repo.tree_of(Some(*t)).ok().flatten()).and_then(|t| Repo::blob_at(Some(&t), Path::new(POLICY_FILE)));
+    match &broken {
+        Some(why) => tracing::warn!(%commit, reason = %why, "this node's policy table is not valid; took the newest valid one of the git branch"),
+        None if tip_table == Some(Oid::hash_object(git2::ObjectType::Blob, &bytes)?) => {
+            tracing::info!("took the policy table from the git remote")
+        }
+        None => tracing::warn!(%commit, "the git remote's policy table is not valid; took the newest valid one of its history"),
     }
     Ok(())
 }
 
-/// Walks the tree for durable files: path relative to the root, and its blob id.
-fn scan_tree(tree_dir: &Path, policies: &PolicyTable) -> std::io::Result<HashMap<PathBuf, Oid>> {
+/// How many commits the search for a valid policy table looks at.
+const TABLE_WALK_LIMIT: usize = 10_000;
+
+/// The newest valid policy table on the branches `tips` (the first tip's first): its commit
+/// and bytes. `None` when the tips have no table, or no commit has a valid one.
+fn newest_valid_table(repo: &Repo, tips: &[Oid]) -> anyhow::Result<Option<(Oid, Vec<u8>)>> {
+    let table_at = |commit: Oid| -> anyhow::Result<Option<Oid>> {
+        Ok(Repo::blob_at(repo.tree_of(Some(commit))?.as_ref(), Path::new(POLICY_FILE)))
+    };
+    let mut invalid = std::collections::HashSet::new();
+    let mut check = |commit: Oid| -> anyhow::Result<Option<(Oid, Vec<u8>)>> {
+        let Some(blob) = table_at(commit)? else { return Ok(None) };
+        if invalid.contains(&blob) {
+            return Ok(None);
+        }
+        let bytes = repo.read_blob(blob)?;
+        if PolicyTable::check_file(&bytes).is_ok() {
+            return Ok(Some((commit, bytes)));
+        }
+        invalid.insert(blob);
+        Ok(None)
+    };
+    let mut any = false;
+    for tip in tips {
+        any |= table_at(*tip)?.is_some();
+        if let Some(found) = check(*tip)? {
+            return Ok(Some(found));
+        }
+    }
+    if !any {
+        // The branch has no table (on purpose): the daemon seeds one.
+        return Ok(None);
+    }
+    let mut walk = repo.git.revwalk()?;
+    walk.set_sorting(git2::Sort::TIME)?;
+    for tip in tips {
+        walk.push(*tip)?;
+    }
+    for id in walk.take(TABLE_WALK_LIMIT) {
+        if let Some(found) = check(id?)? {
+            return Ok(Some(found));
+        }
+    }
+    Ok(None)
+}
+
+/// Writes the policy file the way the daemon seeds it: the directory 0755 and the file 0644,
+/// owned by the daemon, so that only the mount's owner can change the cluster's table.
+fn write_policy_file(file: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = file.parent().expect("has a parent");
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    // Before the mount: nothing reads it yet, and a torn write is repaired like any broken table.
+    std::fs::write(file, bytes)?;
+    std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644))
+}
+
+/// Whether the branch's policy table is present and not valid: then this node keeps its own
+/// (the last valid one), which is not a change of its own to commit.
+fn branch_table_refused(repo: &Repo) -> Result<bool, git2::Error> {
+    let tree = repo.tree_of(repo.target(repo::MAIN))?;
+    Ok(match Repo::blob_at(tree.as_ref(), Path::new(POLICY_FILE)) {
+        Some(blob) => PolicyTable::check_file(&repo.read_blob(blob)?).is_err(),
+        None => false,
+    })
+}
+
+/// Walks the tree for durable files: path relative to the root and its blob id, and the files
+/// whose names git refuses (left by an older syncfs), with why.
+fn scan_tree(tree_dir: &Path, policies: &PolicyTable) -> std::io::Result<(HashMap<PathBuf, Oid>, Vec<(PathBuf, String)>)> {
     let mut out = HashMap::new();
+    let mut refused = Vec::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         let entries = match std::fs::read_dir(tree_dir.join(&rel)) {
@@ -329,13 +442,17 @@ fn scan_tree(tree_dir: &Path, policies: &PolicyTable) -> std::io::Result<HashMap
                 if path != Path::new(crate::policy::HISTORY_DIR) {
                     stack.push(path);
                 }
-            } else if kind.is_file() && policies.resolve(&path).tier == TierKind::Git && storable(&path) {
+            } else if kind.is_file() && policies.resolve(&path).tier == TierKind::Git {
+                if let Some(why) = names::refusal(&path) {
+                    refused.push((path, why));
+                    continue;
+                }
                 let oid = Oid::hash_file(git2::ObjectType::Blob, tree_dir.join(&path)).map_err(std::io::Error::other)?;
                 out.insert(path, oid);
             }
         }
     }
-    Ok(out)
+    Ok((out, refused))
 }
 
 impl GitTier {
@@ -355,7 +472,7 @@ impl GitTier {
         let repo = open()?;
         let objects = open()?;
         let history = open()?;
-        let held = scan_tree(&tree_dir, &policies)?;
+        let (held, refused) = scan_tree(&tree_dir, &policies)?;
         // Changes in the tree that no commit has: the daemon stopped before committing them.
         let synced_at = repo.target(repo::TREE);
         let synced = match repo.tree_of(synced_at)? {
@@ -363,8 +480,16 @@ impl GitTier {
             None => HashMap::new(),
         };
         let mut state = State { held: held.clone(), ..State::default() };
+        for (path, why) in refused {
+            tracing::warn!(path = %path.display(), reason = %why, "a file git cannot store: kept on this node, not committed");
+            state.quarantined.insert(path, format!("{why}: kept on this node, not committed; rename it"));
+        }
+        let keeps_table = branch_table_refused(&repo)?;
         for (path, oid) in &held {
             if synced.get(path) != Some(oid) {
+                if keeps_table && path == Path::new(POLICY_FILE) {
+                    continue;
+                }
                 objects
                     .git
                     .blob_path(&tree_dir.join(path))
@@ -374,7 +499,8 @@ impl GitTier {
             }
         }
         for (path, oid) in &synced {
-            if !held.contains_key(path) && policies.resolve(path).tier == TierKind::Git {
+            // A name git refuses was never installed: its absence is no deletion.
+            if !held.contains_key(path) && policies.resolve(path).tier == TierKind::Git && storable(path) {
                 state.gen += 1;
                 state.pending.insert(path.clone(), Pending { base: Some(*oid), blob: None, gen: state.gen });
             }
@@ -414,9 +540,21 @@ impl GitTier {
     pub fn info(&self) -> GitInfo {
         // Pending changes first: the worker counts a commit as unpushed before it stops
         // counting its changes as pending, so this order never misses one.
-        let uncommitted = self.shared.state.lock().pending.len() as u64;
+        let (uncommitted, own) = {
+            let st = self.shared.state.lock();
+            let own: Vec<Quarantined> = st
+                .quarantined
+                .iter()
+                .map(|(p, why)| Quarantined { path: p.display().to_string(), reason: why.clone() })
+                .collect();
+            (st.pending.len() as u64, own)
+        };
         let mut info = self.shared.info.lock().clone();
         info.uncommitted = uncommitted;
+        // The worker lists the branch's; this node's own come from the state.
+        info.quarantined.extend(own);
+        info.quarantined.sort();
+        info.quarantined.dedup_by(|a, b| a.path == b.path);
         info
     }
 
@@ -518,15 +656,15 @@ impl Tier for GitTier {
 
     fn create(&self, at: &Target, _kind: Kind, _exclusive: bool) -> Op<Option<Revision>, TierError> {
         // Exclusivity is this node's own O_EXCL: git has no cluster-wide create.
-        if !storable(&at.path) {
-            return Op::err(TierError::Refused(format!("git cannot store {} (a name .git)", at.path.display())));
+        match check_storable(&at.path) {
+            Ok(()) => Op::ok(None),
+            Err(e) => Op::err(e),
         }
-        Op::ok(None)
     }
 
     fn commit(&self, at: &Target, content: Arc<File>, base: Option<Revision>, durable: bool) -> Op<Option<Revision>, TierError> {
-        if !storable(&at.path) {
-            return Op::err(TierError::Refused(format!("git cannot store {}", at.path.display())));
+        if let Err(e) = check_storable(&at.path) {
+            return Op::err(e);
         }
         let this = self.clone();
         let at = at.clone();
@@ -599,8 +737,8 @@ impl Tier for GitTier {
                 from.path.display()
             )));
         }
-        if !storable(&to.path) {
-            return Op::err(TierError::Refused(format!("git cannot store {}", to.path.display())));
+        if let Err(e) = check_storable(&to.path) {
+            return Op::err(e);
         }
         let Some(content) = content else {
             return Op::err(TierError::Backend("a git file moved without its content".into()));

@@ -14,22 +14,22 @@
 //! 4. **Install** what the branch has and the tree does not, through the core, skipping paths
 //!    with newer local changes (they merge in the next cycle).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Once};
 use std::time::{Duration, Instant, SystemTime};
 
 use git2::build::TreeUpdateBuilder;
-use git2::{FileMode, Oid};
+use git2::{FileMode, Oid, Tree};
 
 use super::remote::{Pushed, Remote};
 use super::repo::{Repo, MAIN, ORIGIN, TREE};
-use super::{GitSettings, Pending, Shared, DELETED};
-use crate::hlc::Clock;
+use super::{GitSettings, Pending, Quarantined, Shared, DELETED};
+use crate::hlc::{Clock, Stamp};
 use crate::merge::{self, Side};
 use crate::nats::Nats;
-use crate::policy::TierKind;
+use crate::policy::{PolicyTable, TierKind, POLICY_FILE};
 use crate::tier::{RemoteChange, RemoteSink, Revision};
 
 /// What tier calls ask of the worker.
@@ -42,6 +42,16 @@ pub(crate) enum Cmd {
     Fetch,
     /// Unmount: commit, push once, then answer and stop.
     Shutdown(mpsc::Sender<()>),
+}
+
+/// One entry of a tree update: a path and its new blob (`None`: removed).
+type Edit = (PathBuf, Option<Oid>);
+
+/// One path's part of a commit or a merge: its tree edits and its lines in the message.
+struct Planned {
+    path: PathBuf,
+    edits: Vec<Edit>,
+    lines: Vec<String>,
 }
 
 /// Pushes tried in one cycle before waiting for the next.
@@ -321,27 +331,99 @@ impl Worker {
         Ok(outcome)
     }
 
-    /// Adds a merge outcome to a tree update; returns the conflict file's path, if any.
-    /// `present`: the path is in the tree the update applies to.
-    fn write_outcome(&self, update: &mut TreeUpdateBuilder, path: &Path, outcome: &merge::Outcome, present: bool) -> Result<Option<PathBuf>, git2::Error> {
+    /// The tree edits of a merge outcome at `path`, and the conflict file's path, if any.
+    /// `present`: the path is in the tree the edits apply to.
+    fn outcome_edits(&self, path: &Path, outcome: &merge::Outcome, present: bool) -> Result<(Vec<Edit>, Option<PathBuf>), git2::Error> {
+        let mut edits = Vec::new();
         match &outcome.content {
-            Some(content) => {
-                let blob = self.repo.git.blob(content)?;
-                update.upsert(path, blob, FileMode::Blob);
-            }
-            None if present => {
-                update.remove(path);
-            }
+            Some(content) => edits.push((path.to_path_buf(), Some(self.repo.git.blob(content)?))),
+            None if present => edits.push((path.to_path_buf(), None)),
             None => {}
         }
-        let Some(conflict) = &outcome.conflict else { return Ok(None) };
+        let Some(conflict) = &outcome.conflict else { return Ok((edits, None)) };
         let at = merge::conflict_path(path, &conflict.loser_stamp);
         let blob = self.repo.git.blob(&merge::conflict_content(path, conflict))?;
-        update.upsert(&at, blob, FileMode::Blob);
-        Ok(Some(at))
+        edits.push((at.clone(), Some(blob)));
+        Ok((edits, Some(at)))
     }
 
-    /// Commits the pending changes on the branch. Returns whether a commit was made.
+    /// `base` with `edits` applied.
+    fn updated_tree(&self, base: &Tree<'_>, edits: &[Edit]) -> Result<Oid, git2::Error> {
+        let mut update = TreeUpdateBuilder::new();
+        for (path, blob) in edits {
+            match blob {
+                Some(b) => update.upsert(path, *b, FileMode::Blob),
+                None => update.remove(path),
+            };
+        }
+        update.create_updated(&self.repo.git, base)
+    }
+
+    /// `base` with every path's edits applied. When they do not apply together (libgit2
+    /// refuses a name, or a file meets a directory), applies them path by path and leaves out
+    /// each path whose edits fail: one entry must not stop every commit. Returns the tree, the
+    /// paths applied, and those left out with why.
+    fn apply_edits(&self, base: &Tree<'_>, planned: Vec<Planned>) -> Result<(Oid, Vec<Planned>, Vec<(PathBuf, String)>), git2::Error> {
+        let all: Vec<Edit> = planned.iter().flat_map(|p| p.edits.iter().cloned()).collect();
+        if let Ok(tree) = self.updated_tree(base, &all) {
+            return Ok((tree, planned, Vec::new()));
+        }
+        let mut tree = base.id();
+        let (mut kept, mut failed) = (Vec::new(), Vec::new());
+        for p in planned {
+            let current = self.repo.git.find_tree(tree)?;
+            match self.updated_tree(&current, &p.edits) {
+                Ok(t) => {
+                    tree = t;
+                    kept.push(p);
+                }
+                Err(e) => failed.push((p.path, format!("git refuses the change: {}", e.message()))),
+            }
+        }
+        Ok((tree, kept, failed))
+    }
+
+    /// What committing one pending change writes: the change itself, or its merge with the
+    /// branch's version when the branch moved since the writer started. `None`: nothing.
+    fn plan_local(&self, path: &Path, change: &Pending, head: Option<Oid>, head_tree: Option<&Tree<'_>>, stamp: &Stamp, local_label: &str) -> Result<Option<Planned>, git2::Error> {
+        let on_branch = Repo::blob_at(head_tree, path);
+        if on_branch == change.base || on_branch == change.blob {
+            let edit = match (change.blob, on_branch) {
+                (Some(blob), _) => (path.to_path_buf(), Some(blob)),
+                (None, Some(_)) => (path.to_path_buf(), None),
+                // Made and removed between two commits: nothing to record.
+                (None, None) => return Ok(None),
+            };
+            let line = format!("{} {}", if change.blob.is_some() { "M" } else { "D" }, path.display());
+            return Ok(Some(Planned { path: path.to_path_buf(), edits: vec![edit], lines: vec![line] }));
+        }
+        // The branch moved since the writer opened the file: merge with it.
+        let paths: HashSet<PathBuf> = [path.to_path_buf()].into();
+        let theirs_at = match head {
+            Some(h) => self.repo.last_changes(h, None, &paths)?.remove(path),
+            None => None,
+        };
+        let (theirs_stamp, theirs_commit) = theirs_at.unwrap_or_else(|| (stamp.clone(), Oid::ZERO_SHA1));
+        let ours_content = change.blob.map(|b| self.repo.read_blob(b)).transpose()?;
+        let theirs_content = on_branch.map(|b| self.repo.read_blob(b)).transpose()?;
+        let theirs_label = theirs_commit.to_string();
+        let outcome = self.merge_path(
+            path,
+            change.base,
+            Side { content: ours_content.as_deref(), stamp, commit: local_label },
+            Side { content: theirs_content.as_deref(), stamp: &theirs_stamp, commit: &theirs_label },
+        )?;
+        let (edits, conflict) = self.outcome_edits(path, &outcome, on_branch.is_some())?;
+        let mut lines = vec![format!("merged {}", path.display())];
+        if let Some(c) = conflict {
+            lines.push(format!("conflict {}", c.display()));
+        }
+        Ok(Some(Planned { path: path.to_path_buf(), edits, lines }))
+    }
+
+    /// Commits the pending changes on the branch. Returns whether a commit was made. A change
+    /// git refuses (its name, or a tree update it breaks) is left out and quarantined: the
+    /// file stays in the tree, `status` lists it, and the others are committed.
     fn commit_local(&mut self) -> Result<bool, git2::Error> {
         let snapshot: BTreeMap<PathBuf, Pending> = self.shared.state.lock().pending.clone();
         if snapshot.is_empty() {
@@ -351,53 +433,28 @@ impl Worker {
         let head_tree = self.repo.tree_of(head)?;
         let stamp = self.clock.now();
         let local_label = format!("uncommitted change on {}", self.shared.node);
-        let mut update = TreeUpdateBuilder::new();
-        let mut lines = Vec::new();
+        let mut planned = Vec::new();
+        let mut refused: Vec<(PathBuf, String)> = Vec::new();
         for (path, change) in &snapshot {
-            let on_branch = Repo::blob_at(head_tree.as_ref(), path);
-            if on_branch == change.base || on_branch == change.blob {
-                match (change.blob, on_branch) {
-                    (Some(blob), _) => {
-                        update.upsert(path, blob, FileMode::Blob);
-                    }
-                    (None, Some(_)) => {
-                        update.remove(path);
-                    }
-                    // Made and removed between two commits: nothing to record.
-                    (None, None) => continue,
-                }
-                lines.push(format!("{} {}", if change.blob.is_some() { "M" } else { "D" }, path.display()));
+            if let Some(why) = super::names::refusal(path) {
+                refused.push((path.clone(), why));
                 continue;
             }
-            // The branch moved since the writer opened the file: merge with it.
-            let paths: HashSet<PathBuf> = [path.clone()].into();
-            let theirs_at = match head {
-                Some(h) => self.repo.last_changes(h, None, &paths)?.remove(path),
-                None => None,
-            };
-            let (theirs_stamp, theirs_commit) = theirs_at.unwrap_or_else(|| (stamp.clone(), Oid::ZERO_SHA1));
-            let ours_content = change.blob.map(|b| self.repo.read_blob(b)).transpose()?;
-            let theirs_content = on_branch.map(|b| self.repo.read_blob(b)).transpose()?;
-            let theirs_label = theirs_commit.to_string();
-            let outcome = self.merge_path(
-                path,
-                change.base,
-                Side { content: ours_content.as_deref(), stamp: &stamp, commit: &local_label },
-                Side { content: theirs_content.as_deref(), stamp: &theirs_stamp, commit: &theirs_label },
-            )?;
-            let conflict = self.write_outcome(&mut update, path, &outcome, on_branch.is_some())?;
-            lines.push(format!("merged {}", path.display()));
-            if let Some(c) = conflict {
-                lines.push(format!("conflict {}", c.display()));
+            match self.plan_local(path, change, head, head_tree.as_ref(), &stamp, &local_label) {
+                Ok(Some(p)) => planned.push(p),
+                Ok(None) => {}
+                Err(e) => refused.push((path.clone(), format!("cannot commit it: {}", e.message()))),
             }
         }
         let empty = self.repo.empty_tree()?;
         let base_tree = head_tree.as_ref().unwrap_or(&empty);
-        let new_tree = update.create_updated(&self.repo.git, base_tree)?;
-        let made = if head.is_none() || new_tree != base_tree.id() {
-            let n = snapshot.len();
+        let (new_tree, kept, failed) = self.apply_edits(base_tree, planned)?;
+        refused.extend(failed);
+        let made = new_tree != base_tree.id() || (head.is_none() && refused.is_empty());
+        let made = if made {
+            let n = snapshot.len() - refused.len();
             let summary = format!("syncfs: {n} change{} on {}", if n == 1 { "" } else { "s" }, self.shared.node);
-            let body = lines.iter().take(50).cloned().collect::<Vec<_>>().join("\n");
+            let body = kept.iter().flat_map(|p| p.lines.iter()).take(50).cloned().collect::<Vec<_>>().join("\n");
             let parents: Vec<Oid> = head.into_iter().collect();
             let commit = self.repo.write_commit(new_tree, &parents, &summary, &body, &stamp)?;
             self.repo.set_ref(MAIN, commit, head, "syncfs: commit")?;
@@ -410,14 +467,25 @@ impl Worker {
         } else {
             false
         };
+        let refused: HashMap<PathBuf, String> = refused.into_iter().collect();
         let mut st = self.shared.state.lock();
         for (path, change) in snapshot {
+            let why = refused.get(&path);
             match st.pending.get_mut(&path) {
                 Some(current) if current.gen == change.gen => {
                     st.pending.remove(&path);
+                    if let Some(why) = why {
+                        tracing::warn!(path = %path.display(), reason = %why, "a change git refuses: kept on this node, not committed");
+                        st.quarantined.insert(path, format!("{why}: kept on this node, not committed"));
+                    }
                 }
-                // Changed again meanwhile: that change was made on this one.
-                Some(current) => current.base = change.blob,
+                // Changed again meanwhile: that change was made on this one (when it was
+                // committed; otherwise the next one is made on what the branch has).
+                Some(current) => {
+                    if why.is_none() {
+                        current.base = change.blob;
+                    }
+                }
                 None => {}
             }
         }
@@ -513,26 +581,27 @@ impl Worker {
             .collect();
         let ours_at = self.repo.last_changes(main, base, &both)?;
         let theirs_at = self.repo.last_changes(origin, base, &both)?;
-        let mut update = TreeUpdateBuilder::new();
-        let mut lines = Vec::new();
-        for (path, t) in &theirs {
-            if !ours.contains_key(path) {
-                // Only theirs changed it; ours still has the base's version, if any.
-                match t {
-                    Some(blob) => {
-                        update.upsert(path, *blob, FileMode::Blob);
-                    }
-                    None if Repo::blob_at(Some(&ours_tree), path).is_some() => {
-                        update.remove(path);
-                    }
-                    None => {}
-                }
+        // Built on theirs: entries git refuses in names (pushed with plain git) are carried over
+        // as they are, since a tree update only checks the names it writes.
+        let mut planned = Vec::new();
+        for (path, o) in &ours {
+            // No tree update can write a name git refuses: the remote's version stays.
+            if !super::storable(path) {
                 continue;
             }
+            let Some(t) = theirs.get(path) else {
+                // Only ours changed it; theirs still has the base's version, if any.
+                let edit = match o {
+                    Some(blob) => (path.clone(), Some(*blob)),
+                    None if Repo::blob_at(Some(&theirs_tree), path).is_some() => (path.clone(), None),
+                    None => continue,
+                };
+                planned.push(Planned { path: path.clone(), edits: vec![edit], lines: Vec::new() });
+                continue;
+            };
             if !both.contains(path) {
                 continue;
             }
-            let o = ours[path];
             let (os, oc) = &ours_at[path];
             let (ts, tc) = &theirs_at[path];
             let ours_content = o.map(|b| self.repo.read_blob(b)).transpose()?;
@@ -544,12 +613,22 @@ impl Worker {
                 Side { content: ours_content.as_deref(), stamp: os, commit: &oc },
                 Side { content: theirs_content.as_deref(), stamp: ts, commit: &tc },
             )?;
-            lines.push(format!("merged {}", path.display()));
-            if let Some(c) = self.write_outcome(&mut update, path, &outcome, o.is_some())? {
+            let (edits, conflict) = self.outcome_edits(path, &outcome, t.is_some())?;
+            let mut lines = vec![format!("merged {}", path.display())];
+            if let Some(c) = conflict {
                 lines.push(format!("conflict {}", c.display()));
             }
+            planned.push(Planned { path: path.clone(), edits, lines });
         }
-        let merged = update.create_updated(&self.repo.git, &ours_tree)?;
+        let (merged, kept, failed) = self.apply_edits(&theirs_tree, planned)?;
+        if !failed.is_empty() {
+            let mut st = self.shared.state.lock();
+            for (path, why) in failed {
+                tracing::warn!(path = %path.display(), reason = %why, "merging the remote's branch: this node's version does not fit; the remote's stays");
+                st.quarantined.insert(path, format!("{why}: merging the remote's branch kept the remote's version (this node's is in its history)"));
+            }
+        }
+        let lines: Vec<String> = kept.into_iter().flat_map(|p| p.lines).collect();
         if merged == theirs_tree.id() {
             // Nothing of ours is missing from theirs. If every commit only we have is a merge
             // (the other side of a merge both nodes made at once), take theirs as it is.
@@ -609,7 +688,15 @@ impl Worker {
                     st.applying.insert(path.clone(), *blob);
                 }
                 let (change, rev) = match blob {
-                    Some(b) => (RemoteChange::File(self.repo.read_blob(*b)?), Revision(b.to_string())),
+                    Some(b) => match self.installable(path, *b) {
+                        Ok(bytes) => (RemoteChange::File(bytes), Revision(b.to_string())),
+                        Err(why) => {
+                            // One path's version must not hold up the others'.
+                            tracing::warn!(path = %path.display(), reason = %why, "the branch's version is not installed");
+                            self.shared.state.lock().applying.remove(path);
+                            continue;
+                        }
+                    },
                     None => {
                         if let Some(parent) = path.parent() {
                             gone_dirs.push(parent.to_path_buf());
@@ -647,6 +734,30 @@ impl Worker {
         }
     }
 
+    /// The content of the branch's version of `path`, if the tree may take it. The policy
+    /// table must be valid: a broken one (pushed with plain git) would keep every node from
+    /// mounting, so the node keeps its last valid table and `status` says why.
+    fn installable(&self, path: &Path, blob: Oid) -> Result<Vec<u8>, String> {
+        let bytes = self.repo.read_blob(blob).map_err(|e| e.message().to_string())?;
+        if path == Path::new(POLICY_FILE) {
+            PolicyTable::check_file(&bytes).map_err(|why| format!("not a valid policy table ({why}); this node keeps its last valid one"))?;
+        }
+        Ok(bytes)
+    }
+
+    /// Why the branch's policy table (in `tree`) is not installed, if it is not a valid one.
+    fn table_error(&self, tree: Option<&Tree<'_>>) -> Option<String> {
+        if self.shared.policies.resolve(POLICY_FILE).tier != TierKind::Git {
+            return None;
+        }
+        let blob = Repo::blob_at(tree, Path::new(POLICY_FILE))?;
+        let why = PolicyTable::check_file(&self.repo.read_blob(blob).ok()?).err()?;
+        Some(format!(
+            "the branch's {POLICY_FILE} (blob {:.12}) is not a valid table: {why}; this node keeps its last valid table until the remote has a valid one",
+            blob.to_string()
+        ))
+    }
+
     /// Commits on the branch the remote lacks, for status.
     fn unpushed(&self) -> u64 {
         match (self.remote.is_some(), self.repo.target(MAIN)) {
@@ -664,27 +775,39 @@ impl Worker {
     fn update_info(&mut self) {
         let main = self.repo.target(MAIN);
         let unpushed = self.unpushed();
-        let conflicts = if main != self.conflicts_of {
+        let listed = if main != self.conflicts_of {
             self.conflicts_of = main;
-            let files = match self.repo.tree_of(main) {
-                Ok(Some(tree)) => Repo::files(&tree),
-                _ => Default::default(),
-            };
-            let mut list: Vec<String> = files
+            let tree = self.repo.tree_of(main).ok().flatten();
+            let files = tree.as_ref().map(Repo::files).unwrap_or_default();
+            let mut conflicts: Vec<String> = files
                 .keys()
                 .filter(|p| merge::is_conflict_file(p))
                 .map(|p| p.display().to_string())
                 .collect();
-            list.sort();
-            Some(list)
+            conflicts.sort();
+            // What the branch holds that no node can install (see `apply_to_tree`).
+            let mut refused: Vec<Quarantined> = files
+                .keys()
+                .filter_map(|p| {
+                    let why = super::names::refusal(p)?;
+                    Some(Quarantined {
+                        path: p.display().to_string(),
+                        reason: format!("{why}: in the branch, not installed on this node; rename or remove it in the remote"),
+                    })
+                })
+                .collect();
+            refused.sort();
+            Some((conflicts, refused, self.table_error(tree.as_ref())))
         } else {
             None
         };
         let mut info = self.shared.info.lock();
         info.head = main.map(|m| m.to_string());
         info.unpushed = unpushed;
-        if let Some(list) = conflicts {
-            info.conflicts = list;
+        if let Some((conflicts, refused, table_error)) = listed {
+            info.conflicts = conflicts;
+            info.quarantined = refused;
+            info.policy_error = table_error;
         }
     }
 }

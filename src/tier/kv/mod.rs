@@ -31,6 +31,7 @@
 
 mod journal;
 pub mod key;
+mod own;
 mod sync;
 mod view;
 
@@ -48,6 +49,8 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use self::journal::{Journal, JournalOp, Record};
+use self::key::Decoded;
+use self::own::OwnWrites;
 use self::view::{Owned, View};
 use super::jetstream::{self, blocking, MsgIds, Tasks};
 use super::{RemoteSink, Revision, Target, Tier, TierError, WriteMode};
@@ -139,8 +142,15 @@ pub(crate) struct Inner {
     /// Timers, the supervisor, and the current connection's work (replay, then the watches).
     tasks: Tasks,
     rt: tokio::runtime::Handle,
-    /// This process's message ids: its watches skip its own changes (the core applied them).
+    /// This process's message ids.
     ids: MsgIds,
+    /// Its publishes in flight and those of unknown outcome (see [`own`]).
+    own: Mutex<OwnWrites>,
+    /// Serializes replays of the journal (on each connection, and whenever it holds writes).
+    replaying: tokio::sync::Mutex<()>,
+    /// Ephemeral entries this mount held and lost to another writer or to expiry, with why:
+    /// for the log, `status` and `user.syncfs.error` of the file.
+    lost: Mutex<std::collections::BTreeMap<PathBuf, String>>,
     max_payload: AtomicU64,
 }
 
@@ -222,6 +232,9 @@ impl KvTier {
                 tasks: Tasks::default(),
                 rt,
                 ids: MsgIds::new(node),
+                own: Mutex::new(OwnWrites::default()),
+                replaying: tokio::sync::Mutex::new(()),
+                lost: Mutex::new(std::collections::BTreeMap::new()),
             }),
         })
     }
@@ -229,6 +242,16 @@ impl KvTier {
     /// Writes waiting in the offline journal.
     pub fn pending(&self) -> usize {
         self.inner.journal.lock().len()
+    }
+
+    /// Strongly consistent writes whose outcome is still unknown (they timed out).
+    pub fn unknown_outcomes(&self) -> usize {
+        self.inner.own.lock().unknown()
+    }
+
+    /// Ephemeral entries (claims) this mount held and lost, with why.
+    pub fn lost_claims(&self) -> Vec<(PathBuf, String)> {
+        self.inner.lost.lock().iter().map(|(p, w)| (p.clone(), w.clone())).collect()
     }
 
     /// How many paths the view holds.
@@ -272,7 +295,10 @@ impl Inner {
         self.streams.lock()[bucket].clone()
     }
 
-    /// Publishes one change, retrying lost acknowledgements with the same message id.
+    /// Publishes one change, retrying lost acknowledgements with the same message id. The
+    /// message stays *in flight* after a success (the watch leaves it to the caller) until the
+    /// caller recorded it and called [`Inner::settle`]. A publish that timed out is confirmed
+    /// if a watch saw its message, else remembered as an unknown outcome (see [`own`]).
     async fn publish(
         &self,
         bucket: usize,
@@ -291,17 +317,44 @@ impl Inner {
                 Bytes::new()
             }
         };
-        self.nats
-            .publish(subject, payload, headers, msg_id, expected)
-            .await
-            .map_err(|e| match e {
-                PublishFailure::WrongLastSequence => PubError::WrongLastSequence,
-                PublishFailure::TooBig => PubError::Tier(TierError::TooBig(format!("{key}: larger than the server's max_payload"))),
-                PublishFailure::NoStream => {
-                    PubError::Tier(TierError::Backend(format!("bucket {} does not exist", self.buckets[bucket].name)))
+        self.own.lock().begin(msg_id, std::time::Instant::now());
+        let result = self.nats.publish(subject.clone(), payload.clone(), headers, msg_id, expected).await;
+        match result {
+            Ok(seq) => Ok(seq),
+            Err(PublishFailure::Unknown(reason)) => {
+                let unknown = own::Unknown {
+                    bucket,
+                    path: match key::decode(key) {
+                        Some(Decoded::File(p)) | Some(Decoded::Dir(p)) => p,
+                        None => PathBuf::from(key),
+                    },
+                    value: matches!(op, KvOp::Put(_)).then(|| payload.to_vec()),
+                    since: std::time::Instant::now(),
+                };
+                let seen = self.own.lock().timed_out(msg_id, unknown);
+                match seen {
+                    // A watch saw it: it landed.
+                    Some(seq) => Ok(seq),
+                    None => {
+                        tracing::warn!(key, %reason, "a publish timed out; its outcome is unknown until its message shows up");
+                        Err(PubError::Tier(TierError::Unknown { tier: TierKind::NatsKv, reason }))
+                    }
                 }
-                PublishFailure::Unavailable(reason) => PubError::Tier(unavailable(reason)),
-            })
+            }
+            Err(e) => {
+                self.settle(msg_id);
+                Err(match e {
+                    PublishFailure::WrongLastSequence => PubError::WrongLastSequence,
+                    other => PubError::Tier(jetstream::publish_error(TierKind::NatsKv, &subject, other)),
+                })
+            }
+        }
+    }
+
+    /// The caller of [`Inner::publish`] recorded its outcome: the watch treats the message as
+    /// an ordinary change from now on.
+    fn settle(&self, msg_id: &str) {
+        self.own.lock().settle(msg_id);
     }
 
     /// An exclusive create of `key` with an empty value. `Ok(Err(msg))` when the key exists
@@ -310,13 +363,13 @@ impl Inner {
         &self,
         bucket: usize,
         key: &str,
-    ) -> Result<Result<u64, async_nats::jetstream::message::StreamMessage>, TierError> {
+    ) -> Result<Result<(u64, String), async_nats::jetstream::message::StreamMessage>, TierError> {
         let msg_id = self.msg_id();
         let subject = format!("{}{key}", self.buckets[bucket].prefix);
         let mut expected = 0;
         for _ in 0..4 {
             match self.publish(bucket, key, &KvOp::Put(Bytes::new()), Some(expected), &msg_id).await {
-                Ok(rev) => return Ok(Ok(rev)),
+                Ok(rev) => return Ok(Ok((rev, msg_id))),
                 Err(PubError::Tier(e)) => return Err(e),
                 Err(PubError::WrongLastSequence) => {
                     let stream = self.stream(bucket).ok_or_else(|| unavailable("bucket not ready"))?;
@@ -335,7 +388,7 @@ impl Inner {
                         .is_some_and(|id| id.as_str() == msg_id);
                     if ours {
                         // Our earlier attempt won; its acknowledgement was lost.
-                        return Ok(Ok(last.sequence));
+                        return Ok(Ok((last.sequence, msg_id)));
                     }
                     if matches!(op.as_deref(), Some("DEL") | Some("PURGE")) {
                         expected = last.sequence;
@@ -380,9 +433,8 @@ impl Inner {
     }
 
     /// Queues a last-write-wins change for replay (fsync'ed before returning).
-    async fn enqueue(self: &Arc<Self>, bucket: usize, key: String, op: JournalOp, value: Bytes) -> Result<(), TierError> {
+    async fn enqueue(self: &Arc<Self>, bucket: usize, key: String, op: JournalOp, value: Bytes, msg_id: String) -> Result<(), TierError> {
         let this = self.clone();
-        let msg_id = self.msg_id();
         blocking(move || {
             let record = Record {
                 bucket: this.buckets[bucket].name.clone(),
@@ -404,20 +456,28 @@ impl Inner {
             KvOp::Put(v) => (JournalOp::Put, v.clone()),
             KvOp::Delete => (JournalOp::Delete, Bytes::new()),
         };
+        // The id goes with the write into the journal: if a timed-out publish lands after all,
+        // its replay is a duplicate JetStream drops, not a second write over newer ones.
+        let msg_id = self.msg_id();
         if self.nats.is_connected() && self.journal.lock().is_empty() {
-            match self.publish(bucket, &key, &op, None, &self.msg_id()).await {
+            match self.publish(bucket, &key, &op, None, &msg_id).await {
                 Ok(rev) => {
                     self.record_own(at, bucket, rev, Some(&value).filter(|_| matches!(op, KvOp::Put(_))));
+                    self.settle(&msg_id);
                     return Ok(Some(Revision(rev.to_string())));
                 }
                 Err(PubError::Tier(TierError::Unavailable { reason, .. })) => {
                     tracing::info!(path = %at.path.display(), %reason, "NATS unavailable; queueing the write");
                 }
+                Err(PubError::Tier(TierError::Unknown { reason, .. })) => {
+                    tracing::info!(path = %at.path.display(), %reason, "write not acknowledged; queueing it with its message id");
+                    self.own.lock().drop_unknown(&msg_id);
+                }
                 Err(PubError::Tier(e)) => return Err(e),
                 Err(PubError::WrongLastSequence) => return Err(TierError::Backend("unexpected sequence check".into())),
             }
         }
-        self.enqueue(bucket, key, jop, value).await?;
+        self.enqueue(bucket, key, jop, value, msg_id).await?;
         Ok(None)
     }
 
@@ -441,13 +501,15 @@ impl Inner {
             None => 0,
             Some(rev) => rev.0.trim().parse::<u64>().map_err(|_| stale())?,
         };
-        match self.publish(bucket, &key, &op, Some(expected), &self.msg_id()).await {
+        let msg_id = self.msg_id();
+        match self.publish(bucket, &key, &op, Some(expected), &msg_id).await {
             Ok(rev) => {
                 let value = match &op {
                     KvOp::Put(v) => Some(v.clone()),
                     KvOp::Delete => None,
                 };
                 self.record_own(at, bucket, rev, value.as_ref());
+                self.settle(&msg_id);
                 Ok(Some(Revision(rev.to_string())))
             }
             Err(PubError::WrongLastSequence) => Err(stale()),
@@ -541,8 +603,10 @@ impl Tier for KvTier {
             let bucket = inner.bucket_of(&at)?;
             let key = Inner::key_of(&at)?;
             match inner.create_exclusive(bucket, &key).await? {
-                Ok(rev) => {
+                Ok((rev, msg_id)) => {
                     inner.record_own(&at, bucket, rev, Some(&Bytes::new()));
+                    inner.settle(&msg_id);
+                    inner.lost.lock().remove(&at.path);
                     Ok(Some(Revision(rev.to_string())))
                 }
                 Err(_) if exclusive => Err(TierError::Exists { path: at.path.clone() }),
@@ -642,6 +706,9 @@ impl Tier for KvTier {
     }
 
     fn attribute(&self, at: &Target, name: &str) -> Option<Vec<u8>> {
+        if name == "user.syncfs.error" {
+            return self.inner.lost.lock().get(&at.path).map(|w| w.clone().into_bytes());
+        }
         let view = self.inner.view.lock();
         let e = view.get(&at.path).filter(|e| !e.deleted)?;
         match name {

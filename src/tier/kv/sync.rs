@@ -24,6 +24,8 @@ use bytes::Bytes;
 
 use super::journal::JournalOp;
 use super::key::{self, Decoded};
+use super::own;
+use super::view::Owned;
 use super::{Inner, KvOp, PubError, KV_OPERATION, NODE_HEADER};
 use crate::tier::jetstream;
 use crate::tier::{RemoteChange, Revision};
@@ -34,6 +36,7 @@ pub(super) async fn supervise(inner: Arc<Inner>) {
     jetstream::create_roots(inner.sink().cloned(), roots).await;
     inner.tasks.keep(tokio::spawn(expire(inner.clone())));
     inner.tasks.keep(tokio::spawn(refresh(inner.clone())));
+    inner.tasks.keep(tokio::spawn(drain(inner.clone())));
     jetstream::on_each_connection(&inner.nats, &inner.tasks, &inner.synced, |generation, state| {
         let inner = inner.clone();
         // Everything one connection does: prepare (retried while the connection lasts), then
@@ -70,8 +73,25 @@ async fn prepare(inner: &Arc<Inner>) -> anyhow::Result<()> {
     replay(inner).await
 }
 
+/// Replays the journal whenever it holds writes and the server answers, not only on a new
+/// connection: a server that hung (SIGSTOP) and came back keeps the connection, and every
+/// later write would queue behind the first one forever.
+async fn drain(inner: Arc<Inner>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let ready = inner.streams.lock().iter().all(Option::is_some);
+        if ready && inner.nats.is_connected() && !inner.journal.lock().is_empty() {
+            if let Err(e) = replay(&inner).await {
+                tracing::debug!(error = %format!("{e:#}"), "the journal did not drain yet");
+            }
+        }
+    }
+}
+
 /// Publishes the journal's records in order, each with its original message id.
 async fn replay(inner: &Arc<Inner>) -> anyhow::Result<()> {
+    let _one = inner.replaying.lock().await;
     let mut replayed = 0;
     loop {
         let Some(record) = inner.journal.lock().front().cloned() else {
@@ -92,13 +112,19 @@ async fn replay(inner: &Arc<Inner>) -> anyhow::Result<()> {
                     let mut view = inner.view.lock();
                     let ttl = inner.buckets[bucket].policy.ttl;
                     let deleted = record.op == JournalOp::Delete;
-                    view.record(&path, bucket, rev, deleted, Some(inner.node.clone()), SystemTime::now(), ttl);
+                    // The tree holds it since its close: that revision is installed.
+                    if view.record(&path, bucket, rev, deleted, Some(inner.node.clone()), SystemTime::now(), ttl) {
+                        view.admit(&path, Some(rev));
+                    }
                 }
+                inner.settle(&record.msg_id);
                 let mut journal = inner.journal.lock();
                 journal.pop_front()?;
                 replayed += 1;
             }
             Err(PubError::Tier(e)) => {
+                // The record keeps its id and its place; the next replay tries it again.
+                inner.own.lock().drop_unknown(&record.msg_id);
                 inner.journal.lock().compact()?;
                 anyhow::bail!("replaying the offline journal stopped at {}: {e}", record.key);
             }
@@ -143,25 +169,25 @@ async fn watch_bucket(inner: Arc<Inner>, bucket: usize) {
     jetstream::restarting(&what, || async {
         let b = &inner.buckets[bucket];
         let stream = inner.stream(bucket).ok_or_else(|| anyhow::anyhow!("bucket not ready"))?;
-        let watch = Watch { inner: &inner, bucket };
+        let watch = Watch { inner: inner.clone(), bucket };
         jetstream::watch_last_values(&inner.nats, &stream, format!("{}>", b.prefix), format!("syncfs watch of {}", b.name), &watch).await
     })
     .await;
 }
 
 /// One bucket's watch, as [`jetstream::watch_last_values`] sees it.
-struct Watch<'a> {
-    inner: &'a Inner,
+struct Watch {
+    inner: Arc<Inner>,
     bucket: usize,
 }
 
-impl jetstream::LastValues for Watch<'_> {
+impl jetstream::LastValues for Watch {
     fn handle(&self, message: &async_nats::Message, seq: u64, created: SystemTime) -> Option<PathBuf> {
-        handle(self.inner, self.bucket, message, seq, created)
+        handle(&self.inner, self.bucket, message, seq, created)
     }
 
     fn caught_up(&self, seen: &HashSet<PathBuf>) {
-        finish_sync(self.inner, self.bucket, seen);
+        finish_sync(&self.inner, self.bucket, seen);
     }
 }
 
@@ -175,22 +201,35 @@ fn handle(inner: &Inner, bucket: usize, message: &async_nats::Message, rev: u64,
     let marker = headers.and_then(|h| h.get(async_nats::header::NATS_MARKER_REASON)).is_some();
     let deleted = matches!(op.as_deref(), Some("DEL") | Some("PURGE")) || marker;
     let node = headers.and_then(|h| h.get(NODE_HEADER)).map(|v| v.as_str().to_string());
+    let mine = inner.ids.is_own(message);
+    // A publish of this process still in flight is its publisher's to install; one whose
+    // outcome was unknown is adopted: it landed, and is this node's write.
+    let seen = match headers.and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID)) {
+        Some(id) if mine => inner.own.lock().seen(id.as_str(), rev),
+        _ => own::Seen::Change,
+    };
+    let in_flight = seen == own::Seen::InFlight;
     match decoded {
         Decoded::File(path) => {
             if inner.policies.resolve(&path).pattern != b.policy.pattern {
                 return None;
             }
-            let own = inner.ids.is_own(message);
             let fresh = {
                 let mut view = inner.view.lock();
                 let fresh = view.record(&path, bucket, rev, deleted, node.clone(), created, b.policy.ttl);
-                if fresh && !own {
-                    view.owned.remove(&path);
+                if fresh && !mine && view.owned.remove(&path).is_some() {
+                    lose(inner, &path, format!("another writer ({}) wrote it at revision {rev}", node.as_deref().unwrap_or("unknown")));
+                }
+                if let (true, own::Seen::Adopt(u)) = (fresh, &seen) {
+                    tracing::info!(path = %path.display(), rev, "a write whose outcome was unknown landed: it is this node's");
+                    if let (true, Some(value)) = (b.policy.ephemeral, &u.value) {
+                        let key = key::encode(&path).unwrap_or_default();
+                        view.owned.insert(path.clone(), Owned { bucket, key, rev, value: value.clone() });
+                    }
                 }
                 fresh
             };
-            // This process's own changes were applied to the tree by the core already.
-            if fresh && !own {
+            if fresh && !in_flight {
                 if deleted {
                     apply(inner, &path, RemoteChange::Delete, Some(rev));
                     prune(inner, bucket, &path);
@@ -204,16 +243,15 @@ fn handle(inner: &Inner, bucket: usize, message: &async_nats::Message, rev: u64,
             Some(path)
         }
         Decoded::Dir(path) => {
-            let own = inner.ids.is_own(message);
             if deleted {
                 inner.view.lock().unmark_dir(&path);
-                if !own {
+                if !in_flight {
                     apply(inner, &path, RemoteChange::PruneDir, None);
                     prune(inner, bucket, &path);
                 }
             } else {
                 inner.view.lock().mark_dir(&path, rev);
-                if !own {
+                if !in_flight {
                     apply(inner, &path, RemoteChange::Dir, None);
                 }
             }
@@ -223,7 +261,11 @@ fn handle(inner: &Inner, bucket: usize, message: &async_nats::Message, rev: u64,
 }
 
 /// After a watch caught up: removes what vanished from the bucket while this node was away.
-fn finish_sync(inner: &Inner, bucket: usize, seen: &HashSet<PathBuf>) {
+/// "Caught up" can come early (a quiet second while a restarted server is slow to deliver),
+/// so a key the watch has not named is only removed once the server says it has no value
+/// for it: removing one it has would lose a write, this node's own included, until the next
+/// remount (and a claim's keep-alive with it).
+fn finish_sync(inner: &Arc<Inner>, bucket: usize, seen: &HashSet<PathBuf>) {
     let b = &inner.buckets[bucket];
     let mut gone: Vec<PathBuf> = inner
         .view
@@ -242,20 +284,48 @@ fn finish_sync(inner: &Inner, bucket: usize, seen: &HashSet<PathBuf>) {
     }
     gone.sort();
     gone.dedup();
-    for path in gone {
-        let queued = key::encode(&path)
-            .map(|k| inner.journal.lock().has(&b.name, &k))
-            .unwrap_or(false);
-        if queued {
+    let keys = seen.len();
+    let inner = inner.clone();
+    tokio::spawn(async move {
+        sweep(&inner, bucket, gone).await;
+        inner.synced.send_modify(|s| s[bucket] = true);
+        tracing::info!(bucket = %inner.buckets[bucket].name, keys, "view of the bucket is complete");
+    });
+}
+
+/// Removes the paths of `candidates` the bucket really has no value for.
+async fn sweep(inner: &Arc<Inner>, bucket: usize, candidates: Vec<PathBuf>) {
+    let b = &inner.buckets[bucket];
+    let Some(stream) = inner.stream(bucket) else { return };
+    for path in candidates {
+        let Ok(k) = key::encode(&path) else { continue };
+        if inner.journal.lock().has(&b.name, &k) {
+            continue;
+        }
+        let before = inner.view.lock().get(&path).map(|e| e.known);
+        let absent = match stream.get_last_raw_message_by_subject(&format!("{}{k}", b.prefix)).await {
+            Ok(m) => {
+                matches!(m.headers.get(KV_OPERATION).map(|v| v.as_str()), Some("DEL") | Some("PURGE"))
+                    || m.headers.get(async_nats::header::NATS_MARKER_REASON).is_some()
+            }
+            Err(e) if matches!(e.kind(), async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound) => true,
+            Err(e) => {
+                tracing::debug!(path = %path.display(), error = %e, "cannot tell whether a key vanished; keeping it");
+                false
+            }
+        };
+        // A change the watch delivered meanwhile decides instead.
+        if !absent || inner.view.lock().get(&path).map(|e| e.known) != before {
             continue;
         }
         tracing::debug!(path = %path.display(), "no longer in the bucket; removing");
+        if inner.view.lock().owned.contains_key(&path) {
+            lose(inner, &path, "it vanished from the server while this node was away".into());
+        }
         inner.view.lock().remove(&path);
         apply(inner, &path, RemoteChange::Delete, None);
         prune(inner, bucket, &path);
     }
-    inner.synced.send_modify(|s| s[bucket] = true);
-    tracing::info!(bucket = %b.name, keys = seen.len(), "view of the bucket is complete");
 }
 
 /// Removes entries whose TTL ran out.
@@ -299,21 +369,63 @@ async fn refresh(inner: Arc<Inner>) {
             let value = Bytes::from(o.value.clone());
             match inner.publish(o.bucket, &o.key, &KvOp::Put(value), Some(o.rev), &msg_id).await {
                 Ok(rev) => {
-                    let mut view = inner.view.lock();
-                    let ttl = inner.buckets[o.bucket].policy.ttl;
-                    view.record(&path, o.bucket, rev, false, Some(inner.node.clone()), SystemTime::now(), ttl);
-                    if let Some(entry) = view.owned.get_mut(&path) {
-                        entry.rev = rev;
+                    {
+                        let mut view = inner.view.lock();
+                        let ttl = inner.buckets[o.bucket].policy.ttl;
+                        view.record(&path, o.bucket, rev, false, Some(inner.node.clone()), SystemTime::now(), ttl);
+                        if let Some(entry) = view.owned.get_mut(&path) {
+                            entry.rev = rev;
+                        }
                     }
+                    inner.settle(&msg_id);
                 }
-                Err(PubError::WrongLastSequence) => {
-                    tracing::debug!(path = %path.display(), "another writer took over an ephemeral entry");
-                    inner.view.lock().owned.remove(&path);
+                Err(PubError::WrongLastSequence) => still_ours(&inner, &path, &o).await,
+                Err(PubError::Tier(e)) => {
+                    // Tried again at the next period; a refresh that lands late shows as ours.
+                    inner.own.lock().drop_unknown(&msg_id);
+                    tracing::debug!(path = %path.display(), error = %e, "refresh failed");
                 }
-                Err(PubError::Tier(e)) => tracing::debug!(path = %path.display(), error = %e, "refresh failed"),
             }
         }
     }
+}
+
+/// A refresh found the entry at another revision than this mount's last: still this process's
+/// (an earlier refresh whose acknowledgement was lost landed), or lost to another writer or
+/// to expiry, which the holder must hear of.
+async fn still_ours(inner: &Arc<Inner>, path: &Path, o: &Owned) {
+    let subject = format!("{}{}", inner.buckets[o.bucket].prefix, o.key);
+    let last = match inner.stream(o.bucket) {
+        Some(stream) => stream.get_last_raw_message_by_subject(&subject).await.ok(),
+        None => return,
+    };
+    let ours = last.as_ref().filter(|m| {
+        let live = !matches!(m.headers.get(KV_OPERATION).map(|v| v.as_str()), Some("DEL") | Some("PURGE"));
+        live && m.headers.get(async_nats::header::NATS_MESSAGE_ID).is_some_and(|id| id.as_str().starts_with(inner.ids.prefix()))
+    });
+    match ours {
+        Some(m) => {
+            if let Some(entry) = inner.view.lock().owned.get_mut(path) {
+                entry.rev = m.sequence;
+            }
+        }
+        None => {
+            inner.view.lock().owned.remove(path);
+            let why = match last {
+                Some(m) => format!("another writer holds it since revision {}", m.sequence),
+                None => "it expired on the server before this mount refreshed it".to_string(),
+            };
+            lose(inner, path, why);
+        }
+    }
+}
+
+/// Records that this mount lost an ephemeral entry it held (a claim): the holder's program
+/// must not believe it still holds the lock. Its next write to the file fails with `ESTALE`
+/// (its base is gone); the reason is in the log, `status` and `user.syncfs.error`.
+fn lose(inner: &Inner, path: &Path, why: String) {
+    tracing::warn!(path = %path.display(), reason = %why, "this mount lost an entry it held and kept alive (a claim)");
+    inner.lost.lock().insert(path.to_path_buf(), why);
 }
 
 /// Deletes this mount's ephemeral entries (clean unmount), each only if still ours.
@@ -325,7 +437,10 @@ pub(super) async fn release_owned(inner: &Arc<Inner>) {
     for (path, o) in owned {
         let msg_id = inner.msg_id();
         match inner.publish(o.bucket, &o.key, &KvOp::Delete, Some(o.rev), &msg_id).await {
-            Ok(_) => tracing::debug!(path = %path.display(), "released"),
+            Ok(_) => {
+                inner.settle(&msg_id);
+                tracing::debug!(path = %path.display(), "released")
+            }
             Err(_) => tracing::debug!(path = %path.display(), "not released (changed by another writer, or unreachable)"),
         }
     }

@@ -50,7 +50,7 @@ use super::jetstream::{self, MsgIds, Tasks};
 use super::kv::{bucket_name, key, pattern_root};
 use super::{Appended, RemoteSink, Revision, Target, Tier, TierError, WriteMode};
 use crate::fs::Kind;
-use crate::nats::{Nats, PublishFailure};
+use crate::nats::Nats;
 use crate::op::Op;
 use crate::policy::{PolicyTable, TierKind};
 
@@ -229,12 +229,7 @@ impl Inner {
         self.nats
             .publish(subject.to_string(), payload, headers, msg_id, None)
             .await
-            .map_err(|e| match e {
-                PublishFailure::TooBig => TierError::TooBig(format!("{subject}: larger than the server's max_payload")),
-                PublishFailure::NoStream => TierError::Backend(format!("no stream takes {subject}")),
-                PublishFailure::WrongLastSequence => TierError::Backend("unexpected sequence check".into()),
-                PublishFailure::Unavailable(reason) => unavailable(reason),
-            })
+            .map_err(|e| jetstream::publish_error(TierKind::NatsStream, subject, e))
     }
 
     /// Waits until the applier of `log` has put message `seq` in the tree. A stored append
