@@ -5,9 +5,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-/// The syncfs binary under test.
-pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_syncfs")
+/// The syncfs binary under test: this build's, or `SYNCFS_TEST_BIN` (an older build, to
+/// check that a new test fails before its fix).
+pub fn bin() -> String {
+    std::env::var("SYNCFS_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_syncfs").to_string())
 }
 
 /// Mount tests need root and /dev/fuse; fail loudly rather than skip.

@@ -91,7 +91,7 @@ pub struct Proxy {
     /// The port clients connect to.
     pub port: u16,
     /// Where it forwards.
-    pub upstream: u16,
+    pub _upstream: u16,
     shared: Arc<Shared>,
 }
 
@@ -116,7 +116,7 @@ impl Proxy {
             .name(format!("proxy-{port}"))
             .spawn(move || accept_loop(listener, upstream, s))
             .unwrap();
-        Proxy { port, upstream, shared }
+        Proxy { port, _upstream: upstream, shared }
     }
 
     /// The URL a NATS client uses to go through the proxy.

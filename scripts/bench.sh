@@ -140,6 +140,20 @@ if [ -n "${BASELINE:-}" ]; then
   "$BASELINE" umount "$work/kv-a0-mnt" >/dev/null
   "$BASELINE" umount "$work/kv-b0-mnt" >/dev/null
 fi
+# What the embedded server's `sync_interval: always` costs (each message fsync'ed before its
+# acknowledgement): the same raw claims on a second server configured that way, on the same
+# disk as the bench's other stores (/var/tmp).
+sync_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+mkdir -p "$work/nats-sync"
+printf 'jetstream {\n  store_dir: "%s"\n  sync_interval: always\n}\n' "$work/nats-sync" > "$work/nats-sync.conf"
+nats-server -c "$work/nats-sync.conf" -js -a 127.0.0.1 -p "$sync_port" -l "$work/nats-sync.log" &
+sync_pid=$!
+sleep 0.5
+for build in default always; do
+  if [ "$build" = default ]; then u="$url"; else u="nats://127.0.0.1:$sync_port"; fi
+  kvrun lock-raw "$u" bench_sync "$LOCKS" | sed "s/^lock_raw /lock_raw_sync_$build /" >> "$kvresults"
+done
+kill "$sync_pid" 2>/dev/null || true
 # Memory of a mount holding KEYS keys: written directly, then read by a fresh mount.
 casual=$(python3 - <<'PYB'
 h = 0x811c9dc5
@@ -307,6 +321,11 @@ if "lock_mount_base" in kv:
     for label, key in [("claim", "lock_mount"), ("propagation A -> B", "propagation_mount")]:
         o, n = kv[key + "_base"], kv[key + "_new"]
         print(f"| {label} | {o[0]:.0f} / {o[1]:.0f} us | {n[0]:.0f} / {n[1]:.0f} us | {n[0] / o[0]:.2f}x |")
+if "lock_raw_sync_always" in kv:
+    d, a = kv["lock_raw_sync_default"], kv["lock_raw_sync_always"]
+    print(f"\nThe embedded server runs with `sync_interval: always`. Its cost on this machine's /var/tmp, raw claims")
+    print(f"(create + update) on a server with the default (fsync every 2 min) vs `always`: p50 {d[0]:.0f} vs {a[0]:.0f} us,")
+    print(f"p99 {d[1]:.0f} vs {a[1]:.0f} us ({a[0] / d[0]:.2f}x at p50).")
 if memory:
     keys, rss, hwm, secs = memory
     print(f"\nA fresh mount reading a bucket of {int(keys):,} keys: ready in {secs} s, daemon RSS {int(rss)//1024} MiB (peak {int(hwm)//1024} MiB).")

@@ -31,7 +31,7 @@ use crate::fuse::{AdapterConfig, FuseAdapter, Invalidator};
 use crate::nats::embedded::Embedded;
 use crate::nats::Nats;
 use crate::policy::{PolicyTable, TierKind, DEFAULT_POLICY_FILE, POLICY_FILE};
-use crate::status::{FuseStatus, GitStatus, NatsStatus, QuarantinedPath, Status, TierStatus, STATUS_XATTR};
+use crate::status::{FuseStatus, GitStatus, LostClaim, NatsStatus, QuarantinedPath, Status, TierStatus, STATUS_XATTR};
 use crate::status::{BlobsStatus, StreamsStatus};
 use crate::tier::blob::BlobTier;
 use crate::tier::git::{self, GitTier};
@@ -583,6 +583,14 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
                     embedded: n.embedded,
                     buckets: status_kv.as_ref().map(|k| k.buckets().len()).unwrap_or(0),
                     keys: status_kv.as_ref().map(|k| k.keys()).unwrap_or(0),
+                    unknown_outcomes: status_kv.as_ref().map(|k| k.unknown_outcomes()).unwrap_or(0),
+                    lost_claims: status_kv
+                        .as_ref()
+                        .map(|k| k.lost_claims())
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(p, reason)| LostClaim { path: p.display().to_string(), reason })
+                        .collect(),
                 },
                 None => NatsStatus {
                     state: "not configured".into(),
@@ -590,6 +598,8 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
                     embedded: false,
                     buckets: 0,
                     keys: 0,
+                    unknown_outcomes: 0,
+                    lost_claims: Vec::new(),
                 },
             },
             git: GitStatus {

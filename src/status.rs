@@ -111,6 +111,23 @@ pub struct NatsStatus {
     pub buckets: usize,
     /// KV paths this node knows.
     pub keys: usize,
+    /// Strong writes that timed out (`ETIMEDOUT`) whose message has not shown up yet: each is
+    /// reconciled when the link returns (it landed, or it is dropped after a while).
+    #[serde(default)]
+    pub unknown_outcomes: usize,
+    /// Claims this mount held and lost (to another writer, or to expiry while away), with
+    /// why: their programs must stop believing they hold them.
+    #[serde(default)]
+    pub lost_claims: Vec<LostClaim>,
+}
+
+/// A claim this mount lost while a program held it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LostClaim {
+    /// Relative to the sync root.
+    pub path: String,
+    /// What took it.
+    pub reason: String,
 }
 
 /// The git remote.
@@ -240,6 +257,12 @@ impl Status {
             let _ = writeln!(s, "tier {tier:<13} {} commits, {} refused", t.commits, t.refused);
         }
         let _ = writeln!(s, "pending:      {} writes queued", self.pending_writes);
+        if self.nats.unknown_outcomes > 0 {
+            let _ = writeln!(s, "unknown:      {} writes timed out, outcome not known yet", self.nats.unknown_outcomes);
+        }
+        for c in &self.nats.lost_claims {
+            let _ = writeln!(s, "lost claim:   {}: {}", c.path, c.reason);
+        }
         let _ = writeln!(s, "open:         {} files, {} inodes", self.open_files, self.inodes);
         let _ = writeln!(s, "policies:     {} rules", self.policies);
         if self.conflicts.is_empty() {

@@ -10,19 +10,131 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 
 use super::{parse_version, MIN_VERSION};
 
-/// A running private nats-server.
+/// A running private nats-server, started again by its supervisor thread whenever it exits
+/// while the mount lives (a crash, an OOM kill, an operator's `kill`): the daemon's clients
+/// reconnect to the same port and store, so nothing acknowledged is lost.
 #[derive(Debug)]
 pub struct Embedded {
-    child: Child,
     /// Its client URL.
     pub url: String,
     dir: PathBuf,
+    child: Arc<Mutex<Option<Child>>>,
+    stopping: Arc<AtomicBool>,
+    supervisor: Option<std::thread::JoinHandle<()>>,
+}
+
+/// How to start the server: the same every time, so that a restart keeps port and store.
+#[derive(Debug, Clone)]
+struct Spec {
+    bin: PathBuf,
+    dir: PathBuf,
+    port: u16,
+    name: String,
+}
+
+impl Spec {
+    /// Starts the server and waits until it listens.
+    fn launch(&self) -> anyhow::Result<Child> {
+        let dir = &self.dir;
+        let log = dir.join("server.log");
+        // `sync_interval: always`: JetStream fsyncs each message before acknowledging it, so
+        // an acknowledged write survives a crash of the machine, not only of the daemon.
+        let conf = dir.join("server.conf");
+        let store = serde_json::to_string(&dir.display().to_string())?;
+        std::fs::write(&conf, format!("jetstream {{\n  store_dir: {store}\n  sync_interval: always\n}}\n"))
+            .with_context(|| format!("cannot write {}", conf.display()))?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("-c")
+            .arg(&conf)
+            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-n"])
+            .arg(format!("syncfs-{}", self.name))
+            .arg("-l")
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: prctl is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().with_context(|| format!("cannot start {}", self.bin.display()))?;
+        std::fs::write(dir.join("pid"), child.id().to_string())?;
+        std::fs::write(dir.join("port"), self.port.to_string())?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return Ok(child);
+            }
+            if let Some(status) = child.try_wait()? {
+                let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                bail!("the embedded nats-server exited ({status}):\n{}", last_lines(&tail, 10));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("the embedded nats-server did not listen on {addr} within 15 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Watches the server and starts it again when it exits, until `stopping`. Runs on the thread
+/// that spawns every server, which lives as long as the mount (`PR_SET_PDEATHSIG` follows the
+/// spawning thread).
+fn supervise(spec: &Spec, child: &Mutex<Option<Child>>, stopping: &AtomicBool) {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        if stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let exited = {
+            let mut slot = child.lock().unwrap_or_else(|e| e.into_inner());
+            match slot.as_mut().map(Child::try_wait) {
+                Some(Ok(Some(status))) => {
+                    slot.take();
+                    Some(status.to_string())
+                }
+                Some(Ok(None)) => None,
+                Some(Err(e)) => Some(format!("cannot wait for it: {e}")),
+                None => Some("not running".into()),
+            }
+        };
+        let Some(status) = exited else { continue };
+        let tail = std::fs::read_to_string(spec.dir.join("server.log")).unwrap_or_default();
+        tracing::warn!(%status, log = %last_lines(&tail, 3), "the embedded nats-server exited; starting it again");
+        loop {
+            if stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            match spec.launch() {
+                Ok(c) => {
+                    tracing::info!(port = spec.port, "the embedded nats-server runs again");
+                    *child.lock().unwrap_or_else(|e| e.into_inner()) = Some(c);
+                    backoff = Duration::from_millis(250);
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "cannot start the embedded nats-server again");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
 }
 
 fn free_port(preferred: Option<u16>) -> anyhow::Result<u16> {
@@ -89,8 +201,8 @@ fn stop_leftover(dir: &Path) {
 }
 
 impl Embedded {
-    /// Starts a server with its store in `dir`. Must be called from the thread that lives as
-    /// long as the mount (the server dies when that thread exits).
+    /// Starts a server with its store in `dir`, and the thread that starts it again whenever
+    /// it exits until [`Embedded::stop`].
     pub fn start(dir: &Path, node: &str) -> anyhow::Result<Embedded> {
         let bin = server_binary()?;
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -103,48 +215,35 @@ impl Embedded {
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
             .collect();
-        let log = dir.join("server.log");
-        let mut cmd = Command::new(&bin);
-        cmd.args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-n"])
-            .arg(format!("syncfs-{name}"))
-            .arg("-sd")
-            .arg(dir)
-            .arg("-l")
-            .arg(&log)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        // SAFETY: prctl is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().with_context(|| format!("cannot start {}", bin.display()))?;
-        std::fs::write(dir.join("pid"), child.id().to_string())?;
-        std::fs::write(dir.join("port"), port.to_string())?;
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                break;
-            }
-            if let Some(status) = child.try_wait()? {
-                let tail = std::fs::read_to_string(&log).unwrap_or_default();
-                bail!("the embedded nats-server exited ({status}):\n{}", last_lines(&tail, 10));
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                bail!("the embedded nats-server did not listen on {addr} within 15 s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        tracing::info!(url = %format!("nats://{addr}"), store = %dir.display(), "embedded nats-server started");
+        let spec = Spec { bin, dir: dir.to_path_buf(), port, name };
+        let child = Arc::new(Mutex::new(None));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let supervisor = {
+            let (spec, child, stopping) = (spec.clone(), child.clone(), stopping.clone());
+            std::thread::Builder::new().name("nats-server".into()).spawn(move || {
+                match spec.launch() {
+                    Ok(c) => {
+                        *child.lock().unwrap_or_else(|e| e.into_inner()) = Some(c);
+                        let _ = tx.send(Ok(()));
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                }
+                supervise(&spec, &child, &stopping);
+            })?
+        };
+        rx.recv().map_err(|_| anyhow!("the embedded nats-server's thread ended"))??;
+        let url = format!("nats://127.0.0.1:{port}");
+        tracing::info!(%url, store = %dir.display(), "embedded nats-server started");
         Ok(Embedded {
-            child,
-            url: format!("nats://{addr}"),
+            url,
             dir: dir.to_path_buf(),
+            child,
+            stopping,
+            supervisor: Some(supervisor),
         })
     }
 
@@ -154,21 +253,28 @@ impl Embedded {
     }
 
     fn stop_inner(&mut self) {
-        if matches!(self.child.try_wait(), Ok(Some(_))) {
+        self.stopping.store(true, Ordering::SeqCst);
+        if let Some(t) = self.supervisor.take() {
+            let _ = t.join();
+        }
+        let Some(mut child) = self.child.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return;
+        };
+        if matches!(child.try_wait(), Ok(Some(_))) {
             return;
         }
         // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
+            if matches!(child.try_wait(), Ok(Some(_))) {
                 let _ = std::fs::remove_file(self.dir.join("pid"));
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 

@@ -671,9 +671,33 @@ impl Tier for KvTier {
             return Op::ok(());
         }
         Op::pending(async move {
-            inner.write(&at, KvOp::Delete, current).await?;
-            inner.view.lock().owned.remove(&at.path);
-            Ok(())
+            // A claim this mount keeps alive: its own refreshes move the revision under the
+            // program, so the delete follows them, and the refresher stops first.
+            let Some(owned) = inner.view.lock().owned.remove(&at.path) else {
+                return inner.write(&at, KvOp::Delete, current).await.map(|_| ());
+            };
+            let mut rev = owned.rev;
+            for _ in 0..3 {
+                match inner.write(&at, KvOp::Delete, Some(Revision(rev.to_string()))).await {
+                    Ok(_) => return Ok(()),
+                    Err(e @ TierError::Stale { .. }) => match sync::last_message(&inner, owned.bucket, &owned.key).await {
+                        Some(last) => match sync::ours(&inner, last.as_ref()) {
+                            Some(seq) if seq != rev => rev = seq,
+                            _ => return Err(e),
+                        },
+                        None => return Err(e),
+                    },
+                    Err(e) => {
+                        // Not sent: the program still holds it. (An unknown outcome is not
+                        // kept alive: the claim expires if the delete did not land.)
+                        if matches!(e, TierError::Unavailable { .. }) {
+                            inner.view.lock().owned.insert(at.path.clone(), owned);
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            Err(TierError::Stale { path: at.path.clone(), base: current })
         })
     }
 

@@ -394,23 +394,21 @@ async fn refresh(inner: Arc<Inner>) {
 /// (an earlier refresh whose acknowledgement was lost landed), or lost to another writer or
 /// to expiry, which the holder must hear of.
 async fn still_ours(inner: &Arc<Inner>, path: &Path, o: &Owned) {
-    let subject = format!("{}{}", inner.buckets[o.bucket].prefix, o.key);
-    let last = match inner.stream(o.bucket) {
-        Some(stream) => stream.get_last_raw_message_by_subject(&subject).await.ok(),
-        None => return,
-    };
-    let ours = last.as_ref().filter(|m| {
-        let live = !matches!(m.headers.get(KV_OPERATION).map(|v| v.as_str()), Some("DEL") | Some("PURGE"));
-        live && m.headers.get(async_nats::header::NATS_MESSAGE_ID).is_some_and(|id| id.as_str().starts_with(inner.ids.prefix()))
-    });
-    match ours {
-        Some(m) => {
-            if let Some(entry) = inner.view.lock().owned.get_mut(path) {
-                entry.rev = m.sequence;
+    let Some(last) = last_message(inner, o.bucket, &o.key).await else { return };
+    let mut view = inner.view.lock();
+    // Released meanwhile (the program removed it): nothing was lost.
+    if !view.owned.contains_key(path) {
+        return;
+    }
+    match ours(inner, last.as_ref()) {
+        Some(seq) => {
+            if let Some(entry) = view.owned.get_mut(path) {
+                entry.rev = seq;
             }
         }
         None => {
-            inner.view.lock().owned.remove(path);
+            view.owned.remove(path);
+            drop(view);
             let why = match last {
                 Some(m) => format!("another writer holds it since revision {}", m.sequence),
                 None => "it expired on the server before this mount refreshed it".to_string(),
@@ -418,6 +416,31 @@ async fn still_ours(inner: &Arc<Inner>, path: &Path, o: &Owned) {
             lose(inner, path, why);
         }
     }
+}
+
+/// The last message of `key` on the server: `None` when the server could not be asked,
+/// `Some(None)` when the key has none.
+pub(super) async fn last_message(
+    inner: &Inner,
+    bucket: usize,
+    key: &str,
+) -> Option<Option<async_nats::jetstream::message::StreamMessage>> {
+    let subject = format!("{}{key}", inner.buckets[bucket].prefix);
+    let stream = inner.stream(bucket)?;
+    match stream.get_last_raw_message_by_subject(&subject).await {
+        Ok(m) => Some(Some(m)),
+        Err(e) if e.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => Some(None),
+        Err(_) => None,
+    }
+}
+
+/// The revision of `last` when it is a live value this mount wrote (by its message id).
+pub(super) fn ours(inner: &Inner, last: Option<&async_nats::jetstream::message::StreamMessage>) -> Option<u64> {
+    last.filter(|m| {
+        let live = !matches!(m.headers.get(KV_OPERATION).map(|v| v.as_str()), Some("DEL") | Some("PURGE"));
+        live && m.headers.get(async_nats::header::NATS_MESSAGE_ID).is_some_and(|id| id.as_str().starts_with(inner.ids.prefix()))
+    })
+    .map(|m| m.sequence)
 }
 
 /// Records that this mount lost an ephemeral entry it held (a claim): the holder's program
