@@ -131,7 +131,9 @@ impl FsError {
     }
 
     /// Whether a refused commit can never succeed as it is (a policy, a size or a base
-    /// revision refused it), as opposed to a failure worth retrying (EAGAIN, a full disk).
+    /// revision refused it), or must not be tried again (an unknown outcome: the tier
+    /// reconciles the write that went out; a second one would race it), as opposed to a
+    /// failure worth retrying (EAGAIN, a full disk).
     pub fn is_final(&self) -> bool {
         match self {
             FsError::Tier(e) => matches!(
@@ -143,6 +145,7 @@ impl FsError {
                     | TierError::Exists { .. }
                     | TierError::Unsupported { .. }
                     | TierError::CrossDevice(_)
+                    | TierError::Unknown { .. }
             ),
             FsError::InvalidContent { .. } | FsError::ReadOnly(_) | FsError::Unsupported { .. } => true,
             _ => false,
