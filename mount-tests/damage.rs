@@ -24,7 +24,11 @@ policies:
 "#;
 
 fn text(out: &std::process::Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 fn opts(name: &str, server: &NatsServer, table: &str) -> Options {
@@ -41,7 +45,9 @@ fn kill9(m: &mut Mount) {
     let pid = m.pid();
     // SAFETY: killing our own daemon.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    assert!(wait_for(Duration::from_secs(10), || !syncfs::daemon::process_alive(pid)));
+    assert!(wait_for(Duration::from_secs(10), || !syncfs::daemon::process_alive(
+        pid
+    )));
     let out = syncfs(&["umount", &m.mnt.display().to_string()]);
     assert!(out.status.success(), "{}", text(&out));
     m.forget_mounted();
@@ -108,7 +114,9 @@ struct Case {
 
 /// Records whose bytes the damage did not change, for damage that keeps the length.
 fn unchanged(before: &[u8], after: &[u8], f: &[Frame]) -> Vec<bool> {
-    f.iter().map(|r| before[r.start..r.end] == after[r.start..r.end]).collect()
+    f.iter()
+        .map(|r| before[r.start..r.end] == after[r.start..r.end])
+        .collect()
 }
 
 const CASES: &[Case] = &[
@@ -177,7 +185,8 @@ fn a_damaged_journal_loses_only_its_damaged_records_and_says_so() {
         let mut a = Mount::with(opts("a", &server, KV_TABLE));
         let b = Mount::with(opts("b", &server, KV_TABLE));
         server.stop();
-        assert!(wait_for(Duration::from_secs(10), || a.status()["nats"]["state"] == "disconnected"));
+        assert!(wait_for(Duration::from_secs(10), || a.status()["nats"]["state"]
+            == "disconnected"));
         let mut want = BTreeMap::new();
         for i in 0..30 {
             // Over 4 KiB of journal a page, so a zeroed page leaves records on both sides. Each
@@ -197,15 +206,28 @@ fn a_damaged_journal_loses_only_its_damaged_records_and_says_so() {
         assert!(data.len() > 3 * 4096, "{}: the journal spans several pages", case.name);
         let (damaged, keep) = (case.damage)(&data, &f);
         std::fs::write(&journal, &damaged).unwrap();
-        let lost: Vec<&str> = f.iter().zip(&keep).filter(|(_, k)| !**k).map(|(r, _)| r.key.as_str()).collect();
-        assert!(!lost.is_empty() && lost.len() < 30, "{}: the case damages some records, not all", case.name);
+        let lost: Vec<&str> = f
+            .iter()
+            .zip(&keep)
+            .filter(|(_, k)| !**k)
+            .map(|(r, _)| r.key.as_str())
+            .collect();
+        assert!(
+            !lost.is_empty() && lost.len() < 30,
+            "{}: the case damages some records, not all",
+            case.name
+        );
 
         server.restart();
         let from = log_len(&a);
         let out = a.try_mount(&opts("a", &server, KV_TABLE));
         assert!(out.status.success(), "{}: {}", case.name, text(&out));
-        let survivors: Vec<&(String, String)> =
-            f.iter().zip(&keep).filter(|(_, k)| **k).map(|(r, _)| &want[&r.key]).collect();
+        let survivors: Vec<&(String, String)> = f
+            .iter()
+            .zip(&keep)
+            .filter(|(_, k)| **k)
+            .map(|(r, _)| &want[&r.key])
+            .collect();
         let arrived = wait_for(Duration::from_secs(30), || {
             survivors
                 .iter()
@@ -216,11 +238,24 @@ fn a_damaged_journal_loses_only_its_damaged_records_and_says_so() {
             .filter(|(path, value)| std::fs::read_to_string(b.path(path)).map_or(true, |c| &c != value))
             .map(|(path, _)| path.as_str())
             .collect();
-        assert!(arrived, "{}: intact writes that never reached node b: {missing:?}\nlog:\n{}", case.name, log_since(&a, from));
-        assert!(wait_for(Duration::from_secs(10), || a.status()["pending_writes"] == 0), "{}", case.name);
+        assert!(
+            arrived,
+            "{}: intact writes that never reached node b: {missing:?}\nlog:\n{}",
+            case.name,
+            log_since(&a, from)
+        );
+        assert!(
+            wait_for(Duration::from_secs(10), || a.status()["pending_writes"] == 0),
+            "{}",
+            case.name
+        );
         for key in &lost {
             let path = &want[*key].0;
-            assert!(!b.path(path).exists(), "{}: {path} was damaged, yet node b has it", case.name);
+            assert!(
+                !b.path(path).exists(),
+                "{}: {path} was damaged, yet node b has it",
+                case.name
+            );
         }
 
         let log = log_since(&a, from);
@@ -230,11 +265,23 @@ fn a_damaged_journal_loses_only_its_damaged_records_and_says_so() {
             .filter(|n| n.starts_with("kv.log.damaged-"))
             .collect();
         if case.torn {
-            assert!(log.contains("torn"), "{}: the log names the torn append:\n{log}", case.name);
-            assert!(!log.contains("journal is damaged"), "{}: a torn append is no damage:\n{log}", case.name);
+            assert!(
+                log.contains("torn"),
+                "{}: the log names the torn append:\n{log}",
+                case.name
+            );
+            assert!(
+                !log.contains("journal is damaged"),
+                "{}: a torn append is no damage:\n{log}",
+                case.name
+            );
             assert!(copies.is_empty(), "{}: {copies:?}", case.name);
         } else {
-            assert!(log.contains("journal is damaged"), "{}: the log names the damage:\n{log}", case.name);
+            assert!(
+                log.contains("journal is damaged"),
+                "{}: the log names the damage:\n{log}",
+                case.name
+            );
             let n = lost.len();
             let s = if n == 1 { "" } else { "s" };
             assert!(
@@ -258,7 +305,11 @@ fn a_damaged_journal_loses_only_its_damaged_records_and_says_so() {
             assert_eq!(d["lost"], lost.len(), "{}: {damage}", case.name);
             assert_eq!(d["at_least"], false, "{}: {damage}", case.name);
             assert_eq!(d["kept"], 30 - lost.len(), "{}: {damage}", case.name);
-            assert!(d["copy"].as_str().unwrap().ends_with(&copies[0]), "{}: {damage}", case.name);
+            assert!(
+                d["copy"].as_str().unwrap().ends_with(&copies[0]),
+                "{}: {damage}",
+                case.name
+            );
             assert!(
                 human.contains(&format!(
                     "JOURNAL DAMAGE: {}: {} acknowledged write{} lost",
@@ -270,7 +321,12 @@ fn a_damaged_journal_loses_only_its_damaged_records_and_says_so() {
                 case.name
             );
             std::fs::remove_file(d["report"].as_str().unwrap()).unwrap();
-            assert_eq!(a.status()["journal_damage"], serde_json::json!([]), "{}: acknowledged", case.name);
+            assert_eq!(
+                a.status()["journal_damage"],
+                serde_json::json!([]),
+                "{}: acknowledged",
+                case.name
+            );
         }
     }
 }
@@ -281,7 +337,10 @@ fn stream_content(server: &NatsServer, table_pattern: &str) -> String {
     rt.block_on(async {
         let client = async_nats::connect(server.url()).await.unwrap();
         let js = async_nats::jetstream::new(client);
-        let mut stream = js.get_stream(syncfs::tier::kv::bucket_name(table_pattern)).await.unwrap();
+        let mut stream = js
+            .get_stream(syncfs::tier::kv::bucket_name(table_pattern))
+            .await
+            .unwrap();
         let state = stream.info().await.unwrap().state.clone();
         let mut out = Vec::new();
         for seq in state.first_sequence..=state.last_sequence {
@@ -328,7 +387,9 @@ fn a_damaged_stream_state_is_detected_and_rebuilt() {
         let b = Mount::with(opts("b", &server, STREAM_TABLE));
         a.sh_ok("for i in $(seq 50); do echo \"a $i\" >> log/k.log; done");
         let want_a: String = (1..=50).map(|i| format!("a {i}\n")).collect();
-        let state_file = a.state.join(format!("streams/{}.json", syncfs::tier::kv::bucket_name("log/**")));
+        let state_file = a
+            .state
+            .join(format!("streams/{}.json", syncfs::tier::kv::bucket_name("log/**")));
         // The state is saved at most once a second: wait until it holds all 50 lines.
         let saved = wait_for(Duration::from_secs(10), || {
             std::fs::read(&state_file)
@@ -342,7 +403,8 @@ fn a_damaged_stream_state_is_detected_and_rebuilt() {
         b.sh_ok("for i in $(seq 20); do echo \"b $i\" >> log/k.log; done");
         match edit {
             Some(edit) => {
-                let mut state: serde_json::Value = serde_json::from_slice(&std::fs::read(&state_file).unwrap()).unwrap();
+                let mut state: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(&state_file).unwrap()).unwrap();
                 edit(&mut state);
                 std::fs::write(&state_file, serde_json::to_vec(&state).unwrap()).unwrap();
             }
@@ -358,7 +420,11 @@ fn a_damaged_stream_state_is_detected_and_rebuilt() {
         assert!(out.status.success(), "{name}: {}", text(&out));
         let want: String = want_a.clone() + &(1..=20).map(|i| format!("b {i}\n")).collect::<String>();
         let (pa, pb) = (a.path("log/k.log"), b.path("log/k.log"));
-        assert!(wait_for(Duration::from_secs(20), || read(&pb) == want), "{name}: node b: {:?}", read(&pb));
+        assert!(
+            wait_for(Duration::from_secs(20), || read(&pb) == want),
+            "{name}: node b: {:?}",
+            read(&pb)
+        );
         let same = wait_for(Duration::from_secs(20), || read(&pa) == want);
         assert!(
             same,
@@ -367,16 +433,30 @@ fn a_damaged_stream_state_is_detected_and_rebuilt() {
             read(&pb),
             log_since(&a, from)
         );
-        assert_eq!(stream_content(&server, "log/**"), want, "{name}: the stream holds the same");
+        assert_eq!(
+            stream_content(&server, "log/**"),
+            want,
+            "{name}: the stream holds the same"
+        );
         // It stays right: an append after the rebuild lands once, at the end, on both.
         a.sh_ok("echo after >> log/k.log");
         let after = format!("{want}after\n");
-        assert!(wait_for(Duration::from_secs(20), || read(&pa) == after && read(&pb) == after), "{name}: {:?}", read(&pa));
+        assert!(
+            wait_for(Duration::from_secs(20), || read(&pa) == after && read(&pb) == after),
+            "{name}: {:?}",
+            read(&pa)
+        );
         let log = log_since(&a, from);
         if edit.is_some() {
-            assert!(log.contains("stream state") && log.contains("damaged"), "{name}: the log names the damage:\n{log}");
+            assert!(
+                log.contains("stream state") && log.contains("damaged"),
+                "{name}: the log names the damage:\n{log}"
+            );
         } else {
-            assert!(log.contains("rebuilding a file from its stream"), "{name}: the log names the rebuild:\n{log}");
+            assert!(
+                log.contains("rebuilding a file from its stream"),
+                "{name}: the log names the rebuild:\n{log}"
+            );
         }
     }
 }

@@ -104,7 +104,12 @@ fn crc(parts: &[&[u8]]) -> u32 {
 fn new_salt() -> u64 {
     // Random enough to tell two files apart; std seeds RandomState from the OS.
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
     h.finish()
 }
 
@@ -139,19 +144,27 @@ struct Found {
 enum Probe {
     Intact(Found),
     /// An intact header whose record runs past the end of the file.
-    Cut { seq: u64 },
+    Cut {
+        seq: u64,
+    },
     /// An intact header and meta, a damaged value: the key is known.
-    Named { seq: u64, salt: u64, record: Record },
+    Named {
+        seq: u64,
+        salt: u64,
+        record: Record,
+    },
     /// Anything else.
     Bad,
 }
 
 fn u32_at(d: &[u8], i: usize) -> Option<usize> {
-    d.get(i..i.checked_add(4)?).map(|b| u32::from_le_bytes(b.try_into().unwrap()) as usize)
+    d.get(i..i.checked_add(4)?)
+        .map(|b| u32::from_le_bytes(b.try_into().unwrap()) as usize)
 }
 
 fn u64_at(d: &[u8], i: usize) -> Option<u64> {
-    d.get(i..i.checked_add(8)?).map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+    d.get(i..i.checked_add(8)?)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
 }
 
 fn probe(data: &[u8], at: usize) -> Probe {
@@ -163,7 +176,9 @@ fn probe(data: &[u8], at: usize) -> Probe {
 }
 
 fn probe_v2(data: &[u8], at: usize) -> Probe {
-    let Some(header) = data.get(at..at + HEADER) else { return Probe::Bad };
+    let Some(header) = data.get(at..at + HEADER) else {
+        return Probe::Bad;
+    };
     if crc(&[&header[..36]]) as usize != u32_at(header, 36).unwrap_or(0) {
         return Probe::Bad;
     }
@@ -278,7 +293,12 @@ fn parse(data: &[u8]) -> Parsed {
             // Sequences number the file's records: the gap is what was lost.
             Some(next) => out.lost += next.saturating_sub(after),
             None => {
-                let seen = seqs.iter().filter(|&&s| s >= after).map(|&s| s - after + 1).max().unwrap_or(0);
+                let seen = seqs
+                    .iter()
+                    .filter(|&&s| s >= after)
+                    .map(|&s| s - after + 1)
+                    .max()
+                    .unwrap_or(0);
                 out.lost += seen.max(1);
                 out.at_least = true;
             }
@@ -287,7 +307,12 @@ fn parse(data: &[u8]) -> Parsed {
     while at < data.len() {
         let p = probe(data, at);
         let p = match p {
-            Probe::Intact(f) if f.salt_seq.is_some_and(|(s, q)| Some(s) != salt || out.last_seq.is_some_and(|l| q <= l)) => Probe::Bad,
+            Probe::Intact(f)
+                if f.salt_seq
+                    .is_some_and(|(s, q)| Some(s) != salt || out.last_seq.is_some_and(|l| q <= l)) =>
+            {
+                Probe::Bad
+            }
             p => p,
         };
         match p {
@@ -459,7 +484,9 @@ fn plural(n: u64) -> &'static str {
 /// The name of a lost record for people: its key, and the path it encodes.
 fn describe(record: &Record) -> String {
     match super::key::decode(&record.key) {
-        Some(super::key::Decoded::File(path)) => format!("{} ({}, bucket {})", record.key, path.display(), record.bucket),
+        Some(super::key::Decoded::File(path)) => {
+            format!("{} ({}, bucket {})", record.key, path.display(), record.bucket)
+        }
         _ => format!("{} (bucket {})", record.key, record.bucket),
     }
 }
@@ -468,7 +495,10 @@ fn describe(record: &Record) -> String {
 fn report(path: &Path, data: &[u8], parsed: &Parsed) -> std::io::Result<()> {
     let found_at = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     let stamp: String = found_at.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut suffix = stamp.clone();
     for n in 2.. {
@@ -519,8 +549,15 @@ fn report(path: &Path, data: &[u8], parsed: &Parsed) -> std::io::Result<()> {
 /// The damage reports kept next to the journal at `path`, oldest first (see the module docs).
 pub fn damage_reports(path: &Path) -> Vec<JournalDamage> {
     let Some(dir) = path.parent() else { return Vec::new() };
-    let prefix = format!("{}{REPORT_INFIX}", path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
-    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let prefix = format!(
+        "{}{REPORT_INFIX}",
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    );
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
     let mut reports: Vec<(String, JournalDamage)> = entries
         .flatten()
         .filter_map(|e| {
@@ -571,7 +608,10 @@ mod tests {
     }
 
     fn all_but(n: usize, lost: &[usize]) -> Vec<String> {
-        (0..n).filter(|i| !lost.contains(i)).map(|i| format!("k{i:02}")).collect()
+        (0..n)
+            .filter(|i| !lost.contains(i))
+            .map(|i| format!("k{i:02}"))
+            .collect()
     }
 
     #[test]
@@ -581,7 +621,11 @@ mod tests {
         let mut j = Journal::open(&path).unwrap();
         j.append(rec("a", b"1")).unwrap();
         j.append(rec("b", b"")).unwrap();
-        j.append(Record { op: JournalOp::Delete, ..rec("a", b"") }).unwrap();
+        j.append(Record {
+            op: JournalOp::Delete,
+            ..rec("a", b"")
+        })
+        .unwrap();
         drop(j);
         let mut j = Journal::open(&path).unwrap();
         assert_eq!(j.len(), 3);
@@ -607,7 +651,12 @@ mod tests {
         drop(j);
         let len = std::fs::metadata(&path).unwrap().len();
         for cut in [3, 40, len - frame(&rec("a", b"kept"), 0, 0).len() as u64 - 2] {
-            OpenOptions::new().write(true).open(&path).unwrap().set_len(len - cut).unwrap();
+            OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_len(len - cut)
+                .unwrap();
             let j = Journal::open(&path).unwrap();
             assert_eq!(j.len(), 1, "cut {cut}");
             drop(j);
@@ -618,7 +667,11 @@ mod tests {
         let j = Journal::open(&path).unwrap();
         assert_eq!(j.len(), 2);
         assert!(damage_reports(&path).is_empty());
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no copy of a torn journal");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no copy of a torn journal"
+        );
     }
 
     #[test]
@@ -711,7 +764,11 @@ mod tests {
         assert_eq!(j.len(), 3);
         j.append(rec("d", b"new")).unwrap();
         drop(j);
-        assert_eq!(&std::fs::read(&path).unwrap()[..4], MAGIC, "rewritten in the new format");
+        assert_eq!(
+            &std::fs::read(&path).unwrap()[..4],
+            MAGIC,
+            "rewritten in the new format"
+        );
         assert_eq!(Journal::open(&path).unwrap().len(), 4);
         // A damaged first-format record: the others are kept, the loss is at least one.
         let len = frame_v1(&rec("a", b"old")).len();
@@ -740,7 +797,11 @@ mod tests {
         drop(j);
         let j = Journal::open(&path).unwrap();
         assert_eq!(j.len(), 5);
-        assert_eq!(damage_reports(&path).len(), 1, "the report stays until the operator removes it");
+        assert_eq!(
+            damage_reports(&path).len(),
+            1,
+            "the report stays until the operator removes it"
+        );
         std::fs::remove_file(&reports[0].report).unwrap();
         assert!(damage_reports(&path).is_empty());
     }
