@@ -5,6 +5,7 @@
 
 mod blob;
 mod checker;
+mod damage;
 mod errors;
 mod fast;
 mod faults;

@@ -644,6 +644,7 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
                     }
                 })
                 .unwrap_or_default(),
+            journal_damage: status_kv.as_ref().map(|k| k.journal_damage()).unwrap_or_default(),
         };
         serde_json::to_vec(&status).unwrap_or_default()
     }));

@@ -55,6 +55,33 @@ pub struct Status {
     /// The blob tier.
     #[serde(default)]
     pub blobs: BlobsStatus,
+    /// Damage found in the offline KV journal, until the operator removes each report.
+    #[serde(default)]
+    pub journal_damage: Vec<JournalDamage>,
+}
+
+/// Damage found in the offline KV journal when it was opened: what was lost, and where the
+/// damaged bytes are kept. Also the content of the report file (`kv.log.lost-<time>.json`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct JournalDamage {
+    /// When it was found (RFC 3339).
+    pub found_at: String,
+    /// The journal.
+    pub journal: String,
+    /// The copy of the damaged journal.
+    pub copy: String,
+    /// The report; removing it acknowledges the damage.
+    pub report: String,
+    /// Acknowledged writes lost (a lower bound when `at_least`).
+    pub lost: u64,
+    /// Whether `lost` is a lower bound (damage at the end, or a first-format journal).
+    pub at_least: bool,
+    /// The lost writes whose key could still be read: `key (path, bucket b)`.
+    pub keys: Vec<String>,
+    /// Bytes that did not check.
+    pub damaged_bytes: u64,
+    /// Intact records kept and replayed.
+    pub kept: u64,
 }
 
 /// The append tier.
@@ -255,6 +282,22 @@ impl Status {
         }
         for (tier, t) in &self.tiers {
             let _ = writeln!(s, "tier {tier:<13} {} commits, {} refused", t.commits, t.refused);
+        }
+        for d in &self.journal_damage {
+            let _ = writeln!(
+                s,
+                "JOURNAL DAMAGE: {}: {}{} acknowledged write{} lost, {} kept; copy {}",
+                d.found_at,
+                if d.at_least { "at least " } else { "" },
+                d.lost,
+                if d.lost == 1 { "" } else { "s" },
+                d.kept,
+                d.copy
+            );
+            for k in &d.keys {
+                let _ = writeln!(s, "  lost: {k}");
+            }
+            let _ = writeln!(s, "  (remove {} to acknowledge)", d.report);
         }
         let _ = writeln!(s, "pending:      {} writes queued", self.pending_writes);
         if self.nats.unknown_outcomes > 0 {

@@ -244,6 +244,12 @@ impl KvTier {
         self.inner.journal.lock().len()
     }
 
+    /// Damage found in the offline journal, until the operator removes each report.
+    pub fn journal_damage(&self) -> Vec<crate::status::JournalDamage> {
+        let path = self.inner.journal.lock().path().to_path_buf();
+        journal::damage_reports(&path)
+    }
+
     /// Strongly consistent writes whose outcome is still unknown (they timed out).
     pub fn unknown_outcomes(&self) -> usize {
         self.inner.own.lock().unknown()

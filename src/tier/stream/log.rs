@@ -334,22 +334,56 @@ impl LogState {
     }
 }
 
-/// Reads a saved state; a missing file is an empty state, a damaged one is reported.
+/// The state file: the state and a CRC-32 of its JSON, so that damage which leaves valid
+/// JSON (a resume point or a length off by some) is found; a wrong state would skip or double
+/// appends for good, a state found damaged only costs a rebuild from the stream.
+#[derive(Serialize)]
+struct StoredRef<'a> {
+    #[serde(flatten)]
+    saved: &'a Saved,
+    crc32: u32,
+}
+
+#[derive(Deserialize)]
+struct Stored {
+    #[serde(flatten)]
+    saved: Saved,
+    /// Absent in state files written before the checksum (accepted once, then rewritten).
+    crc32: Option<u32>,
+}
+
+fn checksum(saved: &Saved) -> io::Result<u32> {
+    Ok(crc32fast::hash(&serde_json::to_vec(saved)?))
+}
+
+/// Reads a saved state; a missing file is an empty state, a damaged one (unreadable, or not
+/// matching its checksum) is an error of kind `InvalidData`.
 pub fn load(file: &Path) -> io::Result<Option<Saved>> {
-    match std::fs::read(file) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", file.display()))),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
+    let bytes = match std::fs::read(file) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let damaged = |why: String| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {why}", file.display()));
+    let stored: Stored = serde_json::from_slice(&bytes).map_err(|e| damaged(e.to_string()))?;
+    if let Some(stored_crc) = stored.crc32 {
+        let crc = checksum(&stored.saved)?;
+        if crc != stored_crc {
+            return Err(damaged(format!("checksum {crc:08x} does not match the saved {stored_crc:08x}")));
+        }
     }
+    Ok(Some(stored.saved))
 }
 
 /// Writes a state atomically (a temporary file renamed over the old one). No fsync: the state
 /// must survive a crash of the daemon, not of the machine, and a lost state is rebuilt.
 pub fn store(file: &Path, saved: &Saved) -> io::Result<()> {
     let tmp = file.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec(saved)?)?;
+    let stored = StoredRef {
+        saved,
+        crc32: checksum(saved)?,
+    };
+    std::fs::write(&tmp, serde_json::to_vec(&stored)?)?;
     std::fs::rename(&tmp, file)
 }
 
@@ -531,5 +565,32 @@ mod tests {
         assert_eq!(load(&file).unwrap(), Some(s.saved()));
         std::fs::write(&file, "{").unwrap();
         assert!(load(&file).is_err());
+    }
+
+    #[test]
+    fn a_state_edited_into_other_valid_json_is_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("log.json");
+        let mut s = LogState::default();
+        s.handle(msg(4, "t", Op::Append(None), "x", "n")).unwrap();
+        store(&file, &s.saved()).unwrap();
+        type Edit = fn(&mut serde_json::Value);
+        let edits: [Edit; 3] = [
+            |v| v["resume"] = (v["resume"].as_u64().unwrap() + 15).into(),
+            |v| v["files"]["t"]["len"] = 101.into(),
+            |v| v["files"]["t"]["last"] = 3.into(),
+        ];
+        for edit in edits {
+            let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+            edit(&mut v);
+            let path = dir.path().join("edited.json");
+            std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+            let e = load(&path).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        }
+        // A state written before the checksum is read as it is.
+        let old = serde_json::to_vec(&s.saved()).unwrap();
+        std::fs::write(&file, old).unwrap();
+        assert_eq!(load(&file).unwrap(), Some(s.saved()));
     }
 }

@@ -26,8 +26,10 @@
 //! while NATS is unreachable they fail at once with `EAGAIN`.
 //!
 //! The applier's state (per file: length, first and last sequence) is saved in
-//! `--state/streams/<stream>.json`; a restart cuts files back to the saved lengths and
-//! replays the stream from the saved point, so a crash never doubles or loses an append.
+//! `--state/streams/<stream>.json`, with a CRC-32; a restart cuts files back to the saved
+//! lengths and replays the stream from the saved point, so a crash never doubles or loses an
+//! append. A state that does not match its checksum (or does not parse) is set aside as
+//! `<stream>.json.damaged` and every file of the stream is rebuilt from the stream.
 //! Messages the stream no longer keeps (retention, size limits) leave every node's files
 //! the same way: a file whose oldest message is gone is rebuilt from what the stream still
 //! holds.
@@ -159,7 +161,15 @@ impl StreamTier {
             let saved = match log::load(&state_file) {
                 Ok(saved) => saved.unwrap_or_default(),
                 Err(e) => {
-                    tracing::warn!(error = %e, "the stream state is unreadable; rebuilding the files from the stream");
+                    // Kept for a post-mortem; the next save writes a new state.
+                    let copy = state_file.with_extension("json.damaged");
+                    let _ = std::fs::rename(&state_file, &copy);
+                    tracing::warn!(
+                        stream = %name,
+                        error = %e,
+                        copy = %copy.display(),
+                        "the stream state is damaged or unreadable; rebuilding its files from the stream"
+                    );
                     Default::default()
                 }
             };
