@@ -2018,15 +2018,16 @@ fn k9_writers<'s>(s: &'s std::thread::Scope<'s, '_>, rec: &'s Recorder, node: &'
 /// or an in-doubt operation's value after it, never torn or empty bytes nobody acknowledged.
 /// After the last remount, observer B (never killed) must show the same for everything but
 /// the local tier, and every node's KV view must equal the server's. One nats-server and one
-/// git remote for the whole run. 100 kill points in all (1,000 with `SYNCFS_SOAK`), or fewer
-/// if the time budget (50 s; 20 min with soak) runs out first (printed and asserted >= 60 %
-/// of the target). The first failing remount stops the run.
+/// git remote for the whole run. 100 kill points in all (1,000 with `SYNCFS_SOAK`), asserted;
+/// a time budget (5 min; 30 min with soak) only stops a run that cannot make progress. The
+/// first failing remount stops the run.
 #[test]
 fn kill9_of_the_daemon_at_random_points_loses_no_acknowledged_write() {
     let test = "kill9";
     let started = Instant::now();
     let mut rng = Rng::new(test);
-    let (target, budget) = if soak() { (1000, Duration::from_secs(1200)) } else { (100, Duration::from_secs(50)) };
+    // The budget only guards against a run that cannot make progress.
+    let (target, budget) = if soak() { (1000, Duration::from_secs(1800)) } else { (100, Duration::from_secs(300)) };
     const NODES: usize = 3;
     let server = NatsServer::start();
     let remote = Remote::new();
@@ -2142,7 +2143,7 @@ fn kill9_of_the_daemon_at_random_points_loses_no_acknowledged_write() {
     let in_doubt = h.ops.iter().filter(|o| o.result.is_err() && !refused(o)).count();
     eprintln!("{test}: {acked} acknowledged operations, {in_doubt} cut by a kill");
     if vs.is_empty() {
-        assert!(n_kills * 10 >= target * 6, "{test}: only {n_kills} kill points within {budget:?} (target {target})");
+        assert!(n_kills >= target, "{test}: only {n_kills} kill points within {budget:?} (target {target})");
     }
     verdict(test, &h, &vs, started);
 }
