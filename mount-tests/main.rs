@@ -14,6 +14,7 @@ mod harness;
 mod history;
 mod lifecycle;
 mod model;
+mod moves;
 mod nats;
 mod permissions;
 mod posix;

@@ -536,6 +536,26 @@ impl GitTier {
         })
     }
 
+    /// Removes `path` from the branch for a policy change that moved it to another tier (its
+    /// file stays in the tree, which is no longer git's): records its deletion, committed
+    /// when the worker starts. Returns whether the branch lacks it already (the move is done).
+    pub fn move_out(&self, path: &Path) -> bool {
+        let on_branch = {
+            let objects = self.shared.objects.lock();
+            let tree = objects.tree_of(objects.target(repo::MAIN)).ok().flatten();
+            Repo::blob_at(tree.as_ref(), path)
+        };
+        let Some(blob) = on_branch else { return true };
+        let mut st = self.shared.state.lock();
+        st.gen += 1;
+        let gen = st.gen;
+        st.pending.insert(path.to_path_buf(), Pending { base: Some(blob), blob: None, gen });
+        drop(st);
+        let _ = self.shared.tx.lock().send(worker::Cmd::Dirty);
+        tracing::info!(path = %path.display(), "removing the moved path from git");
+        false
+    }
+
     /// What `syncfs status` shows.
     pub fn info(&self) -> GitInfo {
         // Pending changes first: the worker counts a commit as unpushed before it stops
