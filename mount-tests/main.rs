@@ -5,6 +5,7 @@
 
 mod blob;
 mod checker;
+mod crash;
 mod errors;
 mod fast;
 mod faults;

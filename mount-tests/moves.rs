@@ -2,10 +2,9 @@
 //! creates and durable fsyncs (defect 7): two nodes, a real nats-server and a real git remote.
 
 use std::path::Path;
-use std::time::Duration;
 
 use crate::git::{wait_pushed, Remote, QUICK};
-use crate::harness::{wait_content, wait_for, Mount, Options};
+use crate::harness::{wait_content, Mount, Options};
 use crate::nats::NatsServer;
 
 const BEFORE: &str = r#"policies:
