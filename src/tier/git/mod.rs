@@ -459,6 +459,30 @@ fn scan_tree(tree_dir: &Path, policies: &PolicyTable) -> std::io::Result<(HashMa
     Ok((out, refused))
 }
 
+/// Removes ref lock files a killed daemon left (`refs/**/*.lock`, `packed-refs.lock`): libgit2
+/// refuses to move a locked ref, so one left by a `kill -9` during a fetch or push stopped every
+/// later push. This mount holds the state directory's lock, so no other syncfs uses the repository.
+fn remove_stale_locks(dir: &Path) {
+    let mut stack = vec![dir.join("refs")];
+    let mut locks = vec![dir.join("packed-refs.lock"), dir.join("HEAD.lock")];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let p = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "lock") {
+                locks.push(p);
+            }
+        }
+    }
+    for lock in locks {
+        if std::fs::remove_file(&lock).is_ok() {
+            tracing::warn!(lock = %lock.display(), "removed a git lock file the last mount left (it was killed)");
+        }
+    }
+}
+
 /// Undoes what a `kill -9` interrupted, from the intents the last mount noted: a file an
 /// open created and no close committed is removed (never committed, so no node gets an empty
 /// file nobody closed), and a committed change whose install into the tree did not happen is
@@ -515,6 +539,7 @@ impl GitTier {
     ) -> anyhow::Result<GitTier> {
         let dir = state_dir.join("git");
         let tree_dir = state_dir.join("tree");
+        remove_stale_locks(&dir);
         let open = || Repo::open(&dir).map_err(|e| anyhow::anyhow!("cannot open the git repository {}: {e}", dir.display()));
         let repo = open()?;
         let objects = open()?;
