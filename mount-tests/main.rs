@@ -5,6 +5,7 @@
 
 mod blob;
 mod checker;
+mod crash;
 mod damage;
 mod errors;
 mod fast;
@@ -15,6 +16,7 @@ mod harness;
 mod history;
 mod lifecycle;
 mod model;
+mod moves;
 mod nats;
 mod permissions;
 mod posix;

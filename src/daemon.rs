@@ -376,6 +376,8 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
     // A node joining a cluster takes the shared policy table from the git remote.
     git::bootstrap(&cfg.state_dir, &cfg.git)?;
     let policies = Arc::new(load_policies(cfg, &tree)?);
+    // Paths the table moved to another tier since the tree's last mount (see src/moves.rs).
+    let mut moves = crate::moves::Moves::prepare(&cfg.state_dir, &tree, &cfg.node, &policies)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -390,6 +392,7 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
     let uses_nats = uses(TierKind::NatsKv)
         || uses(TierKind::NatsStream)
         || uses(TierKind::ObjectStore)
+        || moves.needs_nats()
         || (!cfg.nats.urls.is_empty() && cfg.git.remote.is_some());
     let mut embedded = None;
     let nats = if uses_nats {
@@ -407,6 +410,7 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
         None
     };
 
+    runtime.block_on(moves.run_nats(nats.as_ref()));
     let mut tiers = Tiers::default();
     tiers.add(Arc::new(LocalTier));
     let kv = match &nats {
@@ -468,6 +472,7 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
     } else {
         None
     };
+    runtime.block_on(moves.finish(nats.as_ref(), |p| git.as_ref().is_none_or(|g| g.move_out(p))));
     let core = Arc::new(
         Core::new(&tree, &spool, policies.clone(), tiers, CoreConfig::default())
             .map_err(|e| anyhow!("cannot open the state directory: {e}"))?,

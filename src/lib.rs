@@ -16,6 +16,7 @@ pub mod fs;
 pub mod fuse;
 pub mod hlc;
 pub mod merge;
+pub mod moves;
 pub mod nats;
 pub mod op;
 pub mod policy;

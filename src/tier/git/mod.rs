@@ -27,6 +27,7 @@
 //! daemon had not committed by comparing the tree with it, and commits them first.
 
 mod history;
+mod intents;
 mod names;
 mod remote;
 pub mod repo;
@@ -215,6 +216,8 @@ pub(crate) struct Shared {
     tx: Mutex<mpsc::Sender<Cmd>>,
     /// Set once the worker's first cycle (commit, fetch, install) is done.
     ready: (Mutex<bool>, parking_lot::Condvar),
+    /// What the tree is about to hold, for the next mount's recovery.
+    intents: intents::Intents,
 }
 
 impl Shared {
@@ -225,6 +228,7 @@ impl Shared {
     /// Records a local change of `path` and wakes the worker. With `durable` (fsync), waits
     /// until the change is in a commit on this node's branch.
     fn record(&self, path: &Path, base: Option<Oid>, blob: Option<Oid>, durable: bool) {
+        self.intents.note(path, blob.map_or(intents::Intent::Gone, intents::Intent::Holds));
         {
             let mut st = self.state.lock();
             st.gen += 1;
@@ -455,6 +459,73 @@ fn scan_tree(tree_dir: &Path, policies: &PolicyTable) -> std::io::Result<(HashMa
     Ok((out, refused))
 }
 
+/// Removes ref lock files a killed daemon left (`refs/**/*.lock`, `packed-refs.lock`): libgit2
+/// refuses to move a locked ref, so one left by a `kill -9` during a fetch or push stopped every
+/// later push. This mount holds the state directory's lock, so no other syncfs uses the repository.
+fn remove_stale_locks(dir: &Path) {
+    let mut stack = vec![dir.join("refs")];
+    let mut locks = vec![dir.join("packed-refs.lock"), dir.join("HEAD.lock")];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let p = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "lock") {
+                locks.push(p);
+            }
+        }
+    }
+    for lock in locks {
+        if std::fs::remove_file(&lock).is_ok() {
+            tracing::warn!(lock = %lock.display(), "removed a git lock file the last mount left (it was killed)");
+        }
+    }
+}
+
+/// Undoes what a `kill -9` interrupted, from the intents the last mount noted: a file an
+/// open created and no close committed is removed (never committed, so no node gets an empty
+/// file nobody closed), and a committed change whose install into the tree did not happen is
+/// installed (so the older content left in the tree is not committed over it).
+fn recover_intents(repo: &Repo, tree_dir: &Path, intents: &HashMap<PathBuf, intents::Intent>, synced: &HashMap<PathBuf, Oid>, held: &mut HashMap<PathBuf, Oid>) {
+    let empty = Oid::hash_object(git2::ObjectType::Blob, b"").ok();
+    for (path, intent) in intents {
+        let Some(now) = held.get(path).copied() else { continue };
+        let file = tree_dir.join(path);
+        match *intent {
+            intents::Intent::Created if Some(now) == empty && !synced.contains_key(path) => {
+                if std::fs::remove_file(&file).is_ok() {
+                    tracing::info!(path = %path.display(), "a file created by an open that no close committed (the daemon stopped): removed, not committed");
+                    held.remove(path);
+                }
+            }
+            intents::Intent::Holds(blob) if blob != now && synced.get(path) != Some(&now) => {
+                let Ok(bytes) = repo.read_blob(blob) else { continue };
+                let tmp = file.with_file_name(format!(".syncfs-recover-{}", std::process::id()));
+                let written = (|| -> std::io::Result<()> {
+                    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+                    let meta = std::fs::metadata(&file)?;
+                    std::fs::write(&tmp, &bytes)?;
+                    std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid()))?;
+                    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+                    std::fs::rename(&tmp, &file)
+                })();
+                match written {
+                    Ok(()) => {
+                        tracing::info!(path = %path.display(), %blob, "a committed change the daemon stopped before installing: installed");
+                        held.insert(path.clone(), blob);
+                    }
+                    Err(e) => {
+                        let _ = std::fs::remove_file(&tmp);
+                        tracing::warn!(path = %path.display(), error = %e, "cannot install a committed change the daemon stopped before installing");
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 impl GitTier {
     /// Opens the node's repository under `state_dir` and finds what the tree holds that was
     /// never committed. Nothing moves until [`Tier::start`].
@@ -468,17 +539,21 @@ impl GitTier {
     ) -> anyhow::Result<GitTier> {
         let dir = state_dir.join("git");
         let tree_dir = state_dir.join("tree");
+        remove_stale_locks(&dir);
         let open = || Repo::open(&dir).map_err(|e| anyhow::anyhow!("cannot open the git repository {}: {e}", dir.display()));
         let repo = open()?;
         let objects = open()?;
         let history = open()?;
-        let (held, refused) = scan_tree(&tree_dir, &policies)?;
+        let (mut held, refused) = scan_tree(&tree_dir, &policies)?;
         // Changes in the tree that no commit has: the daemon stopped before committing them.
         let synced_at = repo.target(repo::TREE);
         let synced = match repo.tree_of(synced_at)? {
             Some(tree) => Repo::files(&tree),
             None => HashMap::new(),
         };
+        let intents_file = dir.join("syncfs-intents");
+        recover_intents(&repo, &tree_dir, &intents::Intents::load(&intents_file), &synced, &mut held);
+        let intents = intents::Intents::create(&intents_file);
         let mut state = State { held: held.clone(), ..State::default() };
         for (path, why) in refused {
             tracing::warn!(path = %path.display(), reason = %why, "a file git cannot store: kept on this node, not committed");
@@ -524,6 +599,7 @@ impl GitTier {
             views: Mutex::new(HashMap::new()),
             tx: Mutex::new(tx),
             ready: (Mutex::new(false), parking_lot::Condvar::new()),
+            intents,
         });
         let worker = Worker::new(shared.clone(), repo, remote.clone(), settings, rx, nats.clone(), rt.clone());
         Ok(GitTier {
@@ -534,6 +610,26 @@ impl GitTier {
             nats,
             remote,
         })
+    }
+
+    /// Removes `path` from the branch for a policy change that moved it to another tier (its
+    /// file stays in the tree, which is no longer git's): records its deletion, committed
+    /// when the worker starts. Returns whether the branch lacks it already (the move is done).
+    pub fn move_out(&self, path: &Path) -> bool {
+        let on_branch = {
+            let objects = self.shared.objects.lock();
+            let tree = objects.tree_of(objects.target(repo::MAIN)).ok().flatten();
+            Repo::blob_at(tree.as_ref(), path)
+        };
+        let Some(blob) = on_branch else { return true };
+        let mut st = self.shared.state.lock();
+        st.gen += 1;
+        let gen = st.gen;
+        st.pending.insert(path.to_path_buf(), Pending { base: Some(blob), blob: None, gen });
+        drop(st);
+        let _ = self.shared.tx.lock().send(worker::Cmd::Dirty);
+        tracing::info!(path = %path.display(), "removing the moved path from git");
+        false
     }
 
     /// What `syncfs status` shows.
@@ -654,10 +750,15 @@ impl Tier for GitTier {
         Some(self.max_file_bytes)
     }
 
-    fn create(&self, at: &Target, _kind: Kind, _exclusive: bool) -> Op<Option<Revision>, TierError> {
+    fn create(&self, at: &Target, kind: Kind, _exclusive: bool) -> Op<Option<Revision>, TierError> {
         // Exclusivity is this node's own O_EXCL: git has no cluster-wide create.
         match check_storable(&at.path) {
-            Ok(()) => Op::ok(None),
+            Ok(()) => {
+                if kind == Kind::File {
+                    self.shared.intents.note(&at.path, intents::Intent::Created);
+                }
+                Op::ok(None)
+            }
             Err(e) => Op::err(e),
         }
     }
