@@ -120,6 +120,10 @@ impl Node {
     }
 }
 
+/// How many nodes a document may hold once its aliases are expanded. Each alias is a copy, so
+/// ten levels of ten aliases are 10^10 nodes (a "billion laughs") in a few hundred bytes.
+pub const MAX_NODES: usize = 100_000;
+
 /// Parses a single YAML document. An empty document gives `None`.
 pub fn parse(text: &str) -> Result<Option<Node>, SyntaxError> {
     let mut builder = Builder {
@@ -127,30 +131,73 @@ pub fn parse(text: &str) -> Result<Option<Node>, SyntaxError> {
         anchors: Vec::new(),
         root: None,
         documents: 0,
+        nodes: 0,
     };
     for event in Parser::new_from_str(text) {
         let (event, span) = event.map_err(|e| SyntaxError {
             line: e.marker().line(),
             col: e.marker().col() + 1,
             message: e.info().to_string(),
-        })?;
-        builder.event(event, span)?;
+        })
+        .map_err(|e| inside(text, e))?;
+        builder.event(event, span).map_err(|e| inside(text, e))?;
     }
     Ok(builder.root)
+}
+
+/// The error with its position moved inside `text`: the parser reports some errors past the end
+/// (line 2 of a one-line file without a newline); they are shown at the end of the
+/// last line instead, which is where a person looks. Lines end at `\r\n`, `\r` or `\n`, as
+/// in YAML.
+fn inside(text: &str, mut e: SyntaxError) -> SyntaxError {
+    let normalized = text.replace("\r\n", "\n").replace('\r', "\n");
+    let lines: Vec<&str> = normalized.split('\n').collect();
+    if e.line > lines.len() || e.line == 0 {
+        e.line = lines.len();
+        e.col = usize::MAX;
+    }
+    e.col = e.col.clamp(1, lines[e.line - 1].chars().count() + 1);
+    e
 }
 
 struct Builder {
     /// Open collections: the node being filled and, for mappings, a key waiting for its value.
     stack: Vec<(Node, Option<Node>, usize)>,
-    anchors: Vec<(usize, Node)>,
+    /// Anchored nodes, with the number of nodes each holds.
+    anchors: Vec<(usize, Node, usize)>,
     root: Option<Node>,
     documents: usize,
+    /// Nodes made so far, aliases counted as the copies they are.
+    nodes: usize,
+}
+
+fn size(node: &Node) -> usize {
+    1 + match &node.value {
+        Value::Seq(items) => items.iter().map(size).sum(),
+        Value::Map(entries) => entries.iter().map(|(k, v)| size(k) + size(v)).sum(),
+        Value::Null | Value::Scalar { .. } => 0,
+    }
 }
 
 impl Builder {
     fn event(&mut self, event: Event<'_>, span: Span) -> Result<(), SyntaxError> {
         let line = span.start.line();
         let col = span.start.col() + 1;
+        match &event {
+            Event::Scalar(..) | Event::SequenceStart(..) | Event::MappingStart(..) => self.nodes += 1,
+            Event::Alias(id) => {
+                let copied = self.anchors.iter().rev().find(|(a, ..)| a == id).map_or(0, |(.., n)| *n);
+                self.nodes = self.nodes.saturating_add(copied);
+            }
+            _ => {}
+        }
+        if self.nodes > MAX_NODES {
+            return Err(SyntaxError {
+                line,
+                col,
+                message: format!("more than {MAX_NODES} values once aliases are expanded"),
+            });
+        }
         match event {
             Event::DocumentStart(_) => {
                 self.documents += 1;
@@ -179,8 +226,8 @@ impl Builder {
                     .anchors
                     .iter()
                     .rev()
-                    .find(|(a, _)| *a == id)
-                    .map(|(_, n)| n.clone())
+                    .find(|(a, ..)| *a == id)
+                    .map(|(_, n, _)| n.clone())
                     .ok_or_else(|| SyntaxError {
                         line,
                         col,
@@ -217,7 +264,8 @@ impl Builder {
 
     fn push(&mut self, node: Node, anchor: usize) -> Result<(), SyntaxError> {
         if anchor != 0 {
-            self.anchors.push((anchor, node.clone()));
+            let n = size(&node);
+            self.anchors.push((anchor, node.clone(), n));
         }
         let Some((parent, pending_key, _)) = self.stack.last_mut() else {
             self.root = Some(node);
