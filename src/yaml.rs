@@ -132,32 +132,25 @@ pub fn parse(text: &str) -> Result<Option<Node>, SyntaxError> {
         root: None,
         documents: 0,
         nodes: 0,
+        lines: text
+            .replace("\r\n", "\n")
+            .replace('\r', "\n")
+            .split('\n')
+            .map(|l| l.chars().count())
+            .collect(),
     };
     for event in Parser::new_from_str(text) {
-        let (event, span) = event.map_err(|e| SyntaxError {
-            line: e.marker().line(),
-            col: e.marker().col() + 1,
-            message: e.info().to_string(),
-        })
-        .map_err(|e| inside(text, e))?;
-        builder.event(event, span).map_err(|e| inside(text, e))?;
+        let (event, span) = event.map_err(|e| {
+            let (line, col) = builder.inside(e.marker().line(), e.marker().col() + 1);
+            SyntaxError {
+                line,
+                col,
+                message: e.info().to_string(),
+            }
+        })?;
+        builder.event(event, span)?;
     }
     Ok(builder.root)
-}
-
-/// The error with its position moved inside `text`: the parser reports some errors past the end
-/// (line 2 of a one-line file without a newline); they are shown at the end of the
-/// last line instead, which is where a person looks. Lines end at `\r\n`, `\r` or `\n`, as
-/// in YAML.
-fn inside(text: &str, mut e: SyntaxError) -> SyntaxError {
-    let normalized = text.replace("\r\n", "\n").replace('\r', "\n");
-    let lines: Vec<&str> = normalized.split('\n').collect();
-    if e.line > lines.len() || e.line == 0 {
-        e.line = lines.len();
-        e.col = usize::MAX;
-    }
-    e.col = e.col.clamp(1, lines[e.line - 1].chars().count() + 1);
-    e
 }
 
 struct Builder {
@@ -169,6 +162,9 @@ struct Builder {
     documents: usize,
     /// Nodes made so far, aliases counted as the copies they are.
     nodes: usize,
+    /// The length in characters of each line of the text (YAML's lines: `\r\n`, `\r` and
+    /// `\n` each end one).
+    lines: Vec<usize>,
 }
 
 fn size(node: &Node) -> usize {
@@ -180,9 +176,16 @@ fn size(node: &Node) -> usize {
 }
 
 impl Builder {
+    /// A position moved inside the text: the parser places some errors, and the empty values
+    /// it implies at the end (`? ` as the last line), past the end (line 2 of a one-line
+    /// file); they are shown at the end of the last line, where a person looks.
+    fn inside(&self, line: usize, col: usize) -> (usize, usize) {
+        let (line, col) = if line == 0 || line > self.lines.len() { (self.lines.len(), usize::MAX) } else { (line, col) };
+        (line, col.clamp(1, self.lines[line - 1] + 1))
+    }
+
     fn event(&mut self, event: Event<'_>, span: Span) -> Result<(), SyntaxError> {
-        let line = span.start.line();
-        let col = span.start.col() + 1;
+        let (line, col) = self.inside(span.start.line(), span.start.col() + 1);
         match &event {
             Event::Scalar(..) | Event::SequenceStart(..) | Event::MappingStart(..) => self.nodes += 1,
             Event::Alias(id) => {
