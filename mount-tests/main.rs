@@ -12,6 +12,7 @@ mod git;
 mod gitfaults;
 mod harness;
 mod history;
+mod hostile;
 mod lifecycle;
 mod model;
 mod nats;
