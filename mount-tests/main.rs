@@ -14,6 +14,7 @@ mod git;
 mod gitfaults;
 mod harness;
 mod history;
+mod hostile;
 mod lifecycle;
 mod model;
 mod moves;

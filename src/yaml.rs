@@ -120,6 +120,10 @@ impl Node {
     }
 }
 
+/// How many nodes a document may hold once its aliases are expanded. Each alias is a copy, so
+/// ten levels of ten aliases are 10^10 nodes (a "billion laughs") in a few hundred bytes.
+pub const MAX_NODES: usize = 100_000;
+
 /// Parses a single YAML document. An empty document gives `None`.
 pub fn parse(text: &str) -> Result<Option<Node>, SyntaxError> {
     let mut builder = Builder {
@@ -127,12 +131,22 @@ pub fn parse(text: &str) -> Result<Option<Node>, SyntaxError> {
         anchors: Vec::new(),
         root: None,
         documents: 0,
+        nodes: 0,
+        lines: text
+            .replace("\r\n", "\n")
+            .replace('\r', "\n")
+            .split('\n')
+            .map(|l| l.chars().count())
+            .collect(),
     };
     for event in Parser::new_from_str(text) {
-        let (event, span) = event.map_err(|e| SyntaxError {
-            line: e.marker().line(),
-            col: e.marker().col() + 1,
-            message: e.info().to_string(),
+        let (event, span) = event.map_err(|e| {
+            let (line, col) = builder.inside(e.marker().line(), e.marker().col() + 1);
+            SyntaxError {
+                line,
+                col,
+                message: e.info().to_string(),
+            }
         })?;
         builder.event(event, span)?;
     }
@@ -142,15 +156,51 @@ pub fn parse(text: &str) -> Result<Option<Node>, SyntaxError> {
 struct Builder {
     /// Open collections: the node being filled and, for mappings, a key waiting for its value.
     stack: Vec<(Node, Option<Node>, usize)>,
-    anchors: Vec<(usize, Node)>,
+    /// Anchored nodes, with the number of nodes each holds.
+    anchors: Vec<(usize, Node, usize)>,
     root: Option<Node>,
     documents: usize,
+    /// Nodes made so far, aliases counted as the copies they are.
+    nodes: usize,
+    /// The length in characters of each line of the text (YAML's lines: `\r\n`, `\r` and
+    /// `\n` each end one).
+    lines: Vec<usize>,
+}
+
+fn size(node: &Node) -> usize {
+    1 + match &node.value {
+        Value::Seq(items) => items.iter().map(size).sum(),
+        Value::Map(entries) => entries.iter().map(|(k, v)| size(k) + size(v)).sum(),
+        Value::Null | Value::Scalar { .. } => 0,
+    }
 }
 
 impl Builder {
+    /// A position moved inside the text: the parser places some errors, and the empty values
+    /// it implies at the end (`? ` as the last line), past the end (line 2 of a one-line
+    /// file); they are shown at the end of the last line, where a person looks.
+    fn inside(&self, line: usize, col: usize) -> (usize, usize) {
+        let (line, col) = if line == 0 || line > self.lines.len() { (self.lines.len(), usize::MAX) } else { (line, col) };
+        (line, col.clamp(1, self.lines[line - 1] + 1))
+    }
+
     fn event(&mut self, event: Event<'_>, span: Span) -> Result<(), SyntaxError> {
-        let line = span.start.line();
-        let col = span.start.col() + 1;
+        let (line, col) = self.inside(span.start.line(), span.start.col() + 1);
+        match &event {
+            Event::Scalar(..) | Event::SequenceStart(..) | Event::MappingStart(..) => self.nodes += 1,
+            Event::Alias(id) => {
+                let copied = self.anchors.iter().rev().find(|(a, ..)| a == id).map_or(0, |(.., n)| *n);
+                self.nodes = self.nodes.saturating_add(copied);
+            }
+            _ => {}
+        }
+        if self.nodes > MAX_NODES {
+            return Err(SyntaxError {
+                line,
+                col,
+                message: format!("more than {MAX_NODES} values once aliases are expanded"),
+            });
+        }
         match event {
             Event::DocumentStart(_) => {
                 self.documents += 1;
@@ -179,8 +229,8 @@ impl Builder {
                     .anchors
                     .iter()
                     .rev()
-                    .find(|(a, _)| *a == id)
-                    .map(|(_, n)| n.clone())
+                    .find(|(a, ..)| *a == id)
+                    .map(|(_, n, _)| n.clone())
                     .ok_or_else(|| SyntaxError {
                         line,
                         col,
@@ -217,7 +267,8 @@ impl Builder {
 
     fn push(&mut self, node: Node, anchor: usize) -> Result<(), SyntaxError> {
         if anchor != 0 {
-            self.anchors.push((anchor, node.clone()));
+            let n = size(&node);
+            self.anchors.push((anchor, node.clone(), n));
         }
         let Some((parent, pending_key, _)) = self.stack.last_mut() else {
             self.root = Some(node);

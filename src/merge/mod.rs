@@ -79,6 +79,9 @@ pub fn parse_value(format: Format, text: &str) -> Result<Value, String> {
     match format {
         Format::Json => serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}")),
         Format::Yaml => {
+            // YAML allows a byte-order mark at the start; yaml_serde reads one followed by two
+            // keys as two documents.
+            let text = text.strip_prefix('\u{feff}').unwrap_or(text);
             if text.trim().is_empty() {
                 return Ok(Value::Object(Map::new()));
             }

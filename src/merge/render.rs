@@ -111,8 +111,15 @@ fn yaml_blocks<'a>(text: &'a str, map: &Map<String, Value>) -> Option<YamlBlocks
     if starts.len() != map.len() {
         return None;
     }
-    let lines: Vec<&str> = text.split_inclusive('\n').collect();
-    let mut header = String::new();
+    // A byte-order mark (editors on Windows write one) belongs to the document, not to its first
+    // field: copied with that field into another document it would sit mid-text, where YAML
+    // refuses it.
+    let (bom, body) = match text.strip_prefix('\u{feff}') {
+        Some(rest) => ("\u{feff}", rest),
+        None => ("", text),
+    };
+    let lines: Vec<&str> = body.split_inclusive('\n').collect();
+    let mut header = bom.to_string();
     let first = starts.first().map(|s| s.1).unwrap_or(lines.len());
     for line in &lines[..first.min(lines.len())] {
         header.push_str(line);

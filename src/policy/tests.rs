@@ -260,3 +260,243 @@ fn check_file_takes_what_a_write_takes_and_says_where() {
         assert!(e.contains(reason), "{bytes:?}: {e}");
     }
 }
+
+// Bad input (issue 10, fault suite 6): the table arrives from every node and the remote, so no
+// text may crash a parse, and every refusal must point into the text.
+
+use proptest::prelude::*;
+
+/// One rule of a generated table, as the file would say it.
+#[derive(Debug, Clone)]
+struct Spec {
+    pattern: String,
+    tier: TierKind,
+    consistency: Option<Consistency>,
+    ttl: Option<u64>,
+    ephemeral: Option<bool>,
+    merge_rules: Vec<(String, MergeRule)>,
+    schema: Option<String>,
+    max_age_days: Option<u64>,
+    purge: Option<bool>,
+}
+
+fn segment() -> impl Strategy<Value = String> {
+    prop_oneof![
+        "[a-z0-9_][a-z0-9_.-]{0,5}",
+        Just("*".to_string()),
+        Just("**".to_string()),
+        Just("*.yml".to_string()),
+        Just("{a,b}".to_string()),
+        Just("x[0-9]".to_string()),
+    ]
+}
+
+fn spec() -> impl Strategy<Value = Spec> {
+    let rule = prop_oneof![
+        Just(MergeRule::Immutable),
+        Just(MergeRule::Lww),
+        Just(MergeRule::Union),
+        Just(MergeRule::Max)
+    ];
+    (
+        prop::collection::vec(segment(), 1..4),
+        prop::sample::select(TierKind::ALL.to_vec()),
+        any::<bool>(),
+        0usize..8,
+        any::<(bool, bool, bool)>(),
+        1u64..1_000_000,
+        prop::collection::btree_map("[a-z_]{1,8}".prop_filter("YAML's null", |f| f != "null"), rule, 0..4),
+        "[a-z]{1,6}/[a-z]{1,6}\\.json",
+    )
+        .prop_map(|(segments, tier, name_it, pick, (with_ttl, with_extra, flag), n, rules, schema)| {
+            let served: Vec<Consistency> = Consistency::ALL.into_iter().filter(|c| tier.supports(*c)).collect();
+            let consistency = served[pick % served.len()];
+            let mut s = Spec {
+                pattern: segments.join("/"),
+                tier,
+                consistency: (name_it || consistency != tier.default_consistency()).then_some(consistency),
+                ttl: None,
+                ephemeral: None,
+                merge_rules: Vec::new(),
+                schema: None,
+                max_age_days: None,
+                purge: None,
+            };
+            match tier {
+                TierKind::NatsKv => {
+                    s.ttl = with_ttl.then_some(n);
+                    s.ephemeral = (with_extra && (s.ttl.is_some() || !flag)).then_some(flag);
+                }
+                TierKind::NatsStream => {
+                    s.max_age_days = with_ttl.then_some(n % 3650 + 1);
+                    s.purge = with_extra.then_some(flag);
+                }
+                _ => {}
+            }
+            if consistency == Consistency::Merge {
+                s.merge_rules = rules.into_iter().collect();
+            }
+            if matches!(tier, TierKind::Git | TierKind::NatsKv | TierKind::Local) && with_extra {
+                s.schema = Some(schema);
+            }
+            s
+        })
+}
+
+/// Writes a table in one of the styles people use: block mappings, or a flow mapping per rule.
+fn render_table(specs: &[Spec], temp: Option<bool>, flow: bool) -> String {
+    let mut out = String::from("# generated\n");
+    if let Some(on) = temp {
+        out.push_str(&format!("local_temp_files: {on}\n"));
+    }
+    out.push_str("policies:\n");
+    for s in specs {
+        let mut fields = vec![format!("pattern: {}", serde_json::to_string(&s.pattern).unwrap()), format!("tier: {}", s.tier)];
+        if let Some(c) = s.consistency {
+            fields.push(format!("consistency: {c}"));
+        }
+        if let Some(t) = s.ttl {
+            fields.push(format!("ttl: {t}"));
+        }
+        if let Some(e) = s.ephemeral {
+            fields.push(format!("ephemeral: {e}"));
+        }
+        if !s.merge_rules.is_empty() {
+            let rules: Vec<String> = s.merge_rules.iter().map(|(f, r)| format!("{f}: {}", r.name())).collect();
+            fields.push(format!("merge_rules: {{ {} }}", rules.join(", ")));
+        }
+        if let Some(p) = &s.schema {
+            fields.push(format!("schema: '{p}'"));
+        }
+        if let Some(d) = s.max_age_days {
+            fields.push(format!("retention: {{ max_age_days: {d} }}"));
+        }
+        if let Some(p) = s.purge {
+            fields.push(format!("purge: {p}"));
+        }
+        if flow {
+            out.push_str(&format!("  - {{ {} }}\n", fields.join(", ")));
+        } else {
+            out.push_str(&format!("  - {}\n", fields.join("\n    ")));
+        }
+    }
+    out
+}
+
+/// Where a 1-based (line, col) points: inside the text, or just past the end of a line. Lines
+/// are YAML's: `\r\n`, `\r` and `\n` each end one.
+fn within(text: &str, line: usize, col: usize) -> bool {
+    let text = text.replace("\r\n", "\n").replace('\r', "\n");
+    let lines: Vec<&str> = text.split('\n').collect();
+    line >= 1 && col >= 1 && line <= lines.len() && col <= lines[line - 1].chars().count() + 1
+}
+
+/// Pieces of YAML syntax (and of what breaks it) to splice into valid tables.
+const SHARDS: &[&str] = &[
+    ":", "- ", "[", "]", "{", "}", ",", "&a ", "*a", "*b", "&a [1, 2]", "\"", "'", "\\", "\t", "\n", "\n  ", "#",
+    "---\n", "...\n", "? ", "!!str ", "!!map ", "%YAML 1.2\n", "|\n", ">-\n", "é", "\u{feff}", "\0", "\r",
+    "policies:", "pattern: ", "tier: nats-kv", "ttl: -1", "ttl: 99999999999999999999999", "consistency: ",
+    "merge_rules: {a: union}", "<<: *a", "~", "null", "0x10", "1e9", "\u{2028}",
+];
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn a_valid_table_round_trips(specs in prop::collection::vec(spec(), 0..6), temp in prop::option::of(any::<bool>()), flow: bool) {
+        let text = render_table(&specs, temp, flow);
+        let t = PolicyTable::parse(&text, Path::new("p.yml")).map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
+        prop_assert_eq!(t.source(), text.as_str());
+        let file: Vec<&Arc<Policy>> = t.policies().iter().filter(|p| matches!(p.origin, Origin::File { .. })).collect();
+        prop_assert_eq!(file.len(), specs.len());
+        for (p, s) in file.iter().zip(&specs) {
+            prop_assert_eq!(&p.pattern, &s.pattern);
+            prop_assert_eq!(p.tier, s.tier);
+            prop_assert_eq!(p.consistency, s.consistency.unwrap_or(s.tier.default_consistency()));
+            prop_assert_eq!(p.ttl, s.ttl.map(Duration::from_secs));
+            prop_assert_eq!(p.ephemeral, s.ephemeral.unwrap_or(false));
+            prop_assert_eq!(p.merge_rules.iter().map(|(f, r)| (f.clone(), *r)).collect::<Vec<_>>(), s.merge_rules.clone());
+            prop_assert_eq!(&p.schema, &s.schema);
+            prop_assert_eq!(p.max_age, s.max_age_days.map(|d| Duration::from_secs(d * 86_400)));
+            prop_assert_eq!(p.purge, s.purge.unwrap_or(false));
+            prop_assert!(!p.read_only);
+            prop_assert!(within(&text, p.positions.tier.0, p.positions.tier.1));
+        }
+        // What a node installs from the remote is what it parsed itself.
+        let again = PolicyTable::check_file(t.source().as_bytes()).map_err(TestCaseError::fail)?;
+        prop_assert_eq!(again.policies(), t.policies());
+        // The table still resolves every path, and the history view stays syncfs's own.
+        prop_assert!(t.resolve(".syncfs/history/x").read_only);
+        let _ = t.resolve("a/b/c.yml");
+    }
+
+    #[test]
+    fn broken_tables_are_refused_at_a_place_inside_the_text(
+        specs in prop::collection::vec(spec(), 1..4),
+        flow: bool,
+        edits in prop::collection::vec((any::<prop::sample::Index>(), 0usize..4, prop::sample::select(SHARDS)), 1..5),
+    ) {
+        let mut text = render_table(&specs, None, flow);
+        for (at, cut, shard) in edits {
+            let chars: Vec<char> = text.chars().collect();
+            let i = at.index(chars.len() + 1);
+            let end = (i + cut).min(chars.len());
+            text = chars[..i].iter().chain(shard.chars().collect::<Vec<_>>().iter()).chain(&chars[end..]).collect();
+        }
+        if let Err(e) = PolicyTable::parse(&text, Path::new("p.yml")) {
+            prop_assert!(within(&text, e.line, e.col), "{} is outside the text:\n{}", e, text);
+            prop_assert!(!e.reason.is_empty());
+        }
+    }
+
+    #[test]
+    fn arbitrary_text_never_panics_and_errors_point_inside_it(text in "(?s).{0,200}") {
+        if let Err(e) = PolicyTable::parse(&text, Path::new("p.yml")) {
+            prop_assert!(within(&text, e.line, e.col), "{} is outside {:?}", e, text);
+        }
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+        if let Err(e) = PolicyTable::check_file(&bytes) {
+            prop_assert!(!e.is_empty());
+        }
+    }
+}
+
+#[test]
+fn nested_aliases_are_refused_rather_than_expanded() {
+    // Ten levels of ten aliases each would expand to 10^10 nodes (a "billion laughs"): a table
+    // pushed to the remote would take every node's memory. It must be refused, at a place.
+    let mut text = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+    for i in 1..10 {
+        let prev = format!("*a{}", i - 1);
+        text.push_str(&format!("a{i}: &a{i} [{}]\n", vec![prev; 10].join(", ")));
+    }
+    text.push_str("policies: []\n");
+    let e = PolicyTable::parse(&text, Path::new("p.yml")).unwrap_err();
+    assert!(e.reason.contains("alias"), "{e}");
+    assert!(within(&text, e.line, e.col), "{e}");
+}
+
+#[test]
+fn deeply_nested_documents_are_refused_without_exhausting_the_stack() {
+    // Flow collections (the parser stops at 255 levels) and block sequences on one line
+    // (`- - - x`), which only indentation limits.
+    for (open, close) in [("[", "]"), ("{a: ", "}"), ("- ", "x"), ("a: ", "x")] {
+        let depth = 100_000;
+        let text = if close == "x" {
+            format!("{}x\n", open.repeat(depth))
+        } else {
+            format!("policies: {}{}\n", open.repeat(depth), close.repeat(depth))
+        };
+        // Run on a thread with the small stack FUSE and tokio workers have.
+        let result = std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(move || PolicyTable::parse(&text, Path::new("p.yml")).map(|_| ()).map_err(|e| (e.line, e.col, e.reason)))
+            .unwrap()
+            .join()
+            .expect("parsing a deep document must not crash");
+        assert!(result.is_err(), "{open}: {result:?}");
+    }
+}

@@ -96,7 +96,12 @@ fn decode_component(text: &str) -> Option<OsString> {
             if !hex.bytes().all(|h| h.is_ascii_digit() || (b'A'..=b'F').contains(&h)) {
                 return None;
             }
-            out.push(u8::from_str_radix(hex, 16).ok()?);
+            let escaped = u8::from_str_radix(hex, 16).ok()?;
+            if is_plain(escaped) {
+                // Not how syncfs spells it (`=41` for `A`): a second key for one path.
+                return None;
+            }
+            out.push(escaped);
             i += 3;
         } else {
             return None;
@@ -161,7 +166,7 @@ mod tests {
 
     #[test]
     fn foreign_and_malformed_keys_are_ignored() {
-        for key in ["", ".", "a..b", "a.=4", "a.=zz", "a.b*", "a.=2F", "a.=00", "a.=2E", "=2E=2E.x", "a/b"] {
+        for key in ["", ".", "a..b", "a.=4", "a.=zz", "a.b*", "a.=2F", "a.=00", "a.=2E", "=2E=2E.x", "a/b", "a.=41", "_=32", "=5F", "=2d"] {
             assert_eq!(decode(key), None, "{key:?}");
         }
     }
@@ -190,5 +195,84 @@ mod tests {
             let dir = encode_dir(&path).unwrap();
             prop_assert_eq!(decode(&dir), Some(Decoded::Dir(path)));
         }
+
+        #[test]
+        fn hostile_names_round_trip_as_valid_nats_keys(parts in prop::collection::vec(hostile_name(), 1..4)) {
+            let path: PathBuf = parts.iter().map(|p| OsStr::from_bytes(p)).collect();
+            prop_assume!(path.components().filter(|c| matches!(c, Component::Normal(_))).count() == parts.len());
+            let len: usize = parts.iter().map(|p| p.iter().map(|&b| if is_plain(b) { 1 } else { 3 }).sum::<usize>()).sum::<usize>() + parts.len() - 1;
+            if len + 2 > MAX_KEY_LEN {
+                prop_assert_eq!(encode_dir(&path), Err(KeyError::TooLong));
+                prop_assert_eq!(encode(&path).map(|_| ()), if len > MAX_KEY_LEN { Err(KeyError::TooLong) } else { Ok(()) });
+                return Ok(());
+            }
+            let key = encode(&path).unwrap();
+            prop_assert!(is_valid_nats_key(&key), "{:?} -> {:?}", path, key);
+            prop_assert_eq!(decode(&key), Some(Decoded::File(path.clone())));
+            let dir = encode_dir(&path).unwrap();
+            prop_assert!(is_valid_nats_key(&dir), "{:?} -> {:?}", path, dir);
+            prop_assert_eq!(decode(&dir), Some(Decoded::Dir(path)));
+        }
+
+        #[test]
+        fn distinct_paths_never_share_a_key(a in lookalike_path(), b in lookalike_path()) {
+            let (ka, kb) = (encode(&a), encode(&b));
+            if a != b {
+                prop_assert_ne!(&ka, &kb, "{:?} and {:?}", a, b);
+            }
+            // A file's key is never a directory's marker, whatever the two paths.
+            if let (Ok(ka), Ok(db)) = (ka, encode_dir(&b)) {
+                prop_assert_ne!(ka, db);
+            }
+        }
+
+        #[test]
+        fn a_key_decodes_only_if_it_is_the_paths_own_key(key in "[a.=2E3D0_*> -]{0,12}") {
+            // One path, one key: a key another client wrote that spells a path differently
+            // (`=41` for `A`) would be a second key for the same file.
+            match decode(&key) {
+                Some(Decoded::File(p)) => prop_assert_eq!(encode(&p), Ok(key.clone())),
+                Some(Decoded::Dir(p)) => prop_assert_eq!(encode_dir(&p), Ok(key.clone())),
+                None => {}
+            }
+        }
+    }
+
+    /// Bytes of one file name, biased to what breaks codecs: the escape and separator
+    /// characters, NATS wildcards and tokens, whitespace, invalid UTF-8, and long names.
+    fn hostile_name() -> impl Strategy<Value = Vec<u8>> {
+        let byte = prop_oneof![
+            3 => prop::sample::select(b". =*>$%\\\t\n\r_-~aAzZ09".to_vec()),
+            1 => 0x80u8..=0xff,
+            1 => 1u8..=0xff,
+        ];
+        prop_oneof![
+            4 => prop::collection::vec(byte, 1..16),
+            1 => prop::sample::select(vec![
+                b"$JS".to_vec(), b"_INBOX".to_vec(), b"$KV".to_vec(), b"...".to_vec(), b".git".to_vec(),
+                b"=".to_vec(), b"==".to_vec(), b"=2E".to_vec(), b"%2E".to_vec(), b"\xff\xfe".to_vec(),
+            ]),
+            1 => (1usize..=255).prop_map(|n| vec![b'.'; n]),
+        ]
+        .prop_map(|mut v| {
+            v.iter_mut().filter(|b| **b == b'/' || **b == 0).for_each(|b| *b = b'x');
+            v
+        })
+    }
+
+    /// Paths over a tiny alphabet of separators and escapes, so near-collisions are common.
+    fn lookalike_path() -> impl Strategy<Value = PathBuf> {
+        "[a.=2E/]{1,8}".prop_filter_map("not a plain relative path", |s| {
+            let p = PathBuf::from(s);
+            p.components().all(|c| matches!(c, Component::Normal(_))).then_some(p)
+        })
+    }
+
+    /// What a NATS KV key may be (async-nats' check, and the server's: no empty token).
+    fn is_valid_nats_key(key: &str) -> bool {
+        !key.is_empty()
+            && key.len() <= MAX_KEY_LEN
+            && key.bytes().all(|b| b.is_ascii_alphanumeric() || b"-/_=.".contains(&b))
+            && key.split('.').all(|t| !t.is_empty())
     }
 }

@@ -333,7 +333,9 @@ impl Inner {
         let mut headers = self.headers();
         headers.insert(OP_HEADER, op);
         headers.insert(async_nats::header::NATS_ROLLUP, "sub");
-        let seq = self.publish(&subject, Bytes::new(), headers, &self.ids.next()).await?;
+        // Not `ids.next()` alone: appends number their ids from the core's handle counter, in
+        // the same space, and JetStream drops a message whose id it has seen as a duplicate.
+        let seq = self.publish(&subject, Bytes::new(), headers, &format!("{}.{op}", self.ids.next())).await?;
         self.wait_applied(log, seq).await;
         Ok(())
     }
