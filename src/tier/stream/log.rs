@@ -193,7 +193,51 @@ pub struct Saved {
     /// Every message up to this sequence is reflected in `files`.
     pub resume: u64,
     /// The files.
+    #[serde(with = "path_keys")]
     pub files: BTreeMap<PathBuf, FileState>,
+}
+
+/// File names are bytes, JSON keys are text: a name that is not UTF-8 (or starts like an
+/// encoded one) is stored as `%x:` and its bytes in hex, so every name can be saved.
+mod path_keys {
+    use std::collections::BTreeMap;
+    use std::ffi::OsString;
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    use std::path::PathBuf;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    const HEX: &str = "%x:";
+
+    pub(super) fn encode(path: &std::path::Path) -> String {
+        match path.to_str() {
+            Some(text) if !text.starts_with(HEX) => text.to_string(),
+            _ => {
+                let hex: String = path.as_os_str().as_bytes().iter().map(|b| format!("{b:02x}")).collect();
+                format!("{HEX}{hex}")
+            }
+        }
+    }
+
+    pub(super) fn decode(key: &str) -> Option<PathBuf> {
+        let Some(hex) = key.strip_prefix(HEX) else { return Some(PathBuf::from(key)) };
+        if hex.len() % 2 != 0 {
+            return None;
+        }
+        let bytes: Option<Vec<u8>> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok()).collect();
+        Some(PathBuf::from(OsString::from_vec(bytes?)))
+    }
+
+    pub fn serialize<S: Serializer, V: Serialize>(files: &BTreeMap<PathBuf, V>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(files.iter().map(|(p, v)| (encode(p), v)))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, V: Deserialize<'de>>(d: D) -> Result<BTreeMap<PathBuf, V>, D::Error> {
+        let raw = BTreeMap::<String, V>::deserialize(d)?;
+        raw.into_iter()
+            .map(|(k, v)| decode(&k).map(|p| (p, v)).ok_or_else(|| serde::de::Error::custom(format!("not a file name: {k}"))))
+            .collect()
+    }
 }
 
 /// A log's files and the appends still being gathered.
@@ -390,6 +434,22 @@ pub fn store(file: &Path, saved: &Saved) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_file_name_is_saved_and_read_back() {
+        use std::os::unix::ffi::OsStrExt;
+        let names = [&b"plain.log"[..], b"\xff\xfe bytes", b"%x:looks-encoded", b"caf\xc3\xa9"];
+        let mut saved = Saved { resume: 7, files: BTreeMap::new() };
+        for n in names {
+            let state = FileState { len: 1, first: 1, last: 2, node: None };
+            saved.files.insert(PathBuf::from(std::ffi::OsStr::from_bytes(n)), state);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("state.json");
+        store(&file, &saved).unwrap();
+        assert_eq!(load(&file).unwrap(), Some(saved));
+        assert_eq!(path_keys::decode("plain.log"), Some(PathBuf::from("plain.log")));
+    }
 
     fn msg(seq: u64, path: &str, op: Op, payload: &str, writer: &str) -> Msg {
         Msg {
