@@ -134,6 +134,9 @@ pub(crate) struct Inner {
     ids: MsgIds,
     /// What the last collection did, for status.
     pub(crate) gc_report: Mutex<gc::Report>,
+    /// Files this mount created that have no pointer yet: the first catch-up removes every
+    /// other such file, which a stopped daemon created and no close acknowledged.
+    creating: Mutex<std::collections::HashSet<PathBuf>>,
 }
 
 /// The object-store tier of a mount.
@@ -267,6 +270,7 @@ impl BlobTier {
                 fetching: Mutex::new(HashMap::new()),
                 ids: MsgIds::new(node),
                 gc_report: Mutex::new(gc::Report::default()),
+                creating: Mutex::new(std::collections::HashSet::new()),
             }),
         })
     }
@@ -475,6 +479,7 @@ impl Inner {
         if let Err(e) = self.cache.adopt(&hex, &content) {
             tracing::warn!(error = %e, "cannot keep a committed blob in the cache");
         }
+        self.creating.lock().remove(&at.path);
         Ok(Some(Revision(rev)))
     }
 
@@ -618,6 +623,9 @@ impl Tier for BlobTier {
             if let Err(e) = self.inner.connected() {
                 return Op::err(e);
             }
+        }
+        if kind == Kind::File {
+            self.inner.creating.lock().insert(at.path.clone());
         }
         // The first commit makes the pointer (also for `touch`).
         super::create_lazily(at, kind)
@@ -869,6 +877,7 @@ fn handle(inner: &Inner, bucket: usize, message: &async_nats::Message, seq: u64)
 /// After a watch caught up: removes blob files whose pointer vanished while the node was away.
 fn finish_sync(inner: &Inner, bucket: usize, seen: &HashSet<PathBuf>) {
     let b = &inner.buckets[bucket];
+    let first = !inner.synced.borrow()[bucket];
     if let Some(sink) = inner.sink() {
         let on_disk = tokio::task::block_in_place(|| sink.files(&b.root));
         for path in on_disk {
@@ -883,6 +892,11 @@ fn finish_sync(inner: &Inner, bucket: usize, seen: &HashSet<PathBuf>) {
             }
             if sink.tagged(&path) {
                 tracing::debug!(path = %path.display(), "no longer in the pointer bucket; removing");
+                let _ = sink.apply(&path, RemoteChange::Delete, None);
+            } else if first && !inner.creating.lock().contains(&path) {
+                // Not created by this mount and never committed: the daemon stopped between
+                // the create and the first close, which therefore never returned success.
+                tracing::info!(path = %path.display(), "removing a blob file whose create no close acknowledged (the daemon stopped)");
                 let _ = sink.apply(&path, RemoteChange::Delete, None);
             }
         }

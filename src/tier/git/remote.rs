@@ -155,8 +155,38 @@ impl Remote {
         }
         drop(opts);
         match rejected.take() {
-            Some(why) => Ok(Pushed::Rejected(why)),
+            Some(why) => {
+                self.remove_stale_lock(&why);
+                Ok(Pushed::Rejected(why))
+            }
             None => Ok(Pushed::Done),
         }
     }
+
+    /// A push to a remote on a local path writes into the remote repository itself: a daemon
+    /// killed during one leaves the ref's lock file there, and every later push of every node
+    /// fails on it. A push holds that lock for milliseconds, so one older than
+    /// [`STALE_LOCK`] is a dead pusher's: it is removed (with a warning), as a human would.
+    fn remove_stale_lock(&self, why: &str) {
+        let Some(rest) = why.split("failed to lock file '").nth(1) else { return };
+        let Some(lock) = rest.split('\'').next().map(std::path::PathBuf::from) else { return };
+        let root = std::path::PathBuf::from(self.url.strip_prefix("file://").unwrap_or(&self.url));
+        if self.url.contains("://") && !self.url.starts_with("file://") || !lock.starts_with(&root) {
+            return;
+        }
+        if lock.extension().is_none_or(|e| e != "lock") {
+            return;
+        }
+        let old = std::fs::metadata(&lock)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > STALE_LOCK);
+        if old && std::fs::remove_file(&lock).is_ok() {
+            tracing::warn!(lock = %lock.display(), "removed a stale lock file a killed push left in the git remote");
+        }
+    }
 }
+
+/// How old a ref lock in a local-path remote must be to count as a dead pusher's.
+const STALE_LOCK: std::time::Duration = std::time::Duration::from_secs(10);

@@ -29,6 +29,7 @@
 //! de-duplication window has passed, the last message's id proves whether it was ours, so the
 //! real winner is never told `EEXIST`.
 
+mod creates;
 mod journal;
 pub mod key;
 mod own;
@@ -151,6 +152,8 @@ pub(crate) struct Inner {
     /// Ephemeral entries this mount held and lost to another writer or to expiry, with why:
     /// for the log, `status` and `user.syncfs.error` of the file.
     lost: Mutex<std::collections::BTreeMap<PathBuf, String>>,
+    /// Compare-and-swap creates not yet followed by a write ([`creates`]).
+    creates: Mutex<creates::Creates>,
     max_payload: AtomicU64,
 }
 
@@ -216,6 +219,9 @@ impl KvTier {
         if !journal.is_empty() {
             tracing::info!(records = journal.len(), "the offline journal holds writes to replay");
         }
+        let creates_file = journal_path.with_file_name("kv-creates");
+        let creates = creates::Creates::open(&creates_file)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", creates_file.display()))?;
         let n = buckets.len();
         Ok(KvTier {
             inner: Arc::new(Inner {
@@ -235,6 +241,7 @@ impl KvTier {
                 own: Mutex::new(OwnWrites::default()),
                 replaying: tokio::sync::Mutex::new(()),
                 lost: Mutex::new(std::collections::BTreeMap::new()),
+                creates: Mutex::new(creates),
             }),
         })
     }
@@ -409,6 +416,7 @@ impl Inner {
 
     /// Records what this node just wrote, so `user.syncfs.rev` shows it at once.
     fn record_own(&self, at: &Target, bucket: usize, rev: u64, value: Option<&Bytes>) {
+        self.creates.lock().done(&at.path);
         let mut view = self.view.lock();
         view.record(
             &at.path,
@@ -611,6 +619,8 @@ impl Tier for KvTier {
             match inner.create_exclusive(bucket, &key).await? {
                 Ok((rev, msg_id)) => {
                     inner.record_own(&at, bucket, rev, Some(&Bytes::new()));
+                    let create = creates::Create { bucket: inner.buckets[bucket].name.clone(), key: key.clone(), rev };
+                    inner.creates.lock().begin(&at.path, create);
                     inner.settle(&msg_id);
                     inner.lost.lock().remove(&at.path);
                     Ok(Some(Revision(rev.to_string())))

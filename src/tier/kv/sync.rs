@@ -70,7 +70,39 @@ async fn prepare(inner: &Arc<Inner>) -> anyhow::Result<()> {
         let store = jetstream::kv_bucket(&inner.nats, config).await?;
         inner.streams.lock()[i] = Some(store.stream.clone());
     }
-    replay(inner).await
+    replay(inner).await?;
+    take_back_creates(inner).await;
+    Ok(())
+}
+
+/// Deletes the empty values of creates a stopped daemon made and no close acknowledged, each
+/// only while it is still that create's (compare-and-swap on its revision).
+async fn take_back_creates(inner: &Arc<Inner>) {
+    let leftover = inner.creates.lock().leftover();
+    for c in leftover {
+        let Some(bucket) = inner.buckets.iter().position(|b| b.name == c.bucket) else {
+            inner.creates.lock().settled(&c);
+            continue;
+        };
+        let Some(last) = last_message(inner, bucket, &c.key).await else { continue };
+        let untouched = last.as_ref().is_some_and(|m| {
+            m.sequence == c.rev
+                && m.payload.is_empty()
+                && m.headers.get(NODE_HEADER).is_some_and(|n| n.as_str() == inner.node)
+        });
+        if untouched {
+            let msg_id = inner.msg_id();
+            match inner.publish(bucket, &c.key, &KvOp::Delete, Some(c.rev), &msg_id).await {
+                Ok(_) | Err(PubError::WrongLastSequence) => {
+                    inner.settle(&msg_id);
+                    tracing::info!(key = %c.key, rev = c.rev, "took back an empty value whose create no close acknowledged (the daemon stopped)");
+                }
+                // Tried again at the next connection.
+                Err(PubError::Tier(_)) => continue,
+            }
+        }
+        inner.creates.lock().settled(&c);
+    }
 }
 
 /// Replays the journal whenever it holds writes and the server answers, not only on a new
