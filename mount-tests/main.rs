@@ -5,6 +5,7 @@
 
 mod blob;
 mod checker;
+mod disk;
 mod errors;
 mod fast;
 mod faults;
