@@ -8,8 +8,8 @@
 //! changed behind syncfs's back is detected and fetched again. Eviction only unlinks: a
 //! program reading an evicted blob keeps its open file.
 //!
-//! The cache also honours the disk's free space, whatever `cache.max_bytes` says: it keeps a
-//! reserve free ([`reserve`]) and makes room for a fetch before it starts, evicting content
+//! The cache also honours the disk's free space, whatever `cache.max_bytes` says: it holds
+//! at most half of its filesystem, keeps a reserve free ([`reserve`]) and makes room for a fetch before it starts, evicting content
 //! only it holds, and the tier drops the content no path of this node names any more (see
 //! `Inner::release`), so deleted blobs do not fill the state disk.
 
@@ -68,6 +68,7 @@ pub enum Lookup {
 #[derive(Debug)]
 pub struct Cache {
     dir: PathBuf,
+    /// `cache.max_bytes`, or half the filesystem if less.
     max_bytes: u64,
     inner: Mutex<(LruCache<String, Entry>, u64)>,
     next_tmp: AtomicU64,
@@ -129,7 +130,11 @@ impl Cache {
         }
         let cache = Cache {
             dir: dir.to_path_buf(),
-            max_bytes,
+            // Half the disk at most: the node's writes need room too.
+            max_bytes: match space::usage(dir) {
+                Ok((size, _)) => max_bytes.min(size / 2),
+                Err(_) => max_bytes,
+            },
             inner: Mutex::new((lru, total)),
             next_tmp: AtomicU64::new(1),
         };
