@@ -365,15 +365,23 @@ fn kv_writes_on_a_full_disk_are_refused_or_kept_never_lost() {
     // lands) or refused with ENOSPC (and never lands).
     server.stop();
     assert!(wait_for(Duration::from_secs(20), || a.status()["nats"]["state"] == "disconnected"));
-    disk.fill();
-    let len = std::fs::metadata(disk.filler()).unwrap().len();
-    std::fs::File::options().write(true).open(disk.filler()).unwrap().set_len(len - (16 << 10)).unwrap();
-    let values: Vec<(String, Vec<u8>)> = (0..6).map(|i| (format!("fast/q{i}"), vec![b'a' + i as u8; 3000])).collect();
-    let outcomes: Vec<String> = values.iter().map(|(rel, v)| attempt(&a.path(rel), v, false, false)).collect();
+    // Rounds with 16, 4 and 8 KiB free: the shadow fits, then the journal's record may not.
+    let mut values: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut outcomes: Vec<String> = Vec::new();
+    for (round, free) in [16u64 << 10, 4 << 10, 8 << 10].into_iter().enumerate() {
+        disk.fill();
+        let len = std::fs::metadata(disk.filler()).unwrap().len();
+        std::fs::File::options().write(true).open(disk.filler()).unwrap().set_len(len - free).unwrap();
+        for i in 0..4 {
+            let (rel, v) = (format!("fast/q{round}-{i}"), vec![b'a' + i as u8; 4000]);
+            outcomes.push(attempt(&a.path(&rel), &v, false, false));
+            values.push((rel, v));
+        }
+        disk.free();
+    }
     for o in &outcomes {
         assert!(o == "ok" || refused_with_enospc(o), "an offline lww write on a full disk: {o} (all: {outcomes:?})");
     }
-    disk.free();
     server.restart();
     for ((rel, v), o) in values.iter().zip(&outcomes) {
         if o == "ok" {
