@@ -137,6 +137,8 @@ struct Stderr;
 
 impl Write for Stderr {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // std's lock keeps lines whole and in order, as the default writer does.
+        let mut err = io::stderr().lock();
         let dropped = DROPPED.load(Ordering::Relaxed);
         if dropped > 0 {
             let errno = DROP_ERRNO.load(Ordering::Relaxed) as i32;
@@ -144,11 +146,11 @@ impl Write for Stderr {
                 "syncfs: {dropped} log lines were dropped: {}\n",
                 io::Error::from_raw_os_error(errno)
             );
-            if write_fd(2, note.as_bytes()).is_ok() {
+            if err.write_all(note.as_bytes()).is_ok() {
                 DROPPED.fetch_sub(dropped, Ordering::Relaxed);
             }
         }
-        if let Err(e) = write_fd(2, buf) {
+        if let Err(e) = err.write_all(buf) {
             DROPPED.fetch_add(1, Ordering::Relaxed);
             DROPPED_TOTAL.fetch_add(1, Ordering::Relaxed);
             DROP_ERRNO.store(e.raw_os_error().unwrap_or(libc::EIO) as u64, Ordering::Relaxed);
