@@ -5,10 +5,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-/// The syncfs binary under test: this build's, or `SYNCFS_TEST_BIN` (an older build, to
-/// check that a new test fails before its fix).
-pub fn bin() -> String {
-    std::env::var("SYNCFS_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_syncfs").to_string())
+/// The syncfs binary under test: this build's, or `SYNCFS_TEST_BIN` (to show that a test
+/// fails on an older build).
+pub fn bin() -> &'static str {
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| std::env::var("SYNCFS_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_syncfs").to_string()))
 }
 
 /// Mount tests need root and /dev/fuse; fail loudly rather than skip.

@@ -7,6 +7,7 @@ mod blob;
 mod checker;
 mod crash;
 mod damage;
+mod disk;
 mod errors;
 mod fast;
 mod faults;

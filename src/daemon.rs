@@ -326,18 +326,6 @@ fn raise_fd_limit() {
     }
 }
 
-fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SYNCFS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
-    // At debug level every FUSE request's span is logged as it opens: one line per request.
-    let _ = tracing_subscriber::fmt()
-        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::NEW)
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .try_init();
-}
-
 /// Unmounts, lazily if files are still open (the session ends when they close).
 pub fn unmount(mountpoint: &Path) -> std::io::Result<()> {
     let c = CString::new(mountpoint.as_os_str().as_bytes())?;
@@ -363,7 +351,7 @@ fn now_rfc3339() -> String {
 
 /// Runs a mount in this process until it is unmounted or signalled.
 fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow::Result<()> {
-    init_logging(&cfg.log);
+    crate::logging::init(&cfg.log);
     // Modes from the kernel are final (it applied the caller's umask already).
     // SAFETY: umask cannot fail.
     unsafe { libc::umask(0) };
@@ -371,6 +359,7 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
     check_mountpoint(&cfg.mountpoint)?;
     prepare_state_dir(&cfg.state_dir)?;
     let _lock = lock_state_dir(&cfg.state_dir)?;
+    crate::logging::keep_panics_in(&cfg.state_dir);
     let tree = cfg.state_dir.join("tree");
     let spool = cfg.state_dir.join("spool");
     // A node joining a cluster takes the shared policy table from the git remote.

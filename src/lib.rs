@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod fs;
 pub mod fuse;
 pub mod hlc;
+pub mod logging;
 pub mod merge;
 pub mod moves;
 pub mod nats;

@@ -53,6 +53,7 @@ pub mod jetstream;
 pub mod kv;
 pub mod local;
 pub mod revlog;
+pub mod space;
 pub mod stream;
 
 use std::fs::File;

@@ -7,6 +7,11 @@
 //! (the first use after a restart), is hashed again before it is served, so a cache file
 //! changed behind syncfs's back is detected and fetched again. Eviction only unlinks: a
 //! program reading an evicted blob keeps its open file.
+//!
+//! The cache also honours the disk's free space, whatever `cache.max_bytes` says: it holds
+//! at most half of its filesystem, keeps a reserve free ([`reserve`]) and makes room for a fetch before it starts, evicting content
+//! only it holds, and the tier drops the content no path of this node names any more (see
+//! `Inner::release`), so deleted blobs do not fill the state disk.
 
 use std::fs::File;
 use std::io;
@@ -18,6 +23,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use lru::LruCache;
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
+
+use crate::tier::space;
 
 /// What identifies a cache file's state on disk; any write changes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,9 +68,16 @@ pub enum Lookup {
 #[derive(Debug)]
 pub struct Cache {
     dir: PathBuf,
+    /// `cache.max_bytes`, or half the filesystem if less.
     max_bytes: u64,
     inner: Mutex<(LruCache<String, Entry>, u64)>,
     next_tmp: AtomicU64,
+}
+
+/// Free space the cache leaves on its filesystem: an eighth of it, at most 1 GiB, for the
+/// node's other state (spool shadows of writes, the tree, journals) and for the next fetch.
+pub fn reserve(fs_size: u64) -> u64 {
+    (fs_size / 8).min(1 << 30)
 }
 
 /// Whether `name` is a cache file's name (64 lower-case hex digits).
@@ -116,7 +130,11 @@ impl Cache {
         }
         let cache = Cache {
             dir: dir.to_path_buf(),
-            max_bytes,
+            // Half the disk at most: the node's writes need room too.
+            max_bytes: match space::usage(dir) {
+                Ok((size, _)) => max_bytes.min(size / 2),
+                Err(_) => max_bytes,
+            },
             inner: Mutex::new((lru, total)),
             next_tmp: AtomicU64::new(1),
         };
@@ -233,8 +251,42 @@ impl Cache {
         Ok(())
     }
 
-    /// Drops least recently used entries until the cache fits, `keep` last of all.
+    /// Drops least recently used entries, of those only the cache holds (a committed blob's
+    /// entry is also the tree's file: dropping it frees nothing), until the filesystem has
+    /// `need` bytes free besides its reserve ([`reserve`]). Returns whether it has.
+    pub fn make_room(&self, need: u64) -> bool {
+        let Ok((size, free)) = space::usage(&self.dir) else { return true };
+        let want = need.saturating_add(reserve(size));
+        if free >= want {
+            return true;
+        }
+        // Oldest first.
+        let candidates: Vec<(String, u64)> = self.inner.lock().0.iter().rev().map(|(h, e)| (h.clone(), e.size)).collect();
+        let mut freed = 0;
+        for (hex, size) in candidates {
+            if free + freed >= want {
+                break;
+            }
+            let path = self.path(&hex);
+            if std::fs::metadata(&path).is_ok_and(|m| m.nlink() > 1) {
+                continue;
+            }
+            tracing::debug!(digest = %hex, "evicted from the blob cache: the disk is short of space");
+            let _ = std::fs::remove_file(&path);
+            self.forget(&hex);
+            freed += size;
+        }
+        space::free_bytes(&self.dir).is_ok_and(|f| f >= want)
+    }
+
+    /// Drops least recently used entries until the cache fits, `keep` last of all, and
+    /// keeps the filesystem's reserve free.
     fn evict(&self, keep: Option<&str>) {
+        self.evict_to_bound(keep);
+        self.make_room(0);
+    }
+
+    fn evict_to_bound(&self, keep: Option<&str>) {
         let mut gone = Vec::new();
         {
             let mut inner = self.inner.lock();

@@ -339,7 +339,7 @@ impl Inner {
         let mut view = self.view.lock();
         let newer = view.get(&at.path).is_none_or(|e| e.seq < seq);
         if newer {
-            view.insert(
+            let old = view.insert(
                 at.path.clone(),
                 Entry {
                     seq,
@@ -347,8 +347,24 @@ impl Inner {
                     node: Some(self.node.clone()),
                 },
             );
+            self.release(view, old);
         }
         Ok(seq)
+    }
+
+    /// Drops from the cache the content `old` named, unless a path of `view` still names it:
+    /// content no name on this node points at only fills the disk (every node that needs it
+    /// again fetches it from the store).
+    fn release(&self, view: parking_lot::MutexGuard<'_, HashMap<PathBuf, Entry>>, old: Option<Entry>) {
+        let Some(rev) = old.and_then(|e| e.rev) else { return };
+        if view.values().any(|e| e.rev.as_deref() == Some(rev.as_str())) {
+            return;
+        }
+        drop(view);
+        if let Ok(hex) = digest_of(&rev) {
+            tracing::debug!(digest = %hex, "no path names this blob any more; dropped from the cache");
+            self.cache.discard(hex);
+        }
     }
 
     /// Uploads `content` as object `rev` unless the store has it already (`check`).
@@ -529,8 +545,11 @@ impl Inner {
                 object.info().digest
             )));
         }
-        let (temp, temp_path) = self.cache.temp()?;
         let size = object.info().size as u64;
+        if !self.cache.make_room(size) {
+            tracing::warn!(digest = %hex, size, "the state disk is short of space for this blob even with the cache emptied");
+        }
+        let (temp, temp_path) = self.cache.temp()?;
         let (tx, rx) = watch::channel(Arrival { len: 0, size, done: None });
         let fetch = Fetch {
             file: Arc::new(temp),
@@ -848,7 +867,7 @@ fn handle(inner: &Inner, bucket: usize, message: &async_nats::Message, seq: u64)
         let mut view = inner.view.lock();
         let fresh = view.get(&path).is_none_or(|e| e.seq < seq);
         if fresh {
-            view.insert(
+            let old = view.insert(
                 path.clone(),
                 Entry {
                     seq,
@@ -856,6 +875,7 @@ fn handle(inner: &Inner, bucket: usize, message: &async_nats::Message, seq: u64)
                     node,
                 },
             );
+            inner.release(view, old);
         }
         fresh
     };

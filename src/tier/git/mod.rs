@@ -47,7 +47,7 @@ use parking_lot::Mutex;
 use self::remote::Remote;
 use self::repo::Repo;
 use self::worker::{Cmd, Worker};
-use super::{RemoteSink, Revision, Target, Tier, TierError, WriteMode};
+use super::{space, RemoteSink, Revision, Target, Tier, TierError, WriteMode};
 use crate::fs::Kind;
 use crate::nats::{Nats, Secret};
 use crate::op::Op;
@@ -280,6 +280,14 @@ impl std::fmt::Debug for GitTier {
 
 fn backend(e: impl std::fmt::Display) -> TierError {
     TierError::Backend(format!("git: {e}"))
+}
+
+/// A libgit2 error: `ENOSPC` when the disk is full (which libgit2 says only in its message).
+fn git_error(e: git2::Error) -> TierError {
+    if space::git_is_full(&e) {
+        return space::no_space(format_args!("git: {e}"));
+    }
+    backend(e)
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, TierError> + Send + 'static) -> Result<T, TierError> {
@@ -710,13 +718,13 @@ impl GitTier {
     /// Checks `immutable` fields and stores the content as a blob.
     fn store(&self, at: &Target, content: &File) -> Result<Oid, TierError> {
         if let Some(bytes) = self.check_immutable(at, content)? {
-            return self.shared.objects.lock().git.blob(&bytes).map_err(backend);
+            return self.shared.objects.lock().git.blob(&bytes).map_err(git_error);
         }
         let objects = self.shared.objects.lock();
-        let mut writer = objects.git.blob_writer(None).map_err(backend)?;
+        let mut writer = objects.git.blob_writer(None).map_err(git_error)?;
         std::io::copy(&mut crate::fs::tree::ReadAt::new(content), &mut writer)?;
         writer.flush()?;
-        writer.commit().map_err(backend)
+        writer.commit().map_err(git_error)
     }
 }
 
@@ -779,7 +787,13 @@ impl Tier for GitTier {
                         this.max_file_bytes
                     )));
                 }
-                let blob = this.store(&at, &content)?;
+                let git_dir = this.shared.objects.lock().git.path().to_path_buf();
+                let blob = this.store(&at, &content).map_err(|e| space::or_full(e, &git_dir, len + space::GIT_MARGIN))?;
+                if durable && space::short_of(&git_dir, space::GIT_MARGIN) {
+                    // fsync promises a commit: refuse now rather than record a change whose
+                    // commit cannot be written (the blob alone is garbage git collects).
+                    return Err(space::no_space(format_args!("fsync of {}: no room for its commit", at.path.display())));
+                }
                 let base = base.and_then(|r| Oid::from_str(&r.0).ok()).or_else(|| this.held(&at.path));
                 this.shared.record(&at.path, base, Some(blob), durable);
                 Ok(Some(revision(blob)))

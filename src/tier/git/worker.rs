@@ -30,7 +30,7 @@ use crate::hlc::{Clock, Stamp};
 use crate::merge::{self, Side};
 use crate::nats::Nats;
 use crate::policy::{PolicyTable, TierKind, POLICY_FILE};
-use crate::tier::{RemoteChange, RemoteSink, Revision};
+use crate::tier::{space, RemoteChange, RemoteSink, Revision};
 
 /// What tier calls ask of the worker.
 pub(crate) enum Cmd {
@@ -198,6 +198,13 @@ impl Worker {
                         Err(e) => {
                             tracing::error!(error = %e, "cannot commit the pending changes; retrying after the quiet period");
                             dirty = Some((now, now));
+                            if self.disk_full(&e) {
+                                // The changes are in the tree (synced) and committed when
+                                // space returns: fsync need not wait 30 s to learn that.
+                                for ack in waiting.drain(..) {
+                                    let _ = ack.send(());
+                                }
+                            }
                         }
                     }
                 }
@@ -348,6 +355,12 @@ impl Worker {
     }
 
     /// `base` with `edits` applied.
+    /// Whether `e` is (or happened on) a full disk: then no change is to blame, and none is
+    /// quarantined; the commit is retried until space returns.
+    fn disk_full(&self, e: &git2::Error) -> bool {
+        space::git_is_full(e) || space::short_of(self.repo.git.path(), space::GIT_MARGIN)
+    }
+
     fn updated_tree(&self, base: &Tree<'_>, edits: &[Edit]) -> Result<Oid, git2::Error> {
         let mut update = TreeUpdateBuilder::new();
         for (path, blob) in edits {
@@ -365,8 +378,11 @@ impl Worker {
     /// paths applied, and those left out with why.
     fn apply_edits(&self, base: &Tree<'_>, planned: Vec<Planned>) -> Result<(Oid, Vec<Planned>, Vec<(PathBuf, String)>), git2::Error> {
         let all: Vec<Edit> = planned.iter().flat_map(|p| p.edits.iter().cloned()).collect();
-        if let Ok(tree) = self.updated_tree(base, &all) {
-            return Ok((tree, planned, Vec::new()));
+        match self.updated_tree(base, &all) {
+            Ok(tree) => return Ok((tree, planned, Vec::new())),
+            // Not the entries' fault: the whole commit waits for space.
+            Err(e) if self.disk_full(&e) => return Err(e),
+            Err(_) => {}
         }
         let mut tree = base.id();
         let (mut kept, mut failed) = (Vec::new(), Vec::new());
@@ -377,6 +393,7 @@ impl Worker {
                     tree = t;
                     kept.push(p);
                 }
+                Err(e) if self.disk_full(&e) => return Err(e),
                 Err(e) => failed.push((p.path, format!("git refuses the change: {}", e.message()))),
             }
         }
@@ -443,6 +460,7 @@ impl Worker {
             match self.plan_local(path, change, head, head_tree.as_ref(), &stamp, &local_label) {
                 Ok(Some(p)) => planned.push(p),
                 Ok(None) => {}
+                Err(e) if self.disk_full(&e) => return Err(e),
                 Err(e) => refused.push((path.clone(), format!("cannot commit it: {}", e.message()))),
             }
         }

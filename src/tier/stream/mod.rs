@@ -21,6 +21,9 @@
 //! append the stream ordered before it. Files change in place (never replaced), so
 //! `tail -f` on any node follows them.
 //!
+//! On a full state disk an append is refused with `ENOSPC` before it is published, and a file
+//! whose copy an apply could not write anyway is rebuilt from the stream when space returns.
+//!
 //! Retries are idempotent: every message carries a `Nats-Msg-Id` derived from the append's
 //! id, which stays the same when the core retries a failed append. Appends never queue:
 //! while NATS is unreachable they fail at once with `EAGAIN`.
@@ -50,7 +53,7 @@ use tokio::sync::watch;
 use self::log::LogState;
 use super::jetstream::{self, MsgIds, Tasks};
 use super::kv::{bucket_name, key, pattern_root};
-use super::{Appended, RemoteSink, Revision, Target, Tier, TierError, WriteMode};
+use super::{space, Appended, RemoteSink, Revision, Target, Tier, TierError, WriteMode};
 use crate::fs::Kind;
 use crate::nats::Nats;
 use crate::op::Op;
@@ -62,6 +65,8 @@ const PART_HEADER: &str = "Syncfs-Part";
 const APPEND_HEADER: &str = "Syncfs-Append";
 /// Room left under the server's `max_payload` for headers.
 const HEADER_ROOM: usize = 1024;
+/// Free space an append leaves besides its bytes (the tree's last block, the saved state).
+const APPEND_MARGIN: u64 = 64 << 10;
 
 /// Limits of the streams syncfs creates (`nats.stream.*` in the config file).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,6 +111,8 @@ pub(crate) struct Log {
     pub apply_lock: tokio::sync::Mutex<()>,
     /// Where the state is saved.
     pub state_file: PathBuf,
+    /// Files whose tree copy an apply could not write (a full disk): rebuilt when there is room.
+    pub torn: Mutex<std::collections::BTreeSet<PathBuf>>,
 }
 
 pub(crate) struct Inner {
@@ -182,6 +189,7 @@ impl StreamTier {
                 policy: p.clone(),
                 root: pattern_root(&p.pattern),
                 state_file,
+                torn: Mutex::default(),
             });
         }
         let n = logs.len();
@@ -258,6 +266,11 @@ impl Inner {
         }
         let log = self.log_of(at)?;
         let subject = self.subject_of(log, at)?;
+        // The tree's copy must take it too: refuse before the stream has it, not after.
+        let dir = self.logs[log].state_file.parent().unwrap_or(Path::new("/"));
+        if space::short_of(dir, data.len() + APPEND_MARGIN) {
+            return Err(space::no_space(format_args!("an append of {} bytes to {}", data.len(), at.path.display())));
+        }
         let part = self.part_size();
         let append_id = self.ids.with(id);
         let n = data.len().div_ceil(part as u64).max(1);
@@ -309,7 +322,8 @@ impl Inner {
             })?
         };
         if let Some(action) = action {
-            sync::apply(self, action);
+            // Stored either way: a copy the disk could not take is repaired when it can.
+            sync::apply(self, l, action);
         }
         l.applied.send_modify(|a| *a = (*a).max(seq));
         Ok(true)

@@ -13,6 +13,9 @@
 //! node's files stay the same. On the first catch-up of a mount, files the stream has no
 //! message for are removed.
 //!
+//! A file an apply could not change (the state directory's disk is full) is *torn*; every
+//! second the applier rebuilds torn files from the stream once the disk has room for them.
+//!
 //! The state is saved at most once a second while it changes, and at shutdown.
 
 use std::path::{Path, PathBuf};
@@ -30,6 +33,8 @@ use crate::tier::{jetstream, RemoteChange};
 
 /// Appended bytes are applied to the tree in chunks of at most this many.
 const APPLY_CHUNK: usize = 1 << 20;
+/// Free space a torn file's repair leaves besides the file itself.
+const REPAIR_MARGIN: u64 = 64 << 10;
 
 /// Runs for the life of the mount.
 pub(super) async fn supervise(inner: Arc<Inner>) {
@@ -117,17 +122,52 @@ pub(super) fn save(log: &Log) {
     }
 }
 
-/// Applies one action to the tree.
-pub(super) fn apply(inner: &Inner, action: Action) {
-    let Some(sink) = inner.sink() else { return };
-    let result = match action {
-        Action::Truncate(path) => sink.apply(&path, RemoteChange::Append { at: 0, bytes: Vec::new() }, None),
-        Action::Delete(path) => sink.apply(&path, RemoteChange::Delete, None),
-        Action::Append { path, at, data } => apply_append(sink.as_ref(), &path, at, &data),
+/// Applies one action of `log` to the tree. A file the action could not change (a full
+/// disk) is *torn*: it no longer matches the state, and is rebuilt from the stream once
+/// there is room again ([`repair`]). Returns whether the action applied.
+pub(super) fn apply(inner: &Inner, log: &Log, action: Action) -> bool {
+    let Some(sink) = inner.sink() else { return true };
+    let (path, result) = match action {
+        Action::Truncate(path) => {
+            let r = sink.apply(&path, RemoteChange::Append { at: 0, bytes: Vec::new() }, None);
+            (path, r)
+        }
+        Action::Delete(path) => {
+            let r = sink.apply(&path, RemoteChange::Delete, None);
+            (path, r)
+        }
+        Action::Append { path, at, data } => {
+            let r = apply_append(sink.as_ref(), &path, at, &data);
+            (path, r)
+        }
     };
-    if let Err(e) = result {
-        tracing::warn!(error = %e, "cannot apply an append to the tree");
+    match result {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot apply an append to the tree; the file is rebuilt from the stream when there is room");
+            log.torn.lock().insert(path);
+            false
+        }
     }
+}
+
+/// Rebuilds the torn files of `log` from the stream, when the disk has room for them again.
+async fn repair(inner: &Inner, log: &Log, stream: &Stream) -> anyhow::Result<()> {
+    let torn: Vec<PathBuf> = log.torn.lock().iter().cloned().collect();
+    if torn.is_empty() {
+        return Ok(());
+    }
+    let _order = log.apply_lock.lock().await;
+    for path in torn {
+        let need = log.state.lock().files.get(&path).map_or(0, |f| f.len) + REPAIR_MARGIN;
+        if crate::tier::space::short_of(&log.state_file.parent().unwrap_or(Path::new("/")), need) {
+            continue;
+        }
+        log.torn.lock().remove(&path);
+        tracing::info!(path = %path.display(), "repairing a torn file");
+        rebuild(inner, log, stream, &path).await?;
+    }
+    Ok(())
 }
 
 fn apply_append(sink: &dyn crate::tier::RemoteSink, path: &Path, at: u64, data: &Gathered) -> Result<(), String> {
@@ -259,7 +299,7 @@ async fn rebuild(inner: &Inner, log: &Log, stream: &Stream, path: &Path) -> anyh
         }
     }
     for action in actions {
-        apply(inner, action);
+        apply(inner, log, action);
     }
     log.state.lock().set_file(path, rebuilt);
     Ok(())
@@ -365,6 +405,9 @@ async fn apply_log(inner: &Arc<Inner>, i: usize, stream: &mut Stream, first: boo
                     save(log);
                     last_save = Instant::now();
                 }
+                if synced {
+                    repair(inner, log, stream).await?;
+                }
                 if synced && last_trim.elapsed() >= inner.settings.check_interval {
                     trim(inner, log, stream).await?;
                     last_trim = Instant::now();
@@ -390,7 +433,7 @@ async fn apply_log(inner: &Arc<Inner>, i: usize, stream: &mut Stream, first: boo
             }
         };
         if let Some(action) = action {
-            apply(inner, action);
+            apply(inner, log, action);
         }
         drop(order);
         log.applied.send_modify(|a| *a = (*a).max(seq));
