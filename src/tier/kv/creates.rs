@@ -3,10 +3,12 @@
 //! A `cas`/`cas-create` open that creates a file publishes an empty value at once: that is
 //! what makes `O_EXCL` a cluster-wide lock. If the daemon dies before the file's first close,
 //! that close never returns success, yet the empty value would stay on every node (forever,
-//! unless the policy has a TTL). So each such create is written down here before the open
-//! returns, and forgotten at the file's next own write. What a stopped daemon left here is
-//! taken back at the next mount: deleted with a compare-and-swap on the create's revision,
-//! so that a value anybody wrote since stays.
+//! unless the policy has a TTL). So each such create is written down here, with the message id
+//! it is published under, before it is published (a kill between the server's acknowledgement
+//! and a later record would leave nothing to take back), and forgotten at the file's next own
+//! write. What a stopped daemon left here is taken back at the next mount: when the key's last
+//! message is still that empty value (same message id), it is deleted with a compare-and-swap
+//! on its revision, so that a value anybody wrote since stays.
 //!
 //! The file is rewritten (temporary file and rename, no fsync) at each change: it must survive
 //! a crash of the daemon, which never loses what it wrote to the page cache.
@@ -15,12 +17,12 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 
-/// One create: the bucket's name, the key and the revision of the empty value.
+/// One create: the bucket's name, the key and the message id of the empty value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Create {
     pub bucket: String,
     pub key: String,
-    pub rev: u64,
+    pub msg_id: String,
 }
 
 /// The creates of this mount not yet followed by a write, and those a stopped daemon left.
@@ -43,14 +45,14 @@ impl Creates {
             .lines()
             .filter_map(|line| {
                 let mut parts = line.split('\t');
-                let (bucket, key, rev) = (parts.next()?, parts.next()?, parts.next()?.parse().ok()?);
-                Some(Create { bucket: bucket.into(), key: key.into(), rev })
+                let (bucket, key, msg_id) = (parts.next()?, parts.next()?, parts.next()?);
+                Some(Create { bucket: bucket.into(), key: key.into(), msg_id: msg_id.into() })
             })
             .collect();
         Ok(Creates { file: file.to_path_buf(), open: BTreeMap::new(), leftover })
     }
 
-    /// Writes down a create of `path`, before its open returns.
+    /// Writes down a create of `path`, before it is published.
     pub fn begin(&mut self, path: &Path, create: Create) {
         self.open.insert(path.to_path_buf(), create);
         self.save();
@@ -77,7 +79,7 @@ impl Creates {
     fn save(&self) {
         let mut text = String::new();
         for c in self.leftover.iter().chain(self.open.values()) {
-            text.push_str(&format!("{}\t{}\t{}\n", c.bucket, c.key, c.rev));
+            text.push_str(&format!("{}\t{}\t{}\n", c.bucket, c.key, c.msg_id));
         }
         let tmp = self.file.with_extension("tmp");
         let result = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &self.file));
@@ -96,15 +98,15 @@ mod tests {
     fn creates_left_by_a_stopped_daemon_come_back_and_written_ones_do_not() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("creates");
-        let c = |key: &str, rev| Create { bucket: "b".into(), key: key.into(), rev };
+        let c = |key: &str, id: &str| Create { bucket: "b".into(), key: key.into(), msg_id: id.into() };
         let mut a = Creates::open(&file).unwrap();
-        a.begin(Path::new("x"), c("x", 3));
-        a.begin(Path::new("y"), c("y", 4));
+        a.begin(Path::new("x"), c("x", "n-3"));
+        a.begin(Path::new("y"), c("y", "n-4"));
         a.done(Path::new("y"));
         drop(a);
         let mut b = Creates::open(&file).unwrap();
-        assert_eq!(b.leftover(), vec![c("x", 3)]);
-        b.settled(&c("x", 3));
+        assert_eq!(b.leftover(), vec![c("x", "n-3")]);
+        b.settled(&c("x", "n-3"));
         assert!(Creates::open(&file).unwrap().leftover().is_empty());
     }
 }

@@ -376,8 +376,8 @@ impl Inner {
         &self,
         bucket: usize,
         key: &str,
+        msg_id: String,
     ) -> Result<Result<(u64, String), async_nats::jetstream::message::StreamMessage>, TierError> {
-        let msg_id = self.msg_id();
         let subject = format!("{}{key}", self.buckets[bucket].prefix);
         let mut expected = 0;
         for _ in 0..4 {
@@ -416,7 +416,6 @@ impl Inner {
 
     /// Records what this node just wrote, so `user.syncfs.rev` shows it at once.
     fn record_own(&self, at: &Target, bucket: usize, rev: u64, value: Option<&Bytes>) {
-        self.creates.lock().done(&at.path);
         let mut view = self.view.lock();
         view.record(
             &at.path,
@@ -477,6 +476,7 @@ impl Inner {
             match self.publish(bucket, &key, &op, None, &msg_id).await {
                 Ok(rev) => {
                     self.record_own(at, bucket, rev, Some(&value).filter(|_| matches!(op, KvOp::Put(_))));
+                    self.creates.lock().done(&at.path);
                     self.settle(&msg_id);
                     return Ok(Some(Revision(rev.to_string())));
                 }
@@ -523,6 +523,7 @@ impl Inner {
                     KvOp::Delete => None,
                 };
                 self.record_own(at, bucket, rev, value.as_ref());
+                self.creates.lock().done(&at.path);
                 self.settle(&msg_id);
                 Ok(Some(Revision(rev.to_string())))
             }
@@ -616,11 +617,19 @@ impl Tier for KvTier {
         Op::pending(async move {
             let bucket = inner.bucket_of(&at)?;
             let key = Inner::key_of(&at)?;
-            match inner.create_exclusive(bucket, &key).await? {
+            // Written down before it is published: a kill right after the server's
+            // acknowledgement must still leave the empty value to take back.
+            let msg_id = inner.msg_id();
+            let create = creates::Create { bucket: inner.buckets[bucket].name.clone(), key: key.clone(), msg_id: msg_id.clone() };
+            inner.creates.lock().begin(&at.path, create);
+            let created = inner.create_exclusive(bucket, &key, msg_id).await;
+            if !matches!(created, Ok(Ok(_)) | Err(TierError::Unknown { .. })) {
+                // Not created (for certain): nothing to take back.
+                inner.creates.lock().done(&at.path);
+            }
+            match created? {
                 Ok((rev, msg_id)) => {
                     inner.record_own(&at, bucket, rev, Some(&Bytes::new()));
-                    let create = creates::Create { bucket: inner.buckets[bucket].name.clone(), key: key.clone(), rev };
-                    inner.creates.lock().begin(&at.path, create);
                     inner.settle(&msg_id);
                     inner.lost.lock().remove(&at.path);
                     Ok(Some(Revision(rev.to_string())))

@@ -76,7 +76,8 @@ async fn prepare(inner: &Arc<Inner>) -> anyhow::Result<()> {
 }
 
 /// Deletes the empty values of creates a stopped daemon made and no close acknowledged, each
-/// only while it is still that create's (compare-and-swap on its revision).
+/// only while the key's last message is still that create (its message id), by a
+/// compare-and-swap on that message's revision.
 async fn take_back_creates(inner: &Arc<Inner>) {
     let leftover = inner.creates.lock().leftover();
     for c in leftover {
@@ -85,17 +86,16 @@ async fn take_back_creates(inner: &Arc<Inner>) {
             continue;
         };
         let Some(last) = last_message(inner, bucket, &c.key).await else { continue };
-        let untouched = last.as_ref().is_some_and(|m| {
-            m.sequence == c.rev
-                && m.payload.is_empty()
-                && m.headers.get(NODE_HEADER).is_some_and(|n| n.as_str() == inner.node)
+        let untouched = last.as_ref().filter(|m| {
+            m.payload.is_empty()
+                && m.headers.get(async_nats::header::NATS_MESSAGE_ID).is_some_and(|id| id.as_str() == c.msg_id)
         });
-        if untouched {
+        if let Some(rev) = untouched.map(|m| m.sequence) {
             let msg_id = inner.msg_id();
-            match inner.publish(bucket, &c.key, &KvOp::Delete, Some(c.rev), &msg_id).await {
+            match inner.publish(bucket, &c.key, &KvOp::Delete, Some(rev), &msg_id).await {
                 Ok(_) | Err(PubError::WrongLastSequence) => {
                     inner.settle(&msg_id);
-                    tracing::info!(key = %c.key, rev = c.rev, "took back an empty value whose create no close acknowledged (the daemon stopped)");
+                    tracing::info!(key = %c.key, rev, "took back an empty value whose create no close acknowledged (the daemon stopped)");
                 }
                 // Tried again at the next connection.
                 Err(PubError::Tier(_)) => continue,
