@@ -371,7 +371,7 @@ fn kv_writes_on_a_full_disk_are_refused_or_kept_never_lost() {
     for (round, free) in [16u64 << 10, 4 << 10, 8 << 10].into_iter().enumerate() {
         disk.fill();
         let len = std::fs::metadata(disk.filler()).unwrap().len();
-        std::fs::File::options().write(true).open(disk.filler()).unwrap().set_len(len - free).unwrap();
+        std::fs::File::options().write(true).open(disk.filler()).unwrap().set_len(len.saturating_sub(free)).unwrap();
         for i in 0..4 {
             let (rel, v) = (format!("fast/q{round}-{i}"), vec![b'a' + i as u8; 4000]);
             outcomes.push(attempt(&a.path(&rel), &v, false, false));

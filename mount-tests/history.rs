@@ -259,11 +259,19 @@ pub fn report(violations: &[Violation], limit: usize) -> String {
         *counts.entry(v.check).or_default() += 1;
     }
     let mut out = format!("{} violations {:?}\n", violations.len(), counts);
-    for v in violations.iter().take(limit) {
-        out.push_str(&format!("{v}\n"));
+    // Examples of every kind: a flood of one kind must not hide another.
+    let per_kind = (limit / counts.len().max(1)).max(3);
+    let mut shown: BTreeMap<&str, usize> = BTreeMap::new();
+    for v in violations {
+        let n = shown.entry(v.check).or_default();
+        if *n < per_kind {
+            *n += 1;
+            out.push_str(&format!("{v}\n"));
+        }
     }
-    if violations.len() > limit {
-        out.push_str(&format!("... and {} more\n", violations.len() - limit));
+    let left = violations.len() - shown.values().sum::<usize>();
+    if left > 0 {
+        out.push_str(&format!("... and {left} more\n"));
     }
     out
 }

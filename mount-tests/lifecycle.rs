@@ -152,6 +152,51 @@ fn stale_mount_is_explained_and_cleaned() {
     assert_eq!(m.sh_ok("cat f"), "survived\n");
 }
 
+/// The daemon's guard processes (`syncfs guard PID ...`).
+fn guards_of(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+        if args.len() > 2 && args[1] == b"guard" && args[2] == pid.to_string().as_bytes() {
+            found.extend(entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()));
+        }
+    }
+    found
+}
+
+/// A daemon killed while one of its threads waits in the kernel (an entry invalidation behind
+/// a directory lock) cannot finish dying and programs on the mount would wait forever (seen in
+/// the kill -9 soak run): its guard aborts the FUSE connection. Here the kill is a plain one;
+/// the guard must notice it and abort, and a clean unmount must stop the guard without one.
+#[test]
+fn a_guard_aborts_the_connection_of_a_killed_daemon_and_leaves_a_clean_one() {
+    let mut m = Mount::start();
+    let pid = m.pid();
+    assert_eq!(guards_of(pid).len(), 1, "one guard beside the daemon");
+    m.umount();
+    assert!(wait_for(Duration::from_secs(5), || guards_of(pid).is_empty()), "the guard ends with a clean unmount");
+    let log = std::fs::read_to_string(m.state.join("syncfs.log")).unwrap();
+    assert!(!log.contains("aborted its FUSE connection"), "{log}");
+
+    let mut m = Mount::start();
+    m.sh_ok("echo kept > f");
+    let pid = m.pid();
+    assert_eq!(guards_of(pid).len(), 1);
+    // SAFETY: killing our own daemon.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let log = || std::fs::read_to_string(m.state.join("syncfs.log")).unwrap_or_default();
+    assert!(wait_for(Duration::from_secs(5), || log().contains("aborted its FUSE connection")), "{}", log());
+    assert!(wait_for(Duration::from_secs(5), || guards_of(pid).is_empty()));
+    let mp = m.mnt.display().to_string();
+    let umount = syncfs(&["umount", &mp]);
+    assert!(umount.status.success(), "{}", text(&umount));
+    m.forget_mounted();
+    let out = m.try_mount(&Options::default());
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(m.sh_ok("cat f"), "kept\n");
+}
+
 #[test]
 fn umount_of_a_busy_mount_says_so() {
     let mut m = Mount::start();

@@ -17,6 +17,7 @@ mod harness;
 mod history;
 mod hostile;
 mod lifecycle;
+mod locks;
 mod model;
 mod moves;
 mod nats;

@@ -65,6 +65,14 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Started by the daemon: aborts its FUSE connection if it dies without unmounting.
+    #[command(hide = true)]
+    Guard {
+        pid: u32,
+        mount_id: u64,
+        minor: u32,
+        mountpoint: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -130,6 +138,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let cfg = MountConfig::resolve(&flags)?;
             daemon::mount(cfg, foreground)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Guard { pid, mount_id, minor, mountpoint } => {
+            crate::guard::run(pid, crate::guard::MountId { id: mount_id, minor }, &mountpoint)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Umount { mountpoint } => {

@@ -689,7 +689,19 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
         }
     })?;
 
+    // From this thread, which runs the session: the guard's death signal follows it.
+    let mut guard = match crate::guard::start(&cfg.mountpoint) {
+        Ok(child) => Some(child),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start the guard; a killed daemon may leave programs waiting on the mount");
+            None
+        }
+    };
     let result = session.run();
+    if let Some(mut g) = guard.take() {
+        let _ = g.kill();
+        let _ = g.wait();
+    }
     tracing::info!(mountpoint = %cfg.mountpoint.display(), "unmounted");
     // Release what this mount holds (ephemeral claims), then stop.
     let shutdown = core.shutdown();

@@ -14,6 +14,7 @@ pub mod config;
 pub mod daemon;
 pub mod fs;
 pub mod fuse;
+pub mod guard;
 pub mod hlc;
 pub mod logging;
 pub mod merge;

@@ -383,7 +383,7 @@ impl Core {
                 self.orphan_taken(&mut table, &dir, name, path, taken, &mut inval);
                 Ok(())
             }
-            RemoteChange::Dir => {
+            RemoteChange::Dir { created } => {
                 let dir = self.ensure_dir(parent_rel, &mut inval)?;
                 match tree::lstat_at(dir.as_fd(), &cname) {
                     Ok(st) if Kind::from_mode(st.st_mode) == Kind::Dir => Ok(()),
@@ -392,7 +392,10 @@ impl Core {
                         Ok(())
                     }
                     Err(_) => {
-                        self.ensure_dir(path, &mut inval)?;
+                        let made = self.ensure_dir(path, &mut inval)?;
+                        if let Some(at) = created {
+                            tree::utimens_fd(made.as_fd(), tree::SetTime::Omit, tree::SetTime::At(at))?;
+                        }
                         Ok(())
                     }
                 }

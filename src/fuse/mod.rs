@@ -211,15 +211,61 @@ fn drop_idle_backing(pt: &Mutex<Passthrough>, ino: Ino) {
     }
 }
 
-/// Converts a core error to an errno, logging it once: expected ones at debug level.
+/// Converts a core error to an errno, logging it once: expected ones at debug level, the
+/// others as a warning at most once a minute per operation and message (a program retrying
+/// a refused rename in a loop wrote 28,000 lines in 10 s); the next warning counts the
+/// repeats left out.
 fn errno(what: &'static str, e: &FsError) -> Errno {
     let code = e.errno();
     if e.is_expected() {
         tracing::debug!(op = what, errno = code, "{e}");
     } else {
-        tracing::warn!(op = what, errno = code, "{e}");
+        let message = e.to_string();
+        match WARNINGS.lock().admit(what, &message, std::time::Instant::now()) {
+            Some(repeats) => tracing::warn!(op = what, errno = code, repeats, "{message}"),
+            None => tracing::debug!(op = what, errno = code, "{message}"),
+        }
     }
     Errno::from_i32(code)
+}
+
+static WARNINGS: Mutex<RateLimit> = Mutex::new(RateLimit { last: None });
+
+/// When each warning was last logged, and how often it was left out since.
+struct RateLimit {
+    last: Option<HashMap<(&'static str, String), (std::time::Instant, u64)>>,
+}
+
+impl RateLimit {
+    const EVERY: Duration = Duration::from_secs(60);
+    /// Bounds the memory a flood of distinct messages can take (their paths differ).
+    const KEEP: usize = 4096;
+
+    /// `Some(repeats left out since the last one)` when the warning is to be logged now.
+    fn admit(&mut self, op: &'static str, message: &str, now: std::time::Instant) -> Option<u64> {
+        let last = self.last.get_or_insert_with(HashMap::new);
+        let key = (op, message.to_string());
+        match last.get_mut(&key) {
+            Some((at, repeats)) if now.duration_since(*at) < Self::EVERY => {
+                *repeats += 1;
+                None
+            }
+            Some((at, repeats)) => {
+                let left_out = std::mem::take(repeats);
+                *at = now;
+                Some(left_out)
+            }
+            None => {
+                if last.len() >= Self::KEEP {
+                    last.retain(|_, (at, _)| now.duration_since(*at) < Self::EVERY);
+                }
+                if last.len() < Self::KEEP {
+                    last.insert(key, (now, 0));
+                }
+                Some(0)
+            }
+        }
+    }
 }
 
 fn file_type(kind: Kind) -> FileType {
@@ -892,5 +938,23 @@ impl KernelCache for Invalidator {
         let (ack, done) = tokio::sync::oneshot::channel();
         let _ = self.tx.lock().send(Invalidation::Inode(ino, false, Some(ack)));
         done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repeated_warning_is_logged_once_a_minute_with_its_repeats() {
+        let mut limit = RateLimit { last: None };
+        let t0 = std::time::Instant::now();
+        assert_eq!(limit.admit("rename", "x: EXDEV", t0), Some(0));
+        for i in 1..=5 {
+            assert_eq!(limit.admit("rename", "x: EXDEV", t0 + Duration::from_secs(i)), None);
+        }
+        assert_eq!(limit.admit("rename", "y: EXDEV", t0), Some(0), "another path is another warning");
+        assert_eq!(limit.admit("rename", "x: EXDEV", t0 + Duration::from_secs(61)), Some(5));
+        assert_eq!(limit.admit("rename", "x: EXDEV", t0 + Duration::from_secs(62)), None);
     }
 }

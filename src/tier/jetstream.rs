@@ -155,7 +155,7 @@ pub async fn create_roots(sink: Option<Arc<dyn RemoteSink>>, roots: Vec<PathBuf>
     let Some(sink) = sink else { return };
     let _ = tokio::task::spawn_blocking(move || {
         for root in roots.into_iter().filter(|r| !r.as_os_str().is_empty()) {
-            if let Err(e) = sink.apply(&root, RemoteChange::Dir, None) {
+            if let Err(e) = sink.apply(&root, RemoteChange::Dir { created: None }, None) {
                 tracing::warn!(root = %root.display(), error = %e, "cannot create a policy's directory");
             }
         }

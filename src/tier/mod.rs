@@ -348,8 +348,12 @@ pub enum RemoteChange {
     File(Vec<u8>),
     /// The file is gone.
     Delete,
-    /// The directory exists (possibly empty).
-    Dir,
+    /// The directory exists (possibly empty). A new directory gets `created` as its mtime
+    /// when the tier knows it: a directory claim's age is the same on every node.
+    Dir {
+        /// When it was made (server time).
+        created: Option<std::time::SystemTime>,
+    },
     /// The directory may go if it is empty (its last entry, or its marker, was removed).
     PruneDir,
     /// Bytes appended to the file, which must hold exactly `at` bytes before them: a longer

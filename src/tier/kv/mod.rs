@@ -30,6 +30,7 @@
 //! real winner is never told `EEXIST`.
 
 mod creates;
+mod dirs;
 mod journal;
 pub mod key;
 mod own;
@@ -49,6 +50,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
+use self::dirs::claims_dirs;
 use self::journal::{Journal, JournalOp, Record};
 use self::key::Decoded;
 use self::own::OwnWrites;
@@ -370,18 +372,19 @@ impl Inner {
         self.own.lock().settle(msg_id);
     }
 
-    /// An exclusive create of `key` with an empty value. `Ok(Err(msg))` when the key exists
+    /// An exclusive create of `key` with `value` (empty for files). `Ok(Err(msg))` when the key exists
     /// (with its current last message).
     async fn create_exclusive(
         &self,
         bucket: usize,
         key: &str,
         msg_id: String,
+        value: Bytes,
     ) -> Result<Result<(u64, String), async_nats::jetstream::message::StreamMessage>, TierError> {
         let subject = format!("{}{key}", self.buckets[bucket].prefix);
         let mut expected = 0;
         for _ in 0..4 {
-            match self.publish(bucket, key, &KvOp::Put(Bytes::new()), Some(expected), &msg_id).await {
+            match self.publish(bucket, key, &KvOp::Put(value.clone()), Some(expected), &msg_id).await {
                 Ok(rev) => return Ok(Ok((rev, msg_id))),
                 Err(PubError::Tier(e)) => return Err(e),
                 Err(PubError::WrongLastSequence) => {
@@ -436,6 +439,7 @@ impl Inner {
                         key,
                         rev,
                         value: v.to_vec(),
+                        dir: false,
                     },
                 );
             }
@@ -584,16 +588,22 @@ impl Tier for KvTier {
         let inner = self.inner.clone();
         let at = at.clone();
         if kind == Kind::Dir {
+            if claims_dirs(&at) && !self.inner.nats.is_connected() {
+                return Op::err(unavailable("not connected; directory claims are not queued"));
+            }
             return Op::pending(async move {
                 let bucket = inner.bucket_of(&at)?;
                 let key = key::encode_dir(&at.path).map_err(|_| {
                     TierError::Io(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG))
                 })?;
+                if claims_dirs(&at) {
+                    return inner.claim_dir(&at, bucket, key).await;
+                }
                 let rev = inner.write_lww(&at, bucket, key, KvOp::Put(Bytes::new())).await?;
                 let rev_n = rev.as_ref().and_then(|r| r.0.parse().ok()).unwrap_or(0);
                 // The marker is not a file: keep it out of the file entries.
                 inner.view.lock().remove(&at.path);
-                inner.view.lock().mark_dir(&at.path, rev_n);
+                inner.view.lock().mark_dir(&at.path, rev_n, None);
                 Ok(None)
             });
         }
@@ -622,7 +632,7 @@ impl Tier for KvTier {
             let msg_id = inner.msg_id();
             let create = creates::Create { bucket: inner.buckets[bucket].name.clone(), key: key.clone(), msg_id: msg_id.clone() };
             inner.creates.lock().begin(&at.path, create);
-            let created = inner.create_exclusive(bucket, &key, msg_id).await;
+            let created = inner.create_exclusive(bucket, &key, msg_id, Bytes::new()).await;
             if !matches!(created, Ok(Ok(_)) | Err(TierError::Unknown { .. })) {
                 // Not created (for certain): nothing to take back.
                 inner.creates.lock().done(&at.path);
@@ -684,8 +694,11 @@ impl Tier for KvTier {
             return Op::pending(async move {
                 let bucket = inner.bucket_of(&at)?;
                 let Ok(key) = key::encode_dir(&at.path) else { return Ok(()) };
+                if claims_dirs(&at) {
+                    return inner.release_dir(&at, bucket, key).await;
+                }
                 inner.write_lww(&at, bucket, key, KvOp::Delete).await?;
-                inner.view.lock().unmark_dir(&at.path);
+                inner.view.lock().unmark_dir(&at.path, None);
                 Ok(())
             });
         }
@@ -727,6 +740,11 @@ impl Tier for KvTier {
     }
 
     fn rename(&self, from: &Target, to: &Target, kind: Kind, content: Option<Arc<File>>, base: Option<Revision>) -> Op<(), TierError> {
+        if kind == Kind::Dir && claims_dirs(from) && claims_dirs(to) && !self.inner.view.lock().has_children(&from.path) {
+            let inner = self.inner.clone();
+            let (from, to) = (from.clone(), to.clone());
+            return Op::pending(async move { inner.move_dir_claim(&from, &to).await });
+        }
         if kind != Kind::File {
             return Op::err(TierError::CrossDevice(format!(
                 "{}: directories of nats-kv paths cannot be renamed atomically",

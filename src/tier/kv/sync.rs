@@ -86,9 +86,9 @@ async fn take_back_creates(inner: &Arc<Inner>) {
             continue;
         };
         let Some(last) = last_message(inner, bucket, &c.key).await else { continue };
+        // Still the create's own message: nothing was written (or refreshed) since.
         let untouched = last.as_ref().filter(|m| {
-            m.payload.is_empty()
-                && m.headers.get(async_nats::header::NATS_MESSAGE_ID).is_some_and(|id| id.as_str() == c.msg_id)
+            m.headers.get(async_nats::header::NATS_MESSAGE_ID).is_some_and(|id| id.as_str() == c.msg_id)
         });
         if let Some(rev) = untouched.map(|m| m.sequence) {
             let msg_id = inner.msg_id();
@@ -256,7 +256,7 @@ fn handle(inner: &Inner, bucket: usize, message: &async_nats::Message, rev: u64,
                     tracing::info!(path = %path.display(), rev, "a write whose outcome was unknown landed: it is this node's");
                     if let (true, Some(value)) = (b.policy.ephemeral, &u.value) {
                         let key = key::encode(&path).unwrap_or_default();
-                        view.owned.insert(path.clone(), Owned { bucket, key, rev, value: value.clone() });
+                        view.owned.insert(path.clone(), Owned { bucket, key, rev, value: value.clone(), dir: false });
                     }
                 }
                 fresh
@@ -276,15 +276,26 @@ fn handle(inner: &Inner, bucket: usize, message: &async_nats::Message, rev: u64,
         }
         Decoded::Dir(path) => {
             if deleted {
-                inner.view.lock().unmark_dir(&path);
-                if !in_flight {
+                let (news, held) = {
+                    let mut view = inner.view.lock();
+                    let held = view.owned.get(&path).is_some_and(|o| o.dir);
+                    (view.unmark_dir(&path, Some(rev)), held)
+                };
+                if news && held && !mine {
+                    lose(inner, &path, format!("another node ({}) removed the directory at revision {rev}", node.as_deref().unwrap_or("unknown")));
+                }
+                if news && !in_flight {
                     apply(inner, &path, RemoteChange::PruneDir, None);
                     prune(inner, bucket, &path);
                 }
             } else {
-                inner.view.lock().mark_dir(&path, rev);
-                if !in_flight {
-                    apply(inner, &path, RemoteChange::Dir, None);
+                // A directory claim's age is its marker's: lock-age checks read the mtime.
+                let expires = b.policy.ttl.filter(|_| super::dirs::claims(&b.policy)).map(|ttl| created + ttl);
+                let news = inner.view.lock().mark_dir(&path, rev, expires);
+                let past = expires.is_some_and(|at| at <= SystemTime::now());
+                if news && !in_flight && !past {
+                    let made = super::dirs::created_at(&message.payload).unwrap_or(created);
+                    apply(inner, &path, RemoteChange::Dir { created: Some(made) }, None);
                 }
             }
             None
@@ -366,8 +377,12 @@ async fn expire(inner: Arc<Inner>) {
     loop {
         tick.tick().await;
         let due = inner.view.lock().expired(SystemTime::now());
-        for (path, rev) in due {
+        for (path, rev, dir) in due {
             tracing::debug!(path = %path.display(), rev, "TTL expired");
+            if dir {
+                apply(&inner, &path, RemoteChange::PruneDir, None);
+                continue;
+            }
             apply(&inner, &path, RemoteChange::Delete, Some(rev));
             // Bound first: a guard in an `if let` scrutinee lives through the block, and
             // `prune` takes the view's lock again (a subdirectory's expiry deadlocked).
@@ -404,7 +419,11 @@ async fn refresh(inner: Arc<Inner>) {
                     {
                         let mut view = inner.view.lock();
                         let ttl = inner.buckets[o.bucket].policy.ttl;
-                        view.record(&path, o.bucket, rev, false, Some(inner.node.clone()), SystemTime::now(), ttl);
+                        if o.dir {
+                            view.mark_dir(&path, rev, ttl.map(|t| SystemTime::now() + t));
+                        } else {
+                            view.record(&path, o.bucket, rev, false, Some(inner.node.clone()), SystemTime::now(), ttl);
+                        }
                         if let Some(entry) = view.owned.get_mut(&path) {
                             entry.rev = rev;
                         }

@@ -40,16 +40,19 @@ pub struct Owned {
     pub rev: u64,
     /// Its value, re-published at each refresh.
     pub value: Vec<u8>,
+    /// It is a directory's marker (a directory claim), not a file's value.
+    pub dir: bool,
 }
 
 /// The index of all KV paths of a mount.
 #[derive(Debug, Default)]
 pub struct View {
     files: HashMap<PathBuf, Entry>,
-    /// Directories kept by a marker key, with the marker's revision.
-    dirs: HashMap<PathBuf, u64>,
-    /// (expiry time, path, revision) of entries with a TTL, soonest first.
-    expiry: BinaryHeap<Reverse<(SystemTime, PathBuf, u64)>>,
+    /// Directories kept by a marker key: the marker's newest revision heard of, and whether
+    /// it is live (not a delete). Deletes are kept so that older news cannot bring one back.
+    dirs: HashMap<PathBuf, (u64, bool)>,
+    /// (expiry time, path, revision, a directory's marker) of entries with a TTL, soonest first.
+    expiry: BinaryHeap<Reverse<(SystemTime, PathBuf, u64, bool)>>,
     /// Entries this mount keeps alive (ephemeral policies).
     pub owned: HashMap<PathBuf, Owned>,
     /// Recent revision changes, for the base of renames onto a path.
@@ -85,7 +88,7 @@ impl View {
         self.log_change(path, before);
         if !deleted {
             if let Some(ttl) = ttl {
-                self.expiry.push(Reverse((created + ttl, path.to_path_buf(), rev)));
+                self.expiry.push(Reverse((created + ttl, path.to_path_buf(), rev, false)));
             }
         }
         self.files.insert(
@@ -140,34 +143,77 @@ impl View {
             .collect()
     }
 
-    /// Records a directory marker.
-    pub fn mark_dir(&mut self, path: &Path, rev: u64) {
-        self.dirs.insert(path.to_path_buf(), rev);
+    /// Records a directory marker of revision `rev`, which expires at `expires` (a TTL).
+    /// Returns whether it is news (revision 0, a marker queued offline, always is).
+    pub fn mark_dir(&mut self, path: &Path, rev: u64, expires: Option<SystemTime>) -> bool {
+        let known = self.dirs.get(path).map(|(r, _)| *r).unwrap_or(0);
+        if rev != 0 && known >= rev {
+            return false;
+        }
+        self.dirs.insert(path.to_path_buf(), (rev.max(known), true));
+        if let Some(at) = expires.filter(|_| rev != 0) {
+            self.expiry.push(Reverse((at, path.to_path_buf(), rev, true)));
+        }
+        true
     }
 
-    /// Forgets a directory marker.
-    pub fn unmark_dir(&mut self, path: &Path) {
-        self.dirs.remove(path);
+    /// The revision of a directory's marker.
+    pub fn dir_rev(&self, path: &Path) -> Option<u64> {
+        self.dirs.get(path).filter(|(_, live)| *live).map(|(r, _)| *r).filter(|r| *r != 0)
+    }
+
+    /// Whether the newest news of a directory's marker is a delete.
+    pub fn dir_removed(&self, path: &Path) -> bool {
+        self.dirs.get(path).is_some_and(|(_, live)| !*live)
+    }
+
+    /// Whether any file or marked directory lies below `dir`.
+    pub fn has_children(&self, dir: &Path) -> bool {
+        let below = |p: &PathBuf| p != dir && p.starts_with(dir);
+        self.files.iter().any(|(p, e)| !e.deleted && below(p)) || self.dirs.iter().any(|(p, (_, live))| *live && below(p))
+    }
+
+    /// Records that a directory's marker was deleted, at revision `rev` (`None`: by this
+    /// mount, whatever the revision). Returns whether it is news.
+    pub fn unmark_dir(&mut self, path: &Path, rev: Option<u64>) -> bool {
+        let known = self.dirs.get(path).map(|(r, _)| *r).unwrap_or(0);
+        match rev {
+            Some(rev) if known >= rev => false,
+            _ => {
+                self.dirs.insert(path.to_path_buf(), (rev.unwrap_or(known).max(known), false));
+                self.owned.remove(path);
+                true
+            }
+        }
     }
 
     /// Whether a directory has a marker.
     pub fn is_marked(&self, path: &Path) -> bool {
-        self.dirs.contains_key(path)
+        self.dirs.get(path).is_some_and(|(_, live)| *live)
     }
 
-    /// Entries whose TTL ran out by `now`: (path, revision), each still the newest revision.
-    pub fn expired(&mut self, now: SystemTime) -> Vec<(PathBuf, u64)> {
+    /// Entries whose TTL ran out by `now`: (path, revision, a directory), each still the
+    /// newest revision. Expired directory markers are forgotten.
+    pub fn expired(&mut self, now: SystemTime) -> Vec<(PathBuf, u64, bool)> {
         let mut due = Vec::new();
-        while let Some(Reverse((at, _, _))) = self.expiry.peek() {
+        while let Some(Reverse((at, _, _, _))) = self.expiry.peek() {
             if *at > now {
                 break;
             }
-            let Reverse((_, path, rev)) = self.expiry.pop().expect("peeked");
+            let Reverse((_, path, rev, dir)) = self.expiry.pop().expect("peeked");
+            if dir {
+                if self.dirs.get(&path) == Some(&(rev, true)) {
+                    self.dirs.insert(path.clone(), (rev, false));
+                    self.owned.remove(&path);
+                    due.push((path, rev, true));
+                }
+                continue;
+            }
             let expires = self.files.get_mut(&path).filter(|e| e.known == rev && !e.deleted);
             if let Some(e) = expires {
                 e.deleted = true;
                 self.log_change(&path, Some(rev));
-                due.push((path, rev));
+                due.push((path, rev, false));
             }
         }
         due
@@ -210,8 +256,28 @@ mod tests {
         // b is rewritten later: its first expiry must not fire.
         v.record(Path::new("b"), 0, 3, false, None, T0 + Duration::from_secs(1), ttl);
         assert!(v.expired(T0 + Duration::from_secs(1)).is_empty());
-        assert_eq!(v.expired(T0 + Duration::from_secs(2)), vec![(PathBuf::from("a"), 1)]);
-        assert_eq!(v.expired(T0 + Duration::from_secs(3)), vec![(PathBuf::from("b"), 3)]);
+        assert_eq!(v.expired(T0 + Duration::from_secs(2)), vec![(PathBuf::from("a"), 1, false)]);
+        assert_eq!(v.expired(T0 + Duration::from_secs(3)), vec![(PathBuf::from("b"), 3, false)]);
         assert!(v.get(Path::new("a")).unwrap().deleted);
+    }
+
+    #[test]
+    fn directory_markers_expire_unless_marked_again_and_count_as_children() {
+        let mut v = View::default();
+        let (d, t) = (Path::new("c/x.lock"), |s| Some(T0 + Duration::from_secs(s)));
+        v.mark_dir(d, 4, t(2));
+        // Released and taken again at a later revision: the first expiry must not fire.
+        v.mark_dir(d, 6, t(5));
+        assert!(v.expired(T0 + Duration::from_secs(3)).is_empty());
+        assert_eq!(v.dir_rev(d), Some(6));
+        assert!(v.has_children(Path::new("c")) && !v.has_children(d));
+        assert_eq!(v.expired(T0 + Duration::from_secs(5)), vec![(d.to_path_buf(), 6, true)]);
+        assert_eq!(v.dir_rev(d), None);
+        // A delete heard of late (older than the marker this mount made) changes nothing.
+        assert!(v.mark_dir(d, 9, None));
+        assert!(!v.unmark_dir(d, Some(8)));
+        assert_eq!(v.dir_rev(d), Some(9));
+        assert!(v.unmark_dir(d, Some(10)));
+        assert!(!v.mark_dir(d, 9, None), "an older marker must not bring it back");
     }
 }
