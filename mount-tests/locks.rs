@@ -162,25 +162,6 @@ fn a_stale_lock_directory_is_broken_by_one_rename_only() {
 }
 
 #[test]
-fn an_ephemeral_directory_claim_lives_while_its_mount_does() {
-    let server = NatsServer::start();
-    let a = node("a", &server);
-    let b = node("b", &server);
-    let lock = "fast/eph/job.lock";
-    mkdir(&a.path(lock)).unwrap();
-    assert!(wait_for(Duration::from_secs(5), || b.path(lock).is_dir()));
-    // Refreshed past its 2 s TTL while a lives.
-    std::thread::sleep(Duration::from_secs(5));
-    assert!(b.path(lock).is_dir(), "a held claim must not expire");
-    assert_eq!(mkdir(&b.path(lock)), Err(libc::EEXIST));
-    // a dies without releasing: the claim expires on every node and b can take it.
-    // SAFETY: killing this test's own daemon.
-    unsafe { libc::kill(a.pid() as i32, libc::SIGKILL) };
-    assert!(wait_for(Duration::from_secs(10), || !b.path(lock).exists()), "the dead holder's claim expires");
-    mkdir(&b.path(lock)).unwrap();
-}
-
-#[test]
 fn a_refused_directory_rename_is_logged_once_not_per_retry() {
     let server = NatsServer::start();
     let a = node("a", &server);

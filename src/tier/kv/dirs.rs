@@ -12,7 +12,7 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
-use super::{creates, sync, unavailable, Inner, KvOp, Owned, PubError, KV_OPERATION};
+use super::{creates, sync, unavailable, Inner, KvOp, PubError, KV_OPERATION};
 use crate::policy::{Consistency, Policy};
 use crate::tier::{Revision, Target, TierError};
 
@@ -72,14 +72,10 @@ impl Inner {
         let created = self.create_exclusive(bucket, key, msg_id, stamp.clone()).await;
         let result = match created {
             Ok(Ok((rev, msg_id))) => {
-                {
-                    let mut view = self.view.lock();
-                    view.mark_dir(&at.path, rev, at.policy.ttl.map(|t| SystemTime::now() + t));
-                    if at.policy.ephemeral {
-                        let owned = Owned { bucket, key: key.to_string(), rev, value: stamp.to_vec(), dir: true };
-                        view.owned.insert(at.path.clone(), owned);
-                    }
-                }
+                // Not kept alive nor expired on the nodes (yet): a claim directory is often the
+                // parent of file claims, and one that expired took its tree entry with it
+                // while file claims were being created in it.
+                self.view.lock().mark_dir(&at.path, rev, None);
                 self.settle(&msg_id);
                 Ok(rev)
             }

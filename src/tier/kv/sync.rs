@@ -290,7 +290,8 @@ fn handle(inner: &Inner, bucket: usize, message: &async_nats::Message, rev: u64,
                 }
             } else {
                 // A directory claim's age is its marker's: lock-age checks read the mtime.
-                let expires = b.policy.ttl.filter(|_| super::dirs::claims(&b.policy)).map(|ttl| created + ttl);
+                // Directory markers do not expire on the nodes (see `dirs`).
+                let expires: Option<SystemTime> = None;
                 let news = inner.view.lock().mark_dir(&path, rev, expires);
                 let past = expires.is_some_and(|at| at <= SystemTime::now());
                 if news && !in_flight && !past {
