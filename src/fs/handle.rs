@@ -67,7 +67,7 @@ impl Spool {
     pub fn create(&self) -> io::Result<(File, CString)> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let name = CString::new(format!("shadow-{n}")).expect("no NUL");
-        let fd = tree::open_at(
+        let fd = tree::open_content_at(
             self.dir.as_fd(),
             &name,
             libc::O_CREAT | libc::O_EXCL | libc::O_RDWR,

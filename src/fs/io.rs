@@ -54,7 +54,7 @@ impl Core {
                 let fd = self.orphan_fd(ino).ok_or(FsError::os(libc::ENOENT))?;
                 return Ok(tree::reopen(fd.as_fd(), flags)?);
             };
-            let file = File::from(tree::open_at(dir.as_fd(), &name, flags, 0)?);
+            let file = File::from(tree::open_content_at(dir.as_fd(), &name, flags, 0)?);
             if Ident::of(&tree::fstat(file.as_fd())?) == ident {
                 return Ok(file);
             }
@@ -455,7 +455,7 @@ impl Core {
                 let stored = rev.is_some();
                 let (file, ino, created) = {
                     let mut table = this.inodes.lock();
-                    let (fd, created) = match tree::open_at(
+                    let (fd, created) = match tree::open_content_at(
                         dir.as_fd(),
                         &cname,
                         libc::O_CREAT | libc::O_EXCL | libc::O_RDWR,
@@ -463,7 +463,7 @@ impl Core {
                     ) {
                         Ok(fd) => (fd, true),
                         Err(e) if e.raw_os_error() == Some(libc::EEXIST) && (!exclusive || stored) => {
-                            let fd = tree::open_at(dir.as_fd(), &cname, libc::O_RDWR, 0)?;
+                            let fd = tree::open_content_at(dir.as_fd(), &cname, libc::O_RDWR, 0)?;
                             if stored {
                                 // Made by the echo, with default mode: give it the caller's.
                                 tree::chmod_fd(fd.as_fd(), mode & 0o7777)?;

@@ -118,6 +118,21 @@ pub fn open_at(
     })
 }
 
+/// [`open_at`] of a regular file whose content the daemon reads: with `O_NOATIME`, so its own
+/// reads (commits, hashes) never move an atime `utimensat` set. Without it where the kernel
+/// refuses it (neither owner nor CAP_FOWNER).
+pub fn open_content_at(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    flags: libc::c_int,
+    mode: libc::mode_t,
+) -> io::Result<OwnedFd> {
+    match open_at(dir, name, flags | libc::O_NOATIME, mode) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => open_at(dir, name, flags, mode),
+        other => other,
+    }
+}
+
 /// An `O_PATH` fd of the entry `name` in `dir`, never following a symlink.
 pub fn open_path_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<OwnedFd> {
     open_at(dir, name, libc::O_PATH, 0)
