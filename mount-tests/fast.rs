@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs::OpenOptions;
 use std::io::Write;
+use std::os::fd::{AsRawFd, IntoRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::{Arc, Barrier};
@@ -234,6 +235,53 @@ fn stale_cas_updates_fail_and_leave_the_value() {
 }
 
 #[test]
+fn a_new_cas_key_reaches_other_nodes_only_with_its_content() {
+    let server = NatsServer::start();
+    let ns = nodes(&server, 2);
+    let (a, b) = (&ns[0], &ns[1]);
+    // `echo x > f` on a new key, held open: B never sees an empty value nobody wrote. The
+    // writer is its own process: any close of a copy of its fd (a fork of this test binary
+    // exec'ing) is a flush that commits.
+    let path = "fast/critical/new";
+    let script = format!(
+        "import os, time\nfd = os.open('{}', os.O_WRONLY | os.O_CREAT | os.O_TRUNC)\nos.write(fd, b'hello\\n')\ntime.sleep(2.5)\nos.close(fd)\n",
+        a.path(path).display()
+    );
+    let mut writer = std::process::Command::new("python3").arg("-c").arg(&script).spawn().unwrap();
+    assert!(wait_for(Duration::from_secs(5), || a.path(path).exists()), "A made the file");
+    let until = std::time::Instant::now() + Duration::from_millis(1500);
+    while std::time::Instant::now() < until {
+        match std::fs::read(b.path(path)) {
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}"),
+            Ok(v) => panic!("B read {:?} before A's close", String::from_utf8_lossy(&v)),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(writer.wait().unwrap().success());
+    assert!(wait_content(&b.path(path), "hello\n"));
+    // Two nodes making the same new key without O_EXCL: the first fsync wins, the other gets
+    // ESTALE, and both nodes keep the winner's content.
+    let race = "fast/critical/race";
+    let script = format!(
+        "import os\nfa = os.open('{a}', os.O_WRONLY | os.O_CREAT | os.O_TRUNC)\nfb = os.open('{b}', os.O_WRONLY | os.O_CREAT | os.O_TRUNC)\n\
+         os.write(fa, b'from a\\n'); os.write(fb, b'from b\\n')\nos.fsync(fa)\n\
+         try:\n    os.fsync(fb); print('b won too')\nexcept OSError as e:\n    print(e.errno)\n",
+        a = a.path(race).display(),
+        b = b.path(race).display()
+    );
+    let out = std::process::Command::new("python3").arg("-c").arg(&script).output().unwrap();
+    assert_eq!(text(&out).trim(), libc::ESTALE.to_string(), "{}", String::from_utf8_lossy(&out.stderr));
+    for m in [a, b] {
+        assert!(wait_content(&m.path(race), "from a\n"));
+    }
+    // A deleted key is new again.
+    a.sh_ok(&format!("rm {race}"));
+    assert!(wait_for(Duration::from_secs(10), || !b.path(race).exists()));
+    b.sh_ok(&format!("echo again > {race}"));
+    assert!(wait_content(&a.path(race), "again\n"));
+}
+
+#[test]
 fn rename_over_with_a_revision_is_compare_and_swap() {
     let server = NatsServer::start();
     let ns = nodes(&server, 2);
@@ -393,9 +441,18 @@ fn values_over_the_server_limit_get_efbig_and_long_names_enametoolong() {
     let ns = nodes(&server, 1);
     let mut f = std::fs::File::create(ns[0].path("fast/casual/big")).unwrap();
     f.write_all(&vec![b'x'; 2 << 20]).unwrap();
+    // A copy of the descriptor closed first (as a forked child's exit does) hears the
+    // refusal, and so does every later fsync and close of the writer's own.
+    let copy = unsafe { libc::dup(f.as_raw_fd()) };
+    assert!(copy >= 0);
+    assert_eq!(unsafe { libc::close(copy) }, -1);
+    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EFBIG));
     let err = f.sync_all().unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EFBIG));
-    drop(f);
+    let fd = f.into_raw_fd();
+    assert_eq!(unsafe { libc::close(fd) }, -1, "the writer's own close");
+    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EFBIG));
+    assert_eq!(std::fs::metadata(ns[0].path("fast/casual/big")).unwrap().len(), 0, "nothing stored");
     // A name whose key (every `.` is escaped to three bytes) is longer than syncfs allows.
     let dots = ".".repeat(200);
     let long = format!("fast/casual/a{dots}/b{dots}");

@@ -632,6 +632,11 @@ pub struct Handle {
     pub opener: u32,
     /// Opened to execute the file (the kernel refuses writers then; syncfs refuses `O_TRUNC`).
     pub exec: bool,
+    /// The errno of a commit refused for good at a close of one copy of this descriptor (a
+    /// forked child's exit, say). Every later close or fsync of the others reports it until
+    /// the descriptor writes again: the refused bytes are gone, and the program that wrote
+    /// them must hear so from its own close, not a `0`.
+    pub refused: Mutex<Option<i32>>,
 }
 
 impl Handle {

@@ -146,7 +146,7 @@ impl Core {
         let truncate = flags & libc::O_TRUNC != 0;
         let exec = flags & FMODE_EXEC != 0;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let handle = |io, commits| Handle { ino, io, append, writable, commits, opener, exec };
+        let handle = |io, commits| Handle { ino, io, append, writable, commits, opener, exec, refused: Default::default() };
 
         if self.tier(target).write_mode() == WriteMode::Append {
             return self.open_append(ino, fh, target, writable, created, |io| handle(io, writable));
@@ -550,6 +550,8 @@ impl Core {
                 } else {
                     stage.write_at(data, offset)?;
                 }
+                // New bytes: their own close decides.
+                handle.refused.lock().take();
             }
             HandleIo::Append { file, appender, next, target } => {
                 let checked = self.tier(target).check_append(target).map_err(FsError::from).and_then(|()| {
@@ -610,7 +612,11 @@ impl Core {
             Err(e) => Op::err(e),
             Ok(handle) => match &handle.io {
                 HandleIo::Staged(stage) if handle.commits => {
-                    self.commit(handle.ino, stage.clone(), Commit::Flush, Some(handle.opener))
+                    if let Some(errno) = *handle.refused.lock() {
+                        return Op::err(FsError::os(errno));
+                    }
+                    let commit = self.commit(handle.ino, stage.clone(), Commit::Flush, Some(handle.opener));
+                    remember_refusal(commit, handle.clone())
                 }
                 HandleIo::Append { appender, target, .. } => {
                     self.append_commit(handle.ino, target.clone(), appender.clone(), false, false)
@@ -627,7 +633,13 @@ impl Core {
             Err(e) => return Op::err(e),
         };
         match &handle.io {
-            HandleIo::Staged(stage) => self.commit(handle.ino, stage.clone(), Commit::Fsync, Some(handle.opener)),
+            HandleIo::Staged(stage) => {
+                if let Some(errno) = *handle.refused.lock() {
+                    return Op::err(FsError::os(errno));
+                }
+                let commit = self.commit(handle.ino, stage.clone(), Commit::Fsync, Some(handle.opener));
+                remember_refusal(commit, handle.clone())
+            }
             HandleIo::Append { appender, target, .. } => self.append_commit(handle.ino, target.clone(), appender.clone(), true, true),
             // A reader's fsync: nothing of its own to make durable.
             HandleIo::Arriving { .. } | HandleIo::Current(_) => Op::ok(()),
@@ -1277,6 +1289,16 @@ enum Commit {
     Fsync,
     /// The last close, or a truncate by path: commits everything.
     Release,
+}
+
+/// A staged commit of `handle` that, refused for good, stays refused for the descriptor's
+/// other copies (see [`Handle::refused`]).
+fn remember_refusal(commit: FsOp<()>, handle: Arc<Handle>) -> FsOp<()> {
+    commit.inspect_err(move |e| {
+        if e.is_final() {
+            *handle.refused.lock() = Some(e.errno());
+        }
+    })
 }
 
 /// Reads up to `size` bytes at `offset` of a handle's content.

@@ -12,7 +12,7 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
-use super::{creates, sync, unavailable, Inner, KvOp, PubError, KV_OPERATION};
+use super::{creates, sync, unavailable, Inner, KvOp, PubError};
 use crate::policy::{Consistency, Policy};
 use crate::tier::{Revision, Target, TierError};
 
@@ -137,7 +137,7 @@ impl Inner {
     async fn last(&self, bucket: usize, key: &str) -> Result<Last, TierError> {
         let last = sync::last_message(self, bucket, key).await.ok_or_else(|| unavailable("cannot read the marker"))?;
         let Some(m) = last else { return Ok(Last::Gone) };
-        if matches!(m.headers.get(KV_OPERATION).map(|v| v.as_str()), Some("DEL") | Some("PURGE")) {
+        if sync::is_delete(&m) {
             return Ok(Last::Gone);
         }
         Ok(match sync::ours(self, Some(&m)) {

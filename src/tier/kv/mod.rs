@@ -397,7 +397,6 @@ impl Inner {
                             continue;
                         }
                     };
-                    let op = last.headers.get(KV_OPERATION).map(|v| v.as_str().to_string());
                     let ours = last
                         .headers
                         .get(async_nats::header::NATS_MESSAGE_ID)
@@ -406,7 +405,7 @@ impl Inner {
                         // Our earlier attempt won; its acknowledgement was lost.
                         return Ok(Ok((last.sequence, msg_id)));
                     }
-                    if matches!(op.as_deref(), Some("DEL") | Some("PURGE")) {
+                    if sync::is_delete(&last) {
                         expected = last.sequence;
                         continue;
                     }
@@ -415,6 +414,28 @@ impl Inner {
             }
         }
         Err(unavailable("exclusive create did not settle"))
+    }
+
+    /// Opening an existing key the view has not heard of yet: its current value goes into the
+    /// tree first, so the open sees it and writes against its revision.
+    async fn bring_in(
+        self: &Arc<Self>,
+        at: &Target,
+        bucket: usize,
+        current: async_nats::jetstream::message::StreamMessage,
+    ) -> Result<Option<Revision>, TierError> {
+        let created = SystemTime::from(current.time);
+        let node = current.headers.get(NODE_HEADER).map(|v| v.as_str().to_string());
+        self.view.lock().record(&at.path, bucket, current.sequence, false, node, created, at.policy.ttl);
+        if let Some(sink) = self.sink().cloned() {
+            let (path, payload, rev) = (at.path.clone(), current.payload.to_vec(), current.sequence);
+            blocking(move || {
+                sink.apply(&path, super::RemoteChange::File(payload), Some(Revision(rev.to_string())))
+                    .map_err(TierError::Backend)
+            })
+            .await?;
+        }
+        Ok(Some(Revision(current.sequence.to_string())))
     }
 
     /// Records what this node just wrote, so `user.syncfs.rev` shows it at once.
@@ -515,11 +536,24 @@ impl Inner {
             path: at.path.clone(),
             base: base.clone(),
         };
+        let msg_id = self.msg_id();
+        if let (None, KvOp::Put(value)) = (&base, &op) {
+            // The first content of a new key: created only if nobody else did (a delete
+            // marker counts as absent).
+            return match self.create_exclusive(bucket, &key, msg_id, value.clone()).await? {
+                Ok((rev, msg_id)) => {
+                    self.record_own(at, bucket, rev, Some(value));
+                    self.creates.lock().done(&at.path);
+                    self.settle(&msg_id);
+                    Ok(Some(Revision(rev.to_string())))
+                }
+                Err(_) => Err(stale()),
+            };
+        }
         let expected = match &base {
             None => 0,
             Some(rev) => rev.0.trim().parse::<u64>().map_err(|_| stale())?,
         };
-        let msg_id = self.msg_id();
         match self.publish(bucket, &key, &op, Some(expected), &msg_id).await {
             Ok(rev) => {
                 let value = match &op {
@@ -624,6 +658,20 @@ impl Tier for KvTier {
         if !self.inner.nats.is_connected() {
             return Op::err(unavailable("not connected; exclusive creates are not queued"));
         }
+        if !exclusive {
+            // `echo x > f` on a new key: nothing is published until the close, which creates
+            // the key with its content (ESTALE if another node created it first), so no node
+            // ever reads an empty value nobody wrote. An existing key is opened as it is.
+            return Op::pending(async move {
+                let bucket = inner.bucket_of(&at)?;
+                let key = Inner::key_of(&at)?;
+                match sync::last_message(&inner, bucket, &key).await {
+                    None => Err(unavailable("the key's last value could not be read")),
+                    Some(Some(current)) if !sync::is_delete(&current) => inner.bring_in(&at, bucket, current).await,
+                    Some(_) => Ok(None),
+                }
+            });
+        }
         Op::pending(async move {
             let bucket = inner.bucket_of(&at)?;
             let key = Inner::key_of(&at)?;
@@ -644,23 +692,7 @@ impl Tier for KvTier {
                     inner.lost.lock().remove(&at.path);
                     Ok(Some(Revision(rev.to_string())))
                 }
-                Err(_) if exclusive => Err(TierError::Exists { path: at.path.clone() }),
-                Err(current) => {
-                    // Opening an existing key without O_EXCL: bring its current value into the
-                    // tree so the open sees it, and write against its revision.
-                    let created = SystemTime::from(current.time);
-                    let node = current.headers.get(NODE_HEADER).map(|v| v.as_str().to_string());
-                    inner.view.lock().record(&at.path, bucket, current.sequence, false, node, created, at.policy.ttl);
-                    if let Some(sink) = inner.sink().cloned() {
-                        let (path, payload, rev) = (at.path.clone(), current.payload.to_vec(), current.sequence);
-                        blocking(move || {
-                            sink.apply(&path, super::RemoteChange::File(payload), Some(Revision(rev.to_string())))
-                                .map_err(TierError::Backend)
-                        })
-                        .await?;
-                    }
-                    Ok(Some(Revision(current.sequence.to_string())))
-                }
+                Err(_) => Err(TierError::Exists { path: at.path.clone() }),
             }
         })
     }

@@ -349,7 +349,7 @@ async fn sweep(inner: &Arc<Inner>, bucket: usize, candidates: Vec<PathBuf>) {
         let before = inner.view.lock().get(&path).map(|e| e.known);
         let absent = match stream.get_last_raw_message_by_subject(&format!("{}{k}", b.prefix)).await {
             Ok(m) => {
-                matches!(m.headers.get(KV_OPERATION).map(|v| v.as_str()), Some("DEL") | Some("PURGE"))
+                is_delete(&m)
                     || m.headers.get(async_nats::header::NATS_MARKER_REASON).is_some()
             }
             Err(e) if matches!(e.kind(), async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound) => true,
@@ -486,11 +486,15 @@ pub(super) async fn last_message(
     }
 }
 
+/// Whether a key's message is a delete or purge marker, not a value.
+pub(super) fn is_delete(m: &async_nats::jetstream::message::StreamMessage) -> bool {
+    matches!(m.headers.get(KV_OPERATION).map(|v| v.as_str()), Some("DEL") | Some("PURGE"))
+}
+
 /// The revision of `last` when it is a live value this mount wrote (by its message id).
 pub(super) fn ours(inner: &Inner, last: Option<&async_nats::jetstream::message::StreamMessage>) -> Option<u64> {
     last.filter(|m| {
-        let live = !matches!(m.headers.get(KV_OPERATION).map(|v| v.as_str()), Some("DEL") | Some("PURGE"));
-        live && m.headers.get(async_nats::header::NATS_MESSAGE_ID).is_some_and(|id| id.as_str().starts_with(inner.ids.prefix()))
+        !is_delete(m) && m.headers.get(async_nats::header::NATS_MESSAGE_ID).is_some_and(|id| id.as_str().starts_with(inner.ids.prefix()))
     })
     .map(|m| m.sequence)
 }
