@@ -404,6 +404,10 @@ impl Nats {
                 Ok(result) => result,
             };
             match result {
+                // A retry the server de-duplicated without knowing where the first attempt went
+                // (a leader change drained it: nats-server #6415) is no confirmation: it may
+                // never be stored. Outcome unknown, settled by the message id like a lost ack.
+                Ok(ack) if ack.sequence == 0 => return Err(unknown("acknowledged as a duplicate of no stored message")),
                 Ok(ack) => return Ok(ack.sequence),
                 Err(e) => match e.kind() {
                     Kind::WrongLastSequence => return Err(PublishFailure::WrongLastSequence),
