@@ -775,9 +775,12 @@ fn merge_read_modify_write_loses_no_field_on_two_nodes() {
         for e in std::fs::read_dir(m.path("durable/rmw")).unwrap() {
             let file = e.unwrap().file_name().to_string_lossy().into_owned();
             let why = if file.contains(".conflict-") {
-                "a conflict file, though each writer owns distinct fields (no legitimate conflict)"
+                // Its header names the fields in dispute: what to look at first.
+                let text = std::fs::read_to_string(m.path(&format!("durable/rmw/{file}"))).unwrap_or_default();
+                let header: String = text.lines().take_while(|l| l.starts_with('#')).collect::<Vec<_>>().join(" | ");
+                format!("a conflict file, though each writer owns distinct fields (no legitimate conflict): {header}")
             } else if file.starts_with("tmp") || file.starts_with("x.yml.") {
-                "a temporary file, though every one was renamed over x.yml"
+                "a temporary file, though every one was renamed over x.yml".to_string()
             } else {
                 continue;
             };

@@ -4,7 +4,6 @@ use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::os::fd::{AsRawFd, IntoRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::{Arc, Barrier};
@@ -439,19 +438,29 @@ fn keys_that_vanished_while_disconnected_are_removed() {
 fn values_over_the_server_limit_get_efbig_and_long_names_enametoolong() {
     let server = NatsServer::start();
     let ns = nodes(&server, 1);
-    let mut f = std::fs::File::create(ns[0].path("fast/casual/big")).unwrap();
-    f.write_all(&vec![b'x'; 2 << 20]).unwrap();
     // A copy of the descriptor closed first (as a forked child's exit does) hears the
-    // refusal, and so does every later fsync and close of the writer's own.
-    let copy = unsafe { libc::dup(f.as_raw_fd()) };
-    assert!(copy >= 0);
-    assert_eq!(unsafe { libc::close(copy) }, -1);
-    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EFBIG));
-    let err = f.sync_all().unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::EFBIG));
-    let fd = f.into_raw_fd();
-    assert_eq!(unsafe { libc::close(fd) }, -1, "the writer's own close");
-    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EFBIG));
+    // refusal, and so does every later fsync and close of the writer's own. The writer is a
+    // process of its own: a copy of its descriptor in a child another test thread forks
+    // would flush half-written content in the middle (the fork hazard of any FUSE file).
+    let script = r#"
+import errno, os, sys
+fd = os.open(sys.argv[1], os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
+data = b"x" * (2 << 20)
+n = 0
+while n < len(data):
+    n += os.write(fd, data[n:])
+def refused(f, *args):
+    try:
+        f(*args)
+    except OSError as e:
+        return e.errno
+    return 0
+print(refused(os.close, os.dup(fd)), refused(os.fsync, fd), refused(os.close, fd))
+"#;
+    let out = std::process::Command::new("python3").arg("-c").arg(script).arg(ns[0].path("fast/casual/big")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let efbig = libc::EFBIG.to_string();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).split_whitespace().collect::<Vec<_>>(), [efbig.as_str(); 3], "the copy's close, fsync, the writer's close");
     assert_eq!(std::fs::metadata(ns[0].path("fast/casual/big")).unwrap().len(), 0, "nothing stored");
     // A name whose key (every `.` is escaped to three bytes) is longer than syncfs allows.
     let dots = ".".repeat(200);

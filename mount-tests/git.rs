@@ -430,13 +430,11 @@ fn revisions_are_blob_ids_and_a_new_node_takes_the_shared_policy_table() {
     assert_eq!(xattr(&b.path("durable/h.txt"), "user.syncfs.node").as_deref(), Some("a"));
     b.sh_ok("mkdir -p scratch && echo x > scratch/x");
     assert_eq!(xattr(&b.path("scratch/x"), "user.syncfs.tier").as_deref(), Some("local"));
-    // Deletes and renames propagate; hard links and symlinks are refused on git paths.
+    // Deletes and renames propagate; hard links are refused on git paths (git stores names).
     a.sh_ok("mv durable/h.txt durable/h2.txt");
     assert!(wait_content(&b.path("durable/h2.txt"), "hello\n"));
     assert!(wait_for(Duration::from_secs(10), || !b.path("durable/h.txt").exists()));
     let err = std::fs::hard_link(a.path("durable/h2.txt"), a.path("durable/h3.txt")).unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::EPERM));
-    let err = std::os::unix::fs::symlink("h2.txt", a.path("durable/l")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EPERM));
     a.sh_ok("rm durable/h2.txt");
     assert!(wait_for(Duration::from_secs(10), || !b.path("durable/h2.txt").exists()));
@@ -518,4 +516,129 @@ fn fsync_and_unmount_commit_without_waiting_for_quiet() {
     assert_eq!(show(&m, "durable/g.txt"), None);
     m.umount();
     assert_eq!(show(&m, "durable/g.txt").as_deref(), Some("closed\n"));
+}
+
+fn readlink(m: &Mount, rel: &str) -> Option<String> {
+    std::fs::read_link(m.path(rel)).ok().map(|t| t.display().to_string())
+}
+
+fn executable(m: &Mount, rel: &str) -> Option<bool> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(m.path(rel)).ok().map(|md| md.is_file() && md.permissions().mode() & 0o111 != 0)
+}
+
+/// `git ls-tree -r main` of a repository: "mode path" lines.
+fn modes(git_dir: &Path) -> String {
+    let listing = git(&["--git-dir", &git_dir.display().to_string(), "ls-tree", "-r", "main"]);
+    listing
+        .lines()
+        .map(|l| {
+            let (meta, path) = l.split_once('\t').unwrap();
+            format!("{} {path}", meta.split(' ').next().unwrap())
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn symlinks_and_the_executable_bit_are_committed_and_synced_as_git_stores_them() {
+    let (remote, nats) = (Remote::new(), NatsServer::start());
+    let a = node("a", &remote, &nats);
+    let b = node("b", &remote, &nats);
+    a.sh_ok(
+        "mkdir -p durable/bin && printf '#!/bin/sh\\necho ran\\n' > durable/bin/run.sh && chmod 755 durable/bin/run.sh \
+         && printf 'doc\\n' > durable/doc.txt && ln -s doc.txt durable/latest && ln -s ../doc.txt durable/bin/up \
+         && ln -s /nowhere/at/all durable/dangling",
+    );
+    assert!(wait_for(Duration::from_secs(30), || readlink(&b, "durable/dangling").as_deref() == Some("/nowhere/at/all")), "B never saw A's links");
+    assert_eq!(readlink(&b, "durable/latest").as_deref(), Some("doc.txt"));
+    assert_eq!(readlink(&b, "durable/bin/up").as_deref(), Some("../doc.txt"));
+    assert_eq!(std::fs::read_to_string(b.path("durable/latest")).unwrap(), "doc\n", "the link resolves inside B's mount");
+    assert!(wait_for(Duration::from_secs(30), || executable(&b, "durable/bin/run.sh") == Some(true)), "run.sh is not executable on B");
+    assert_eq!(b.sh_ok("durable/bin/run.sh"), "ran\n");
+    assert_eq!(executable(&b, "durable/doc.txt"), Some(false));
+    wait_pushed(&a);
+    let tree = modes(&remote.path);
+    for line in ["120000 durable/latest", "120000 durable/bin/up", "120000 durable/dangling", "100755 durable/bin/run.sh", "100644 durable/doc.txt"] {
+        assert!(tree.lines().any(|l| l == line), "{line} not in the remote:\n{tree}");
+    }
+    assert_eq!(remote.show("durable/latest").as_deref(), Some("doc.txt"), "a link's blob is its target");
+
+    // B takes the bit away, points the link elsewhere (ln -sfn replaces it by rename), removes one.
+    b.sh_ok("chmod -x durable/bin/run.sh && ln -sfn bin/run.sh durable/latest && rm durable/dangling && mv durable/bin/up durable/up");
+    assert!(wait_for(Duration::from_secs(30), || executable(&a, "durable/bin/run.sh") == Some(false)), "A kept the executable bit");
+    assert!(wait_for(Duration::from_secs(30), || readlink(&a, "durable/latest").as_deref() == Some("bin/run.sh")), "A's link was not retargeted");
+    assert!(wait_for(Duration::from_secs(30), || std::fs::symlink_metadata(a.path("durable/dangling")).is_err()), "A kept the removed link");
+    assert!(wait_for(Duration::from_secs(30), || readlink(&a, "durable/up").as_deref() == Some("../doc.txt")), "the moved link did not arrive");
+    assert!(std::fs::symlink_metadata(a.path("durable/bin/up")).is_err());
+    assert_eq!(std::fs::read_to_string(a.path("durable/bin/run.sh")).unwrap(), "#!/bin/sh\necho ran\n", "a mode change keeps the content");
+    wait_pushed(&b);
+    let tree = modes(&remote.path);
+    for line in ["100644 durable/bin/run.sh", "120000 durable/latest", "120000 durable/up"] {
+        assert!(tree.lines().any(|l| l == line), "{line} not in the remote:\n{tree}");
+    }
+    assert!(!tree.contains("durable/dangling") && !tree.contains("durable/bin/up"), "{tree}");
+
+    // A link replaced by a file, and a file by a link, on the other node.
+    a.sh_ok("rm durable/up && echo file > durable/up && rm durable/doc.txt && ln -s bin durable/doc.txt");
+    assert!(wait_content(&b.path("durable/up"), "file\n"));
+    assert!(wait_for(Duration::from_secs(30), || readlink(&b, "durable/doc.txt").as_deref() == Some("bin")), "B kept the file");
+
+    // A node that joins later, and a remount that finds nothing new to commit.
+    wait_pushed(&a);
+    let c = node("c", &remote, &nats);
+    assert_eq!(readlink(&c, "durable/latest").as_deref(), Some("bin/run.sh"));
+    assert_eq!(executable(&c, "durable/bin/run.sh"), Some(false));
+    let mut b = b;
+    b.umount();
+    assert!(b.try_mount(&Options { node: Some("b".into()), nats: vec![nats.url()], git_remote: Some(remote.path.display().to_string()), config: Some(QUICK.into()), ..Default::default() }).status.success());
+    assert_eq!(readlink(&b, "durable/doc.txt").as_deref(), Some("bin"));
+    assert_eq!(git_status(&b)["uncommitted"], 0, "{}", git_status(&b));
+    let head = git_status(&b)["head"].clone();
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(git_status(&b)["head"], head, "the remount committed something: {}", remote.all_history());
+}
+
+#[test]
+fn git_repositories_inside_the_mount_stay_local_while_their_work_trees_sync() {
+    let (remote, nats) = (Remote::new(), NatsServer::start());
+    let a = node("a", &remote, &nats);
+    let b = node("b", &remote, &nats);
+    // A repository outside the mount, with a program and a link.
+    let src = tempfile::tempdir().unwrap();
+    crate::harness::sh_ok_in(
+        src.path(),
+        "git init -q -b main && echo readme > README.md && mkdir bin && printf '#!/bin/sh\\necho tool\\n' > bin/tool \
+         && chmod +x bin/tool && ln -s README.md link && git add -A && git -c user.name=t -c user.email=t@t commit -qm init",
+    );
+    let cloned = a.sh_ok(&format!(
+        "git clone -q {} work/clone && cd work/clone && git status --porcelain && git log --oneline | wc -l",
+        src.path().display()
+    ));
+    assert_eq!(cloned.trim(), "1", "git clone into the mount: {cloned}");
+    let made = a.sh_ok(
+        "mkdir -p durable/proj && cd durable/proj && git init -q -b main && echo hi > f.txt && git add f.txt \
+         && git -c user.name=t -c user.email=t@t commit -qm one && echo more >> f.txt \
+         && git -c user.name=t -c user.email=t@t commit -qam two && git status --porcelain && git log --oneline | wc -l",
+    );
+    assert_eq!(made.trim(), "2", "git init and commit in the mount: {made}");
+    // The work trees reach B, the repositories do not.
+    assert!(wait_content(&b.path("work/clone/README.md"), "readme\n"));
+    assert!(wait_content(&b.path("durable/proj/f.txt"), "hi\nmore\n"));
+    assert!(wait_for(Duration::from_secs(30), || executable(&b, "work/clone/bin/tool") == Some(true)));
+    assert!(wait_for(Duration::from_secs(30), || readlink(&b, "work/clone/link").as_deref() == Some("README.md")));
+    assert!(!b.path("work/clone/.git").exists() && !b.path("durable/proj/.git").exists(), "a .git directory was synced");
+    wait_pushed(&a);
+    let tree = modes(&remote.path);
+    assert!(!tree.contains(".git/"), "the remote holds a repository's files:\n{tree}");
+    assert!(tree.lines().any(|l| l == "100755 work/clone/bin/tool") && tree.lines().any(|l| l == "120000 work/clone/link"), "{tree}");
+    // The clone is still a working repository on A: clean, and it sees B's edit as a change.
+    assert_eq!(a.sh_ok("cd work/clone && git status --porcelain"), "");
+    b.sh_ok("echo from-b >> work/clone/README.md");
+    assert!(wait_content(&a.path("work/clone/README.md"), "readme\nfrom-b\n"));
+    assert_eq!(a.sh_ok("cd work/clone && git status --porcelain"), " M README.md\n");
+    a.sh_ok("cd work/clone && git -c user.name=t -c user.email=t@t commit -qam 'from b' && git status --porcelain && git fsck --no-progress 2>&1");
+    // A repository's files are local on every tier, also in KV paths.
+    a.sh_ok("mkdir -p fast/casual/r && cd fast/casual/r && git init -q && echo x > x && git add x");
+    assert_eq!(a.sh_ok("getfattr --only-values -n user.syncfs.tier fast/casual/r/.git/index"), "local");
 }

@@ -149,8 +149,8 @@ fn stderr(out: &Output) -> String {
 }
 
 /// Every name git refuses as a tree entry, by the rule that refuses it.
+/// (`.git` itself is kept local by a built-in rule, for git's own repositories.)
 const HOSTILE: &[&str] = &[
-    ".git",
     ".GIT",
     ".git ",
     ".git.",

@@ -17,6 +17,7 @@ mod harness;
 mod history;
 mod hostile;
 mod lifecycle;
+mod merges;
 mod locks;
 mod model;
 mod moves;

@@ -76,6 +76,15 @@ impl Spool {
         Ok((File::from(fd), name))
     }
 
+    /// A new symbolic link to `target` in the spool, and its name (a link another node made,
+    /// renamed into the tree).
+    pub fn link(&self, target: &std::ffi::OsStr) -> io::Result<CString> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let name = CString::new(format!("link-{n}")).expect("no NUL");
+        tree::symlink_at(target, self.dir.as_fd(), &name)?;
+        Ok(name)
+    }
+
     /// Removes a shadow that will not be installed.
     pub fn remove(&self, name: &CString) {
         if let Err(e) = tree::unlink_at(self.dir.as_fd(), name, false) {

@@ -297,6 +297,9 @@ pub struct Core {
     pub counters: HashMap<TierKind, Counters>,
     /// Read and write requests the core served itself (passthrough ones never reach it).
     pub io: IoCounters,
+    /// Counts other nodes' changes applied to the tree: an operation that saw it move while
+    /// its tier worked must drop the kernel's entries it may have left stale.
+    remote_applies: AtomicU64,
 }
 
 /// Read and write requests served by the core, for `syncfs status`.
@@ -384,6 +387,7 @@ impl Core {
             status: OnceLock::new(),
             counters,
             io: IoCounters::default(),
+            remote_applies: AtomicU64::new(0),
         })
     }
 
@@ -640,10 +644,15 @@ impl Core {
             tree::chown_fd(fd.as_fd(), set.uid, set.gid)?;
         }
         if let Some(mode) = set.mode {
-            if self.kind(ino)? == Kind::Symlink {
+            let kind = self.kind(ino)?;
+            if kind == Kind::Symlink {
                 return Err(FsError::os(libc::EOPNOTSUPP));
             }
             tree::chmod_fd(fd.as_fd(), mode & 0o7777)?;
+            if kind == Kind::File {
+                let target = self.target_of(ino)?;
+                self.tier(&target).chmod(&target, mode & 0o7777);
+            }
         }
         Ok(())
     }
@@ -718,24 +727,25 @@ impl Core {
         Ok(())
     }
 
-    /// Creates a directory, symlink or special file after its tier agreed.
+    /// Creates a directory, symlink (to `link`) or special file after its tier agreed.
     fn make_node(
         self: &Arc<Self>,
         caller: Caller,
         parent: Ino,
         name: &OsStr,
         kind: Kind,
+        link: Option<&OsStr>,
         make: impl FnOnce(&OwnedFd, &CString) -> std::io::Result<()> + Send + 'static,
     ) -> FsOp<Attr> {
         let target = match self.target_in(parent, name).and_then(|t| writable(&t).map(|()| t)) {
             Ok(t) => t,
             Err(e) => return Op::err(e),
         };
-        if kind == Kind::Symlink || !matches!(kind, Kind::File | Kind::Dir) {
-            // Only the local tier stores inodes; synced tiers store files and directories.
+        if !matches!(kind, Kind::File | Kind::Dir | Kind::Symlink) {
+            // Only the local tier stores inodes; synced tiers store files, links and directories.
             if target.policy.tier != TierKind::Local {
                 return Op::err(FsError::Unsupported {
-                    op: if kind == Kind::Symlink { "symlink" } else { "mknod" },
+                    op: "mknod",
                     tier: target.policy.tier,
                     path: target.path,
                 });
@@ -744,8 +754,12 @@ impl Core {
         let synced = target.policy.tier != TierKind::Local;
         let this = self.clone();
         let name = name.to_os_string();
-        self.tier(&target)
-            .create(&target, kind, true)
+        let tier = self.tier(&target);
+        let agreed = match link {
+            Some(link) => tier.symlink(&target, link),
+            None => tier.create(&target, kind, true),
+        };
+        agreed
             .err_into()
             .and_then(move |_rev| {
                 let dir = this.dir_fd(parent)?;
@@ -772,7 +786,7 @@ impl Core {
 
     /// `mkdir`.
     pub fn mkdir(self: &Arc<Self>, caller: Caller, parent: Ino, name: &OsStr, mode: u32) -> FsOp<Attr> {
-        self.make_node(caller, parent, name, Kind::Dir, move |dir, name| {
+        self.make_node(caller, parent, name, Kind::Dir, None, move |dir, name| {
             tree::mkdir_at(dir.as_fd(), name, mode & 0o7777)
         })
     }
@@ -791,7 +805,7 @@ impl Core {
         if matches!(kind, Kind::Dir | Kind::Symlink) {
             return Op::err(FsError::os(libc::EPERM));
         }
-        self.make_node(caller, parent, name, kind, move |dir, name| {
+        self.make_node(caller, parent, name, kind, None, move |dir, name| {
             tree::mknod_at(dir.as_fd(), name, mode, rdev as libc::dev_t)
         })
     }
@@ -805,7 +819,7 @@ impl Core {
         target: &Path,
     ) -> FsOp<Attr> {
         let link_target = target.as_os_str().to_os_string();
-        self.make_node(caller, parent, name, Kind::Symlink, move |dir, name| {
+        self.make_node(caller, parent, name, Kind::Symlink, Some(target.as_os_str()), move |dir, name| {
             tree::symlink_at(&link_target, dir.as_fd(), name)
         })
     }
@@ -947,6 +961,7 @@ impl Core {
             }
         }
         let synced = from.policy.tier != TierKind::Local;
+        let applies_before = self.remote_applies.load(Ordering::SeqCst);
         let base = self.base_of_move(caller, parent, name, &to);
         let this = self.clone();
         let name = name.to_os_string();
@@ -966,10 +981,12 @@ impl Core {
                     this.clear_refusal(&to);
                     this.note_read(caller, &to, this.tier(&to).revision(&to));
                 }
-                if synced {
+                if synced && this.remote_applies.load(Ordering::SeqCst) != applies_before {
                     // Another node's change of either name may have landed while the tier
                     // worked (the kernel held the directories then): its invalidation found
-                    // the kernel's entries where they were before the move.
+                    // the kernel's entries where they were before the move. Only then: an
+                    // invalidation makes the kernel forget the moved node, and its next
+                    // lookup gets a new inode number (`stat` before and after `mv` differ).
                     this.send(vec![
                         remote::Invalidate::Entry(parent, name.clone()),
                         remote::Invalidate::Entry(new_parent, new_name.clone()),

@@ -21,6 +21,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Weak};
 
 use std::ffi::{CStr, OsStr};
+use std::os::unix::ffi::OsStrExt;
 
 use super::inode::{InodeTable, Orphan};
 use super::tree::{self, Ident};
@@ -267,6 +268,7 @@ impl Core {
 
     /// Applies another node's change of `path` (see the module docs).
     pub fn apply_remote(&self, path: &Path, change: RemoteChange, rev: Option<Revision>) -> Result<(), FsError> {
+        self.remote_applies.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let target = self.target(path.to_path_buf());
         let tier = self.tier(&target).clone();
         let parent_rel = path.parent().unwrap_or(Path::new(""));
@@ -276,29 +278,36 @@ impl Core {
         let cname = tree::cname(name)?;
         let mut inval = Vec::new();
         let result = (|| match change {
-            RemoteChange::File(_) | RemoteChange::Stub { .. } => {
+            RemoteChange::File(_) | RemoteChange::Program { .. } | RemoteChange::Stub { .. } => {
                 let dir = self.ensure_dir(parent_rel, &mut inval)?;
-                let old = tree::lstat_at(dir.as_fd(), &cname).ok();
-                if old.as_ref().is_some_and(|st| Kind::from_mode(st.st_mode) != Kind::File) {
+                let old = tree::lstat_at(dir.as_fd(), &cname).ok().map(|st| Kind::from_mode(st.st_mode));
+                // A symlink here is the tier's own (only tiers that store links make them): the
+                // file replaces it, as a new file.
+                if old.is_some_and(|k| !matches!(k, Kind::File | Kind::Symlink)) {
                     tracing::warn!(path = %path.display(), "a remote file and a local non-file share this name; keeping the local one");
                     return Ok(());
                 }
-                let old_fd = match &old {
-                    Some(_) => Some(tree::open_path_at(dir.as_fd(), &cname)?),
-                    None => None,
+                let old_fd = match old {
+                    Some(Kind::File) => Some(tree::open_path_at(dir.as_fd(), &cname)?),
+                    _ => None,
                 };
                 let (_file, spool_name) = match &change {
                     RemoteChange::Stub { size } => {
                         let like = old_fd.as_ref().map(|fd| fd.as_fd()).ok_or(NEW_FILE_MODE);
                         self.placeholder(like, *size, rev.as_ref())?
                     }
-                    RemoteChange::File(bytes) => {
+                    RemoteChange::File(bytes) | RemoteChange::Program { bytes, .. } => {
                         let (mut file, spool_name) = self.spool.create()?;
                         let prepared = (|| {
                             file.write_all(bytes)?;
                             match &old_fd {
                                 Some(old_fd) => tree::copy_metadata(old_fd.as_fd(), &file)?,
                                 None => tree::chmod_fd(file.as_fd(), NEW_FILE_MODE)?,
+                            }
+                            if let RemoteChange::Program { executable, .. } = &change {
+                                let mode = tree::fstat(file.as_fd())?.st_mode & 0o7777;
+                                let mode = if *executable { mode | ((mode & 0o444) >> 2) } else { mode & !0o111 };
+                                tree::chmod_fd(file.as_fd(), mode)?;
                             }
                             Ok::<_, FsError>(())
                         })();
@@ -310,6 +319,23 @@ impl Core {
                     }
                     _ => unreachable!("matched above"),
                 };
+                let mut table = self.inodes.lock();
+                if !tier.admit(&target, rev.as_ref()) {
+                    drop(table);
+                    self.spool.remove(&spool_name);
+                    return Ok(());
+                }
+                self.replace_name(&mut table, &dir, name, path, &spool_name, &mut inval)?;
+                Ok(())
+            }
+            RemoteChange::Symlink(link) => {
+                let dir = self.ensure_dir(parent_rel, &mut inval)?;
+                let old = tree::lstat_at(dir.as_fd(), &cname).ok().map(|st| Kind::from_mode(st.st_mode));
+                if old.is_some_and(|k| !matches!(k, Kind::File | Kind::Symlink)) {
+                    tracing::warn!(path = %path.display(), "a remote symlink and a local directory share this name; keeping the local one");
+                    return Ok(());
+                }
+                let spool_name = self.spool.link(OsStr::from_bytes(&link))?;
                 let mut table = self.inodes.lock();
                 if !tier.admit(&target, rev.as_ref()) {
                     drop(table);
@@ -375,7 +401,7 @@ impl Core {
                 let Ok(st) = tree::lstat_at(dir.as_fd(), &cname) else {
                     return Ok(());
                 };
-                if Kind::from_mode(st.st_mode) != Kind::File {
+                if !matches!(Kind::from_mode(st.st_mode), Kind::File | Kind::Symlink) {
                     return Ok(());
                 }
                 let taken = take_name(&table, &dir, &cname)?;

@@ -1,18 +1,22 @@
-//! Structured three-way merge of durable documents (SPEC 3.2). Pure functions over bytes.
+//! Three-way merge of durable files (SPEC 3.2). Pure functions over bytes.
 //!
 //! [`merge_file`] decides one path changed by two sides since their common base:
 //! - a side that did not change it gives way to the one that did; a change beats a delete;
 //! - `lww` paths keep the newer change (by hybrid-clock stamp, ties by node);
-//! - `merge` paths of YAML, JSON or TOML merge field by field ([`value`]) and are written as an
-//!   edit of the original text ([`render`]);
-//! - anything else both sides changed, documents that do not parse, and fields no rule decides
-//!   make a *conflict*: the newer change stays in place (with every field that did merge), the
-//!   older one is kept beside it as `NAME.conflict-<stamp>-<node>` of the losing change.
+//! - `merge` paths merge by file kind: YAML, JSON and TOML field by field ([`value`]), written
+//!   as an edit of the original text ([`render`]); Markdown with YAML front matter, the front
+//!   matter like a YAML file and the body as text; everything else as text, line by line
+//!   ([`text`]);
+//! - changes both sides made to the same field, or to the same lines, that no rule decides,
+//!   and structured documents that do not parse, make a *conflict*: the newer change stays in
+//!   place (with everything that did merge), the older one is kept beside it as
+//!   `NAME.conflict-<stamp>-<node>` of the losing change.
 //!
 //! Every decision depends only on the base and the two changes, with the sides ordered by
 //! stamp, so `merge(A, B)` and `merge(B, A)` give the same bytes on every node.
 
 pub mod render;
+pub mod text;
 pub mod value;
 
 use std::collections::BTreeMap;
@@ -170,36 +174,101 @@ pub fn merge_file(
     if consistency != Consistency::Merge {
         return take(newer);
     }
-    let Some(format) = format_of(path) else {
-        return conflict(Vec::new(), n.to_vec());
-    };
-    let texts = (
+    let (Ok(nt), Ok(ot), Ok(bt)) = (
         std::str::from_utf8(n),
         std::str::from_utf8(o),
         base.map(std::str::from_utf8).transpose(),
-    );
-    let (Ok(nt), Ok(ot), Ok(bt)) = texts else {
-        return conflict(Vec::new(), n.to_vec());
+    ) else {
+        // Not UTF-8: a structured document cannot be read; text still merges by lines.
+        return match format_of(path).is_none().then(|| text::merge(base, n, o)).flatten() {
+            Some(merged) => clean(merged),
+            None => conflict(Vec::new(), n.to_vec()),
+        };
     };
-    let docs = (
-        render::parse(format, nt),
-        render::parse(format, ot),
-        bt.map(|t| render::parse(format, t)).transpose(),
-    );
-    let (Ok(nd), Ok(od), Ok(bd)) = docs else {
-        return conflict(Vec::new(), n.to_vec());
-    };
+    if let Some(format) = format_of(path) {
+        return match structured(format, bt, nt, ot, rules) {
+            Some((merged, fields)) if fields.is_empty() => clean(merged),
+            Some((merged, fields)) => conflict(fields, merged),
+            None => conflict(Vec::new(), n.to_vec()),
+        };
+    }
+    if text::is_markdown(path) {
+        if let Some((merged, fields)) = markdown(bt, nt, ot, rules) {
+            return if fields.is_empty() { clean(merged) } else { conflict(fields, merged) };
+        }
+    }
+    match text::merge(base, n, o) {
+        Some(merged) => clean(merged),
+        None => conflict(Vec::new(), n.to_vec()),
+    }
+}
+
+fn clean(content: Vec<u8>) -> Outcome {
+    Outcome {
+        content: Some(content),
+        conflict: None,
+    }
+}
+
+/// Merges a YAML, JSON or TOML document field by field: the merged bytes and the fields in
+/// dispute. `None` when a version does not parse (or is not a map at the top).
+fn structured(
+    format: Format,
+    base: Option<&str>,
+    newer: &str,
+    older: &str,
+    rules: &BTreeMap<String, MergeRule>,
+) -> Option<(Vec<u8>, Vec<String>)> {
+    let nd = render::parse(format, newer).ok()?;
+    let od = render::parse(format, older).ok()?;
+    let bd = base.map(|t| render::parse(format, t)).transpose().ok()?;
     let merged = value::merge_maps(bd.as_ref().map(|d| &d.value), &nd.value, &od.value, rules);
     let skeleton = bd.as_ref().unwrap_or(&nd);
     let bytes = render::render(format, skeleton, &nd, Some(&od), bd.as_ref(), &merged.fields);
-    if merged.conflicts.is_empty() {
-        Outcome {
-            content: Some(bytes),
-            conflict: None,
-        }
-    } else {
-        conflict(merged.conflicts, bytes)
+    Some((bytes, merged.conflicts))
+}
+
+/// What a conflict file's header calls a Markdown body both sides changed on the same lines.
+pub const BODY: &str = "the body";
+
+/// Merges Markdown with front matter: the front matter as a YAML document (the path's rules,
+/// its text kept as for `.yml` files), the body as text. `None` when the versions do not all
+/// have front matter that reads as a YAML map: the whole file then merges as text.
+fn markdown(
+    base: Option<&str>,
+    newer: &str,
+    older: &str,
+    rules: &BTreeMap<String, MergeRule>,
+) -> Option<(Vec<u8>, Vec<String>)> {
+    let nf = text::front_matter(newer)?;
+    let of = text::front_matter(older)?;
+    // A base without front matter (it was added on both sides since) is all body; its fields
+    // count as created by both.
+    let (bf, base_body) = match base.map(|b| (b, text::front_matter(b))) {
+        None => (None, None),
+        Some((_, Some(f))) => (Some(f), Some(f.body)),
+        Some((b, None)) => (None, Some(b)),
+    };
+    let (mut out, mut fields) = structured(Format::Yaml, bf.map(|f| f.yaml), nf.yaml, of.yaml, rules)?;
+    let skeleton = bf.unwrap_or(nf);
+    let mut merged = skeleton.open.as_bytes().to_vec();
+    if !out.is_empty() && !out.ends_with(b"\n") {
+        out.push(b'\n');
     }
+    merged.extend_from_slice(&out);
+    let body = match text::merge(base_body.map(str::as_bytes), nf.body.as_bytes(), of.body.as_bytes()) {
+        Some(body) => body,
+        None => {
+            fields.push(BODY.to_string());
+            nf.body.as_bytes().to_vec()
+        }
+    };
+    merged.extend_from_slice(skeleton.close.as_bytes());
+    if !skeleton.close.ends_with('\n') && !body.is_empty() {
+        merged.push(b'\n');
+    }
+    merged.extend_from_slice(&body);
+    Some((merged, fields))
 }
 
 /// A conflict over the whole file without merging: the newer side stays in place, the older is
@@ -272,10 +341,17 @@ pub fn conflict_content(path: &Path, c: &Conflict) -> Vec<u8> {
 }
 
 /// The `immutable` fields of a document that a new version changes or removes (for the
-/// write-time EPERM). Unparseable versions change nothing here: validation reports them.
+/// write-time EPERM). Markdown is read by its front matter. Unparseable versions change
+/// nothing here: validation reports them.
 pub fn immutable_changes(path: &Path, rules: &BTreeMap<String, MergeRule>, old: &[u8], new: &[u8]) -> Vec<String> {
-    let Some(format) = format_of(path) else { return Vec::new() };
-    let parse = |b: &[u8]| std::str::from_utf8(b).ok().and_then(|t| parse_value(format, t).ok());
+    let parse = |b: &[u8]| -> Option<Value> {
+        let t = std::str::from_utf8(b).ok()?;
+        match format_of(path) {
+            Some(format) => parse_value(format, t).ok(),
+            None if text::is_markdown(path) => parse_value(Format::Yaml, text::front_matter(t)?.yaml).ok(),
+            None => None,
+        }
+    };
     let (Some(Value::Object(old)), Some(Value::Object(new))) = (parse(old), parse(new)) else {
         return Vec::new();
     };

@@ -64,7 +64,7 @@ pub fn merge_maps(
             b.get(&key),
             newer.get(&key),
             older.get(&key),
-            rules.get(&key).copied(),
+            rules.get(&key),
             &mut conflicts,
         );
         fields.push(Field { key, value, source });
@@ -106,7 +106,7 @@ fn merge_field(
     base: Option<&Value>,
     newer: Option<&Value>,
     older: Option<&Value>,
-    rule: Option<MergeRule>,
+    rule: Option<&MergeRule>,
     conflicts: &mut Vec<String>,
 ) -> (Option<Value>, Source) {
     let newer_changed = newer != base;
@@ -125,6 +125,11 @@ fn merge_field(
         (None, Some(_)) => return (older.cloned(), Source::Older),
         (None, None) => return (None, Source::Newer),
     };
+    // What no rule can decide: the newer value stays, and the field is named in the conflict.
+    let dispute = |conflicts: &mut Vec<String>| {
+        conflicts.push(path.to_string());
+        (Some(n.clone()), Source::Newer)
+    };
     match rule {
         Some(MergeRule::Immutable) => match base {
             // A change of an immutable field loses.
@@ -133,40 +138,107 @@ fn merge_field(
             None => (Some(o.clone()), Source::Older),
         },
         Some(MergeRule::Lww) => (Some(n.clone()), Source::Newer),
-        Some(MergeRule::Union) => match union(base, n, o) {
-            Some(v) => label(v, n, o),
-            None => {
-                conflicts.push(path.to_string());
-                (Some(n.clone()), Source::Newer)
+        Some(MergeRule::Union) => match (map_or_absent(base), n, o) {
+            (Some(bm), Value::Object(nm), Value::Object(om)) => {
+                label(Value::Object(merge_nested(path, bm, nm, om, rule, conflicts)), n, o)
             }
+            _ => match union(base, n, o) {
+                Some(v) => label(v, n, o),
+                None => dispute(conflicts),
+            },
         },
         Some(MergeRule::Max) => match compare_max(n, o) {
             Some(Ordering::Less) => (Some(o.clone()), Source::Older),
             Some(_) => (Some(n.clone()), Source::Newer),
-            None => {
-                conflicts.push(path.to_string());
-                (Some(n.clone()), Source::Newer)
-            }
+            None => dispute(conflicts),
         },
-        None => match (base, n, o) {
-            (b, Value::Object(nm), Value::Object(om)) if b.is_none_or(Value::is_object) => {
-                let empty = Map::new();
-                let bm = b.and_then(Value::as_object).unwrap_or(&empty);
-                let mut out = Map::new();
-                for key in key_order(bm, nm, om) {
-                    let (v, _) = merge_field(&join(path, &key), bm.get(&key), nm.get(&key), om.get(&key), None, conflicts);
-                    if let Some(v) = v {
-                        out.insert(key, v);
-                    }
-                }
-                label(Value::Object(out), n, o)
+        Some(MergeRule::Min) => match compare_max(n, o) {
+            Some(Ordering::Greater) => (Some(o.clone()), Source::Older),
+            Some(_) => (Some(n.clone()), Source::Newer),
+            None => dispute(conflicts),
+        },
+        Some(MergeRule::MergeBy(key)) => match merge_by(path, key, base, n, o, conflicts) {
+            Some(v) => label(v, n, o),
+            None => dispute(conflicts),
+        },
+        None => match (map_or_absent(base), n, o) {
+            (Some(bm), Value::Object(nm), Value::Object(om)) if base.is_none_or(Value::is_object) => {
+                label(Value::Object(merge_nested(path, bm, nm, om, None, conflicts)), n, o)
             }
-            _ => {
-                conflicts.push(path.to_string());
-                (Some(n.clone()), Source::Newer)
-            }
+            _ => dispute(conflicts),
         },
     }
+}
+
+static EMPTY: std::sync::LazyLock<Map<String, Value>> = std::sync::LazyLock::new(Map::new);
+
+/// A base that is a map, or absent (or null: a field written `labels:` with no value), as a map.
+fn map_or_absent(base: Option<&Value>) -> Option<&Map<String, Value>> {
+    match base {
+        None | Some(Value::Null) => Some(&EMPTY),
+        Some(Value::Object(m)) => Some(m),
+        Some(_) => None,
+    }
+}
+
+/// Merges nested maps key by key, each key with `rule` (`None` for unruled maps, `union` for
+/// the keys of a union map).
+fn merge_nested(
+    path: &str,
+    base: &Map<String, Value>,
+    newer: &Map<String, Value>,
+    older: &Map<String, Value>,
+    rule: Option<&MergeRule>,
+    conflicts: &mut Vec<String>,
+) -> Map<String, Value> {
+    let mut out = Map::new();
+    for key in key_order(base, newer, older) {
+        let (v, _) = merge_field(&join(path, &key), base.get(&key), newer.get(&key), older.get(&key), rule, conflicts);
+        if let Some(v) = v {
+            out.insert(key, v);
+        }
+    }
+    out
+}
+
+/// A list of maps as a map from each element's key (JSON-encoded, so any scalar can be a key)
+/// to the element, in list order. `None` when the value is not such a list, or two elements
+/// share a key: then elements cannot be matched, and the field is a conflict.
+fn keyed(list: Option<&Value>, key: &str) -> Option<Map<String, Value>> {
+    let items = match list {
+        None | Some(Value::Null) => return Some(Map::new()),
+        Some(Value::Array(items)) => items,
+        Some(_) => return None,
+    };
+    let mut out = Map::new();
+    for item in items {
+        let id = item.as_object()?.get(key)?;
+        if out.insert(serde_json::to_string(id).ok()?, item.clone()).is_some() {
+            return None;
+        }
+    }
+    Some(out)
+}
+
+/// `merge_by: KEY`: elements matched by their key, each merged like an unruled map (added on
+/// either side kept, removed on one side and untouched on the other removed, fields changed on
+/// both sides differently in dispute as `path[KEY=value].field`). Order: the base's, then each
+/// addition after its predecessor, as for the keys of a map.
+fn merge_by(path: &str, key: &str, base: Option<&Value>, newer: &Value, older: &Value, conflicts: &mut Vec<String>) -> Option<Value> {
+    let b = keyed(base, key)?;
+    let n = keyed(Some(newer), key)?;
+    let o = keyed(Some(older), key)?;
+    let mut out = Vec::new();
+    for id in key_order(&b, &n, &o) {
+        let shown = match serde_json::from_str::<Value>(&id) {
+            Ok(Value::String(s)) => s,
+            _ => id.clone(),
+        };
+        let at = format!("{path}[{key}={shown}]");
+        let (v, _) = merge_field(&at, b.get(&id), n.get(&id), o.get(&id), None, conflicts);
+        out.extend(v);
+    }
+    Some(Value::Array(out))
 }
 
 /// A computed value, labelled with the side it equals (so that side's text can be kept).

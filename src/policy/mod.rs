@@ -4,7 +4,8 @@
 //! tables of cases and can be called on any thread, including FUSE callbacks.
 //!
 //! Matching order is part of the user-facing contract (SPEC section 2):
-//! 0. the built-in history rule: `.syncfs/history/**` is a read-only view syncfs makes;
+//! 0. the built-in history rule: `.syncfs/history/**` is a read-only view syncfs makes, and
+//!    the built-in git rule: every `.git` directory and what is below it stays `local`;
 //! 1. the built-in temp-file rule ([`TEMP_FILE_NAMES`] stay `local`), unless the file says
 //!    `local_temp_files: false` (or gives a list of globs of its own instead);
 //! 2. the file's policies, first match wins;
@@ -153,39 +154,65 @@ impl fmt::Display for Consistency {
 }
 
 /// How one field of a structured document merges (SPEC section 3.2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+///
+/// Rules decide only fields both sides changed differently: a field one side left alone takes
+/// the other side's change whatever its rule.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum MergeRule {
     /// Set once; later changes are refused and lose in a merge.
     Immutable,
     /// The later write wins, by the cluster's clock.
     Lww,
-    /// Set union with removals.
+    /// Lists: set union with removals. Maps: keys added on either side kept, keys removed on
+    /// one side and untouched on the other removed, keys both changed merged the same way.
     Union,
     /// The larger value wins.
     Max,
+    /// The smaller value wins (a creation time: the first one set stays).
+    Min,
+    /// A list of maps whose elements are matched by the value of this key field (tbd's
+    /// `dependencies`, keyed by `target`), then merged element by element.
+    MergeBy(String),
 }
 
 impl MergeRule {
-    /// The name used in policy files.
-    pub fn name(self) -> &'static str {
+    /// The rules written as a bare name in a policy file.
+    pub const NAMED: [MergeRule; 5] = [
+        MergeRule::Immutable,
+        MergeRule::Lww,
+        MergeRule::Union,
+        MergeRule::Max,
+        MergeRule::Min,
+    ];
+
+    /// The rule as a policy file writes it: a name, or `{ merge_by: FIELD }`.
+    pub fn name(&self) -> std::borrow::Cow<'static, str> {
         match self {
-            MergeRule::Immutable => "immutable",
-            MergeRule::Lww => "lww",
-            MergeRule::Union => "union",
-            MergeRule::Max => "max",
+            MergeRule::Immutable => "immutable".into(),
+            MergeRule::Lww => "lww".into(),
+            MergeRule::Union => "union".into(),
+            MergeRule::Max => "max".into(),
+            MergeRule::Min => "min".into(),
+            // A flow mapping, so the text pastes back into a `merge_rules: { ... }` line; a
+            // field YAML would misread is quoted (a JSON string is a YAML one).
+            MergeRule::MergeBy(field) => {
+                let plain = field.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+                    && field.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_');
+                let field = if plain { field.clone() } else { serde_json::to_string(field).unwrap_or_default() };
+                format!("{{ merge_by: {field} }}").into()
+            }
         }
     }
 
-    /// Parses a merge rule name.
+    /// Parses a rule written as a bare name (`merge_by` is a mapping, see the parser).
     pub fn from_name(name: &str) -> Option<MergeRule> {
-        [
-            MergeRule::Immutable,
-            MergeRule::Lww,
-            MergeRule::Union,
-            MergeRule::Max,
-        ]
-        .into_iter()
-        .find(|r| r.name() == name)
+        MergeRule::NAMED.into_iter().find(|r| r.name() == name)
+    }
+}
+
+impl fmt::Display for MergeRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name())
     }
 }
 
@@ -262,6 +289,10 @@ impl Policy {
 
 /// The read-only view of durable files' past versions (`.syncfs/history/<path>/`).
 pub const HISTORY_DIR: &str = ".syncfs/history";
+
+/// The name of git's repository directory: any directory of this name, anywhere in the mount,
+/// is kept local with everything below it (a built-in rule before the file's own).
+pub const GIT_DIR: &str = ".git";
 
 /// The names the built-in temp-file rule keeps local, in every directory: the temporary files
 /// of the idioms programs use to replace a file atomically or to edit it, which must never

@@ -9,7 +9,7 @@ use std::time::Duration;
 use globset::{GlobBuilder, GlobSetBuilder};
 
 use super::{
-    Consistency, MergeRule, Origin, Policy, PolicyTable, Positions, TierKind, CATCH_ALL, HISTORY_DIR,
+    Consistency, MergeRule, Origin, Policy, PolicyTable, Positions, TierKind, CATCH_ALL, GIT_DIR, HISTORY_DIR,
     TEMP_FILE_NAMES,
 };
 use crate::yaml::{self, Node, Value};
@@ -152,6 +152,19 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<PolicyTable, PolicyError>
     let mut history = Policy::builtin("history view", &format!("{HISTORY_DIR}/**"), TierKind::Local, Consistency::None);
     history.read_only = true;
     policies.push(Arc::new(history));
+    // Git's own repositories (`git init`, `git clone` anywhere in the mount) stay on this node:
+    // their object files and lock files are no shared content, and a git path cannot hold
+    // `.git` at all. The work tree around them syncs by the table.
+    for glob in [format!("**/{GIT_DIR}"), format!("**/{GIT_DIR}/**")] {
+        globs.add(compile_glob(&glob).expect("built-in globs compile"));
+        owners.push(policies.len());
+    }
+    policies.push(Arc::new(Policy::builtin(
+        "git repositories",
+        &format!("**/{GIT_DIR} | **/{GIT_DIR}/**"),
+        TierKind::Local,
+        Consistency::None,
+    )));
     let mut builtin_temp = None;
     match &temp_globs {
         None => {
@@ -210,6 +223,49 @@ fn temp_files(cx: &Ctx<'_>, value: &Node) -> Result<Option<Vec<String>>, PolicyE
         .as_bool()
         .ok_or_else(|| cx.err(value, "`local_temp_files` must be true, false, or a list of file-name globs"))?;
     Ok(if on { None } else { Some(Vec::new()) })
+}
+
+const MERGE_RULES: &str = "immutable, lww, union, max, min, or { merge_by: FIELD }";
+
+/// One field's rule: a bare name, or the mapping `{ merge_by: FIELD }`.
+fn merge_rule(cx: &Ctx<'_>, field: &str, rule: &Node) -> Result<MergeRule, PolicyError> {
+    match &rule.value {
+        Value::Scalar { text, .. } => MergeRule::from_name(text).ok_or_else(|| {
+            let hint = if text == "merge_by" { " (`merge_by` names its key field: { merge_by: FIELD })" } else { "" };
+            cx.err(rule, format!("unknown merge rule `{text}` for field `{field}` (expected {MERGE_RULES}){hint}"))
+        }),
+        Value::Map(entries) => {
+            let mut by = None;
+            for (key, value) in entries {
+                match key.as_str().unwrap_or("") {
+                    "merge_by" => by = Some(value),
+                    other => {
+                        return Err(cx.err(
+                            key,
+                            format!("unknown key `{other}` in the merge rule of field `{field}` (expected merge_by)"),
+                        ))
+                    }
+                }
+            }
+            let by = by.ok_or_else(|| {
+                cx.err(rule, format!("the merge rule of field `{field}` is an empty mapping (expected {{ merge_by: FIELD }})"))
+            })?;
+            match &by.value {
+                Value::Scalar { text, .. } if !text.is_empty() => Ok(MergeRule::MergeBy(text.clone())),
+                _ => Err(cx.err(
+                    by,
+                    format!(
+                        "`merge_by` of field `{field}` needs the name of the field that identifies a list element, \
+                         like {{ merge_by: target }}"
+                    ),
+                )),
+            }
+        }
+        Value::Null | Value::Seq(_) => Err(cx.err(
+            rule,
+            format!("the merge rule of field `{field}` must be one of {MERGE_RULES}, found a {}", rule.kind_name()),
+        )),
+    }
 }
 
 fn parse_policy(cx: &Ctx<'_>, item: &Node) -> Result<Policy, PolicyError> {
@@ -338,17 +394,7 @@ fn parse_policy(cx: &Ctx<'_>, item: &Node) -> Result<Policy, PolicyError> {
             let mut rules = BTreeMap::new();
             for (field, rule) in cx.map(node, "`merge_rules`")? {
                 let field_name = cx.string(field, "merge_rules field")?;
-                let rule_name = cx.string(rule, "merge rule")?;
-                let rule = MergeRule::from_name(rule_name).ok_or_else(|| {
-                    cx.err(
-                        rule,
-                        format!(
-                            "unknown merge rule `{rule_name}` for field `{field_name}` \
-                             (expected immutable, lww, union or max)"
-                        ),
-                    )
-                })?;
-                rules.insert(field_name.to_string(), rule);
+                rules.insert(field_name.to_string(), merge_rule(cx, field_name, rule)?);
             }
             rules
         }

@@ -89,6 +89,24 @@ fn seed_values_are_kept() {
     assert_eq!(t.resolve("scratch/x").consistency, Consistency::None);
 }
 
+#[test]
+fn min_union_and_merge_by_parse_in_flow_and_block_style() {
+    let flow = "policies:\n  - pattern: \"issues/*.md\"\n    tier: git\n    consistency: merge\n    merge_rules: { created_at: min, labels: union, dependencies: { merge_by: target } }\n";
+    let block = "policies:\n  - pattern: \"issues/*.md\"\n    tier: git\n    consistency: merge\n    merge_rules:\n      created_at: min\n      labels: union\n      dependencies:\n        merge_by: target\n";
+    for text in [flow, block] {
+        let t = table(text);
+        let rules = &t.resolve("issues/a.md").merge_rules;
+        assert_eq!(rules.get("created_at"), Some(&MergeRule::Min), "{text}");
+        assert_eq!(rules.get("labels"), Some(&MergeRule::Union), "{text}");
+        assert_eq!(rules.get("dependencies"), Some(&MergeRule::MergeBy("target".into())), "{text}");
+    }
+    // `name()` writes what the file says, so `policy explain` output pastes back into a table.
+    assert_eq!(MergeRule::MergeBy("target".into()).name(), "{ merge_by: target }");
+    assert_eq!(MergeRule::MergeBy("a b".into()).to_string(), "{ merge_by: \"a b\" }");
+    assert_eq!(MergeRule::from_name("min"), Some(MergeRule::Min));
+    assert_eq!(MergeRule::from_name("merge_by"), None, "merge_by needs its field");
+}
+
 /// The built-in temp rule's pattern, as `policy explain` shows it.
 const TEMP: &str = "*.swp | *.swo | *.swx | 4913 | *~ | .#* | #*# | *.tmp | *.tmp-* | *.part | sedXXXXXX | tmpXXXXXXXX | .NAME.XXXXXX | *.crdownload";
 
@@ -174,6 +192,14 @@ fn errors_name_line_and_reason() {
         ("policies:\n  - pattern: x\n    tier: nats-kv\n    ephemeral: true\n", 4, "needs tier nats-kv and a `ttl`"),
         ("policies:\n  - pattern: x\n    tier: git\n    consistency: lww\n    merge_rules: {a: union}\n", 5, "needs `consistency: merge`"),
         ("policies:\n  - pattern: x\n    tier: git\n    consistency: merge\n    merge_rules: {a: biggest}\n", 5, "unknown merge rule `biggest`"),
+        ("policies:\n  - pattern: x\n    tier: git\n    consistency: merge\n    merge_rules:\n      deps: merge_by\n", 6, "`merge_by` names its key field"),
+        ("policies:\n  - pattern: x\n    tier: git\n    consistency: merge\n    merge_rules: {deps: {merge_by: }}\n", 5, "needs the name of the field"),
+        ("policies:\n  - pattern: x\n    tier: git\n    consistency: merge\n    merge_rules:\n      deps:\n        merge_by: [a, b]\n", 7, "needs the name of the field"),
+        ("policies:\n  - pattern: x\n    tier: git\n    consistency: merge\n    merge_rules:\n      deps: {}\n", 6, "empty mapping"),
+        ("policies:\n  - pattern: x\n    tier: git\n    consistency: merge\n    merge_rules:\n      deps: {merge_by: target, order: asc}\n", 6, "unknown key `order` in the merge rule of field `deps`"),
+        ("policies:\n  - pattern: x\n    tier: git\n    consistency: merge\n    merge_rules:\n      deps: {merge_on: target}\n", 6, "unknown key `merge_on`"),
+        ("policies:\n  - pattern: x\n    tier: git\n    consistency: merge\n    merge_rules:\n      labels: [union]\n", 6, "must be one of immutable, lww, union, max, min"),
+        ("policies:\n  - pattern: x\n    tier: git\n    consistency: merge\n    merge_rules:\n      created_at: minimum\n", 6, "unknown merge rule `minimum` for field `created_at`"),
         ("policies:\n  - pattern: x\n    tier: git\n    retention: {max_age_days: 3}\n", 4, "`retention` applies to nats-stream"),
         ("policies:\n  - pattern: x\n    tier: nats-stream\n    retention: {max_days: 3}\n", 4, "unknown key `max_days`"),
         ("policies:\n  - pattern: x\n    tier: git\n    schema: ../etc/passwd\n", 4, "inside the sync root"),
@@ -296,7 +322,10 @@ fn spec() -> impl Strategy<Value = Spec> {
         Just(MergeRule::Immutable),
         Just(MergeRule::Lww),
         Just(MergeRule::Union),
-        Just(MergeRule::Max)
+        Just(MergeRule::Max),
+        Just(MergeRule::Min),
+        // Plain names, and names YAML would misread unquoted (`name()` quotes them).
+        prop_oneof!["[a-z_]{1,8}", "[a-z :#,{}\\[\\]'\"-]{1,6}"].prop_map(MergeRule::MergeBy),
     ];
     (
         prop::collection::vec(segment(), 1..4),
@@ -415,7 +444,7 @@ proptest! {
             prop_assert_eq!(p.consistency, s.consistency.unwrap_or(s.tier.default_consistency()));
             prop_assert_eq!(p.ttl, s.ttl.map(Duration::from_secs));
             prop_assert_eq!(p.ephemeral, s.ephemeral.unwrap_or(false));
-            prop_assert_eq!(p.merge_rules.iter().map(|(f, r)| (f.clone(), *r)).collect::<Vec<_>>(), s.merge_rules.clone());
+            prop_assert_eq!(p.merge_rules.iter().map(|(f, r)| (f.clone(), r.clone())).collect::<Vec<_>>(), s.merge_rules.clone());
             prop_assert_eq!(&p.schema, &s.schema);
             prop_assert_eq!(p.max_age, s.max_age_days.map(|d| Duration::from_secs(d * 86_400)));
             prop_assert_eq!(p.purge, s.purge.unwrap_or(false));
@@ -498,5 +527,17 @@ fn deeply_nested_documents_are_refused_without_exhausting_the_stack() {
             .join()
             .expect("parsing a deep document must not crash");
         assert!(result.is_err(), "{open}: {result:?}");
+    }
+}
+
+#[test]
+fn git_repositories_anywhere_stay_local_and_their_work_trees_sync() {
+    let t = table(SEED);
+    for path in [".git", ".git/config", "durable/proj/.git", "durable/proj/.git/index.lock", "fast/claims/x/.git/HEAD", "a/b/c/.git/objects/ab/cdef"] {
+        assert_eq!(t.resolve(path).tier, TierKind::Local, "{path} is in a git repository");
+    }
+    // Only the exact name: the work tree, and names that merely contain it, follow the table.
+    for (path, tier) in [("durable/proj/README.md", TierKind::Git), ("durable/.gitignore", TierKind::Git), ("durable/x.git", TierKind::Git), ("fast/claims/.github", TierKind::NatsKv)] {
+        assert_eq!(t.resolve(path).tier, tier, "{path}");
     }
 }

@@ -70,6 +70,10 @@ impl Tier for LocalTier {
         true
     }
 
+    fn symlink(&self, _at: &Target, _target: &std::ffi::OsStr) -> Op<Option<Revision>, TierError> {
+        Op::ok(None)
+    }
+
     fn attribute(&self, _at: &Target, _name: &str) -> Option<Vec<u8>> {
         None
     }

@@ -268,6 +268,20 @@ pub trait Tier: Send + Sync + 'static {
     /// Whether hard links are allowed (only where the tier stores inodes, not names).
     fn supports_hard_links(&self) -> bool;
 
+    /// A symbolic link to `target` is about to be created at `at`. Tiers that store links
+    /// (git, local) record it and return its revision; the others refuse (`EPERM`).
+    fn symlink(&self, at: &Target, _target: &std::ffi::OsStr) -> Op<Option<Revision>, TierError> {
+        Op::err(TierError::Unsupported {
+            op: "symlink",
+            tier: at.policy.tier,
+        })
+    }
+
+    /// The permission bits of the regular file at `at` changed to `mode` (after the tree's
+    /// file took them). Tiers that store the executable bit (git) record it; others keep
+    /// modes node-local.
+    fn chmod(&self, _at: &Target, _mode: u32) {}
+
     /// A read-only attribute the tier defines (`user.syncfs.rev`, ...), if the path has it.
     fn attribute(&self, at: &Target, name: &str) -> Option<Vec<u8>>;
 
@@ -344,9 +358,19 @@ pub fn create_lazily(at: &Target, kind: Kind) -> Op<Option<Revision>, TierError>
 /// A change another node made, as a tier hands it to the core.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RemoteChange {
-    /// The file's new content.
+    /// The file's new content; a file it replaces keeps its mode.
     File(Vec<u8>),
-    /// The file is gone.
+    /// The file's new content and whether it is executable, from a tier that stores the
+    /// executable bit (git): the file's mode follows (`x` where `r`, or no `x` at all).
+    Program {
+        /// The content.
+        bytes: Vec<u8>,
+        /// Whether the file is executable.
+        executable: bool,
+    },
+    /// A symbolic link to this target (it replaces a file or link of the same name).
+    Symlink(Vec<u8>),
+    /// The file (or symlink) is gone.
     Delete,
     /// The directory exists (possibly empty). A new directory gets `created` as its mtime
     /// when the tier knows it: a directory claim's age is the same on every node.

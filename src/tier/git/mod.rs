@@ -45,7 +45,7 @@ use git2::Oid;
 use parking_lot::Mutex;
 
 use self::remote::Remote;
-use self::repo::Repo;
+use self::repo::{Entry, EntryKind, Repo};
 use self::worker::{Cmd, Worker};
 use super::{space, RemoteSink, Revision, Target, Tier, TierError, WriteMode};
 use crate::fs::Kind;
@@ -121,8 +121,8 @@ impl GitSettings {
 struct Pending {
     /// The blob the change was made on: the merge base if the branch moved meanwhile.
     base: Option<Oid>,
-    /// The new content; `None`: deleted.
-    blob: Option<Oid>,
+    /// The new content and kind; `None`: deleted.
+    blob: Option<Entry>,
     /// Orders local changes (see [`State::gen`]).
     gen: u64,
 }
@@ -130,19 +130,19 @@ struct Pending {
 /// What the tier knows about paths. One lock; never held across I/O.
 #[derive(Debug, Default)]
 struct State {
-    /// The blob the tree holds for each durable file.
-    held: HashMap<PathBuf, Oid>,
+    /// The blob (and kind) the tree holds for each durable file and symlink.
+    held: HashMap<PathBuf, Entry>,
     /// Local changes waiting for their commit.
     pending: BTreeMap<PathBuf, Pending>,
     /// Counts local changes; the generation of each is recorded with it.
     gen: u64,
     /// The last local commit per path, until the core installs it.
-    local: HashMap<PathBuf, (Oid, u64)>,
+    local: HashMap<PathBuf, (Entry, u64)>,
     /// For paths the worker updated from the branch: the generation at that moment. A local
     /// install of an older generation is already part of what the worker installed.
     merged_at: HashMap<PathBuf, u64>,
     /// What the worker is installing right now, by path (`None`: a deletion).
-    applying: HashMap<PathBuf, Option<Oid>>,
+    applying: HashMap<PathBuf, Option<Entry>>,
     /// The node that last changed each path, where known.
     writers: HashMap<PathBuf, String>,
     /// Recent changes of `held`, for the base of renames onto a path.
@@ -153,14 +153,14 @@ struct State {
 }
 
 impl State {
-    /// The tree holds `blob` for `path` from now on (`None`: nothing).
-    fn hold(&mut self, path: &Path, blob: Option<Oid>) {
-        let before = match blob {
-            Some(b) => self.held.insert(path.to_path_buf(), b),
+    /// The tree holds `entry` for `path` from now on (`None`: nothing).
+    fn hold(&mut self, path: &Path, entry: Option<Entry>) {
+        let before = match entry {
+            Some(e) => self.held.insert(path.to_path_buf(), e),
             None => self.held.remove(path),
         };
-        if before != blob {
-            self.log.changed(path, before.map(revision), std::time::Instant::now());
+        if before.map(|e| e.blob) != entry.map(|e| e.blob) {
+            self.log.changed(path, before.map(|e| revision(e.blob)), std::time::Instant::now());
         }
     }
 }
@@ -227,8 +227,8 @@ impl Shared {
 
     /// Records a local change of `path` and wakes the worker. With `durable` (fsync), waits
     /// until the change is in a commit on this node's branch.
-    fn record(&self, path: &Path, base: Option<Oid>, blob: Option<Oid>, durable: bool) {
-        self.intents.note(path, blob.map_or(intents::Intent::Gone, intents::Intent::Holds));
+    fn record(&self, path: &Path, base: Option<Oid>, blob: Option<Entry>, durable: bool) {
+        self.intents.note(path, blob.map_or(intents::Intent::Gone, |e| intents::Intent::Holds(e.blob)));
         {
             let mut st = self.state.lock();
             st.gen += 1;
@@ -434,9 +434,9 @@ fn branch_table_refused(repo: &Repo) -> Result<bool, git2::Error> {
     })
 }
 
-/// Walks the tree for durable files: path relative to the root and its blob id, and the files
-/// whose names git refuses (left by an older syncfs), with why.
-fn scan_tree(tree_dir: &Path, policies: &PolicyTable) -> std::io::Result<(HashMap<PathBuf, Oid>, Vec<(PathBuf, String)>)> {
+/// Walks the tree for durable files and symlinks: path relative to the root and its entry,
+/// and the files whose names git refuses (left by an older syncfs), with why.
+fn scan_tree(tree_dir: &Path, policies: &PolicyTable) -> std::io::Result<(HashMap<PathBuf, Entry>, Vec<(PathBuf, String)>)> {
     let mut out = HashMap::new();
     let mut refused = Vec::new();
     let mut stack = vec![PathBuf::new()];
@@ -454,13 +454,22 @@ fn scan_tree(tree_dir: &Path, policies: &PolicyTable) -> std::io::Result<(HashMa
                 if path != Path::new(crate::policy::HISTORY_DIR) {
                     stack.push(path);
                 }
-            } else if kind.is_file() && policies.resolve(&path).tier == TierKind::Git {
+            } else if (kind.is_file() || kind.is_symlink()) && policies.resolve(&path).tier == TierKind::Git {
                 if let Some(why) = names::refusal(&path) {
                     refused.push((path, why));
                     continue;
                 }
-                let oid = Oid::hash_file(git2::ObjectType::Blob, tree_dir.join(&path)).map_err(std::io::Error::other)?;
-                out.insert(path, oid);
+                let entry = if kind.is_symlink() {
+                    use std::os::unix::ffi::OsStrExt;
+                    let target = std::fs::read_link(tree_dir.join(&path))?;
+                    let blob = Oid::hash_object(git2::ObjectType::Blob, target.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+                    Entry { blob, kind: EntryKind::Link }
+                } else {
+                    use std::os::unix::fs::PermissionsExt;
+                    let blob = Oid::hash_file(git2::ObjectType::Blob, tree_dir.join(&path)).map_err(std::io::Error::other)?;
+                    Entry { blob, kind: EntryKind::of_file(entry.metadata()?.permissions().mode()) }
+                };
+                out.insert(path, entry);
             }
         }
     }
@@ -495,10 +504,12 @@ fn remove_stale_locks(dir: &Path) {
 /// open created and no close committed is removed (never committed, so no node gets an empty
 /// file nobody closed), and a committed change whose install into the tree did not happen is
 /// installed (so the older content left in the tree is not committed over it).
-fn recover_intents(repo: &Repo, tree_dir: &Path, intents: &HashMap<PathBuf, intents::Intent>, synced: &HashMap<PathBuf, Oid>, held: &mut HashMap<PathBuf, Oid>) {
+fn recover_intents(repo: &Repo, tree_dir: &Path, intents: &HashMap<PathBuf, intents::Intent>, synced: &HashMap<PathBuf, Entry>, held: &mut HashMap<PathBuf, Entry>) {
     let empty = Oid::hash_object(git2::ObjectType::Blob, b"").ok();
     for (path, intent) in intents {
-        let Some(now) = held.get(path).copied() else { continue };
+        // Intents are noted for regular files only.
+        let Some(entry) = held.get(path).copied().filter(|e| e.kind.is_file()) else { continue };
+        let now = entry.blob;
         let file = tree_dir.join(path);
         match *intent {
             intents::Intent::Created if Some(now) == empty && !synced.contains_key(path) => {
@@ -507,7 +518,7 @@ fn recover_intents(repo: &Repo, tree_dir: &Path, intents: &HashMap<PathBuf, inte
                     held.remove(path);
                 }
             }
-            intents::Intent::Holds(blob) if blob != now && synced.get(path) != Some(&now) => {
+            intents::Intent::Holds(blob) if blob != now && synced.get(path) != Some(&entry) => {
                 let Ok(bytes) = repo.read_blob(blob) else { continue };
                 let tmp = file.with_file_name(format!(".syncfs-recover-{}", std::process::id()));
                 let written = (|| -> std::io::Result<()> {
@@ -521,7 +532,7 @@ fn recover_intents(repo: &Repo, tree_dir: &Path, intents: &HashMap<PathBuf, inte
                 match written {
                     Ok(()) => {
                         tracing::info!(path = %path.display(), %blob, "a committed change the daemon stopped before installing: installed");
-                        held.insert(path.clone(), blob);
+                        held.insert(path.clone(), Entry { blob, kind: entry.kind });
                     }
                     Err(e) => {
                         let _ = std::fs::remove_file(&tmp);
@@ -568,24 +579,27 @@ impl GitTier {
             state.quarantined.insert(path, format!("{why}: kept on this node, not committed; rename it"));
         }
         let keeps_table = branch_table_refused(&repo)?;
-        for (path, oid) in &held {
-            if synced.get(path) != Some(oid) {
+        for (path, entry) in &held {
+            if synced.get(path) != Some(entry) {
                 if keeps_table && path == Path::new(POLICY_FILE) {
                     continue;
                 }
-                objects
-                    .git
-                    .blob_path(&tree_dir.join(path))
-                    .map_err(|e| anyhow::anyhow!("cannot store {}: {e}", path.display()))?;
+                let stored = match entry.kind {
+                    EntryKind::Link => std::fs::read_link(tree_dir.join(path))
+                        .map_err(|e| git2::Error::from_str(&e.to_string()))
+                        .and_then(|t| objects.git.blob(std::os::unix::ffi::OsStrExt::as_bytes(t.as_os_str()))),
+                    _ => objects.git.blob_path(&tree_dir.join(path)),
+                };
+                stored.map_err(|e| anyhow::anyhow!("cannot store {}: {e}", path.display()))?;
                 state.gen += 1;
-                state.pending.insert(path.clone(), Pending { base: synced.get(path).copied(), blob: Some(*oid), gen: state.gen });
+                state.pending.insert(path.clone(), Pending { base: synced.get(path).map(|e| e.blob), blob: Some(*entry), gen: state.gen });
             }
         }
-        for (path, oid) in &synced {
+        for (path, entry) in &synced {
             // A name git refuses was never installed: its absence is no deletion.
             if !held.contains_key(path) && policies.resolve(path).tier == TierKind::Git && storable(path) {
                 state.gen += 1;
-                state.pending.insert(path.clone(), Pending { base: Some(*oid), blob: None, gen: state.gen });
+                state.pending.insert(path.clone(), Pending { base: Some(entry.blob), blob: None, gen: state.gen });
             }
         }
         if !state.pending.is_empty() {
@@ -627,9 +641,9 @@ impl GitTier {
         let on_branch = {
             let objects = self.shared.objects.lock();
             let tree = objects.tree_of(objects.target(repo::MAIN)).ok().flatten();
-            Repo::blob_at(tree.as_ref(), path)
+            Repo::entry_at(tree.as_ref(), path)
         };
-        let Some(blob) = on_branch else { return true };
+        let Some(Entry { blob, .. }) = on_branch else { return true };
         let mut st = self.shared.state.lock();
         st.gen += 1;
         let gen = st.gen;
@@ -679,8 +693,36 @@ impl GitTier {
         self.shared.send(Cmd::Fetch);
     }
 
-    fn held(&self, path: &Path) -> Option<Oid> {
+    fn held(&self, path: &Path) -> Option<Entry> {
         self.shared.state.lock().held.get(path).copied()
+    }
+
+    /// The blob the tree holds for `path`.
+    fn held_blob(&self, path: &Path) -> Option<Oid> {
+        self.held(path).map(|e| e.blob)
+    }
+
+    /// How the tree's file at `path` is to be stored: executable or not, by its mode now
+    /// (resolved beneath the tree's root, never through a symlink).
+    fn file_kind(&self, path: &Path) -> EntryKind {
+        use std::os::fd::AsFd;
+        let mode = (|| {
+            let root = std::fs::File::open(&self.shared.tree_dir).ok()?;
+            let parent = path.parent().unwrap_or(Path::new(""));
+            let name = crate::fs::tree::cname(path.file_name()?).ok()?;
+            let st = if parent.as_os_str().is_empty() {
+                crate::fs::tree::lstat_at(root.as_fd(), &name).ok()?
+            } else {
+                let dir = crate::fs::tree::resolve_dir(root.as_fd(), &crate::fs::tree::cname(parent.as_os_str()).ok()?).ok()?;
+                crate::fs::tree::lstat_at(dir.as_fd(), &name).ok()?
+            };
+            Some(st.st_mode)
+        })();
+        match mode {
+            Some(m) if m & libc::S_IFMT == libc::S_IFREG => EntryKind::of_file(m),
+            // Gone meanwhile (or not a file): keep what the tree held.
+            _ => self.held(path).map(|e| e.kind).filter(|k| k.is_file()).unwrap_or(EntryKind::File),
+        }
     }
 
     /// Refuses content that changes an `immutable` field of the document the tree holds at
@@ -689,8 +731,8 @@ impl GitTier {
         let rules = &at.policy.merge_rules;
         let checks = at.policy.consistency == Consistency::Merge
             && rules.values().any(|r| *r == MergeRule::Immutable)
-            && crate::merge::format_of(&at.path).is_some();
-        let Some(old) = self.held(&at.path).filter(|_| checks) else {
+            && (crate::merge::format_of(&at.path).is_some() || crate::merge::text::is_markdown(&at.path));
+        let Some(old) = self.held(&at.path).filter(|e| checks && e.kind.is_file()).map(|e| e.blob) else {
             return Ok(None);
         };
         let len = content.metadata()?.len();
@@ -745,12 +787,12 @@ impl Tier for GitTier {
     }
 
     fn revision(&self, at: &Target) -> Option<Revision> {
-        self.held(&at.path).map(revision)
+        self.held_blob(&at.path).map(revision)
     }
 
     fn revision_at(&self, at: &Target, when: std::time::Instant) -> Option<Revision> {
         let st = self.shared.state.lock();
-        let current = st.held.get(&at.path).copied().map(revision);
+        let current = st.held.get(&at.path).map(|e| revision(e.blob));
         st.log.at(&at.path, when, current)
     }
 
@@ -794,8 +836,9 @@ impl Tier for GitTier {
                     // commit cannot be written (the blob alone is garbage git collects).
                     return Err(space::no_space(format_args!("fsync of {}: no room for its commit", at.path.display())));
                 }
-                let base = base.and_then(|r| Oid::from_str(&r.0).ok()).or_else(|| this.held(&at.path));
-                this.shared.record(&at.path, base, Some(blob), durable);
+                let base = base.and_then(|r| Oid::from_str(&r.0).ok()).or_else(|| this.held_blob(&at.path));
+                let entry = Entry { blob, kind: this.file_kind(&at.path) };
+                this.shared.record(&at.path, base, Some(entry), durable);
                 Ok(Some(revision(blob)))
             })
             .await
@@ -807,7 +850,7 @@ impl Tier for GitTier {
         let path = &at.path;
         if let (Some(expected), Some(rev)) = (st.applying.get(path).copied(), rev) {
             let matches = match expected {
-                Some(oid) => rev.0 == oid.to_string(),
+                Some(e) => rev.0 == e.blob.to_string(),
                 None => rev.0 == DELETED,
             };
             if matches {
@@ -824,22 +867,24 @@ impl Tier for GitTier {
         let Some(oid) = rev.and_then(|r| Oid::from_str(&r.0).ok()) else {
             return true;
         };
-        if let Some((blob, gen)) = st.local.get(path).copied() {
-            if blob == oid {
+        let mut entry = Entry { blob: oid, kind: st.held.get(path).map(|e| e.kind).filter(|k| k.is_file()).unwrap_or(EntryKind::File) };
+        if let Some((local, gen)) = st.local.get(path).copied() {
+            if local.blob == oid {
                 st.local.remove(path);
                 if st.merged_at.get(path).is_some_and(|m| *m >= gen) {
                     // The worker already installed a version that includes this change.
                     return false;
                 }
+                entry = local;
             }
         }
-        st.hold(path, Some(oid));
+        st.hold(path, Some(entry));
         true
     }
 
     fn remove(&self, at: &Target, kind: Kind) -> Op<(), TierError> {
-        if kind == Kind::File {
-            let base = self.held(&at.path);
+        if matches!(kind, Kind::File | Kind::Symlink) {
+            let base = self.held_blob(&at.path);
             self.shared.record(&at.path, base, None, false);
         }
         Op::ok(())
@@ -855,28 +900,38 @@ impl Tier for GitTier {
         if let Err(e) = check_storable(&to.path) {
             return Op::err(e);
         }
-        let Some(content) = content else {
-            return Op::err(TierError::Backend("a git file moved without its content".into()));
+        let held = self.held(&from.path);
+        let content = match (content, held) {
+            (Some(c), _) => Some(c),
+            // A symlink moves as the entry it is.
+            (None, Some(e)) if e.kind == EntryKind::Link => None,
+            (None, _) => return Op::err(TierError::Backend("a git file moved without its content".into())),
         };
         let this = self.clone();
         let (from, to) = (from.clone(), to.clone());
         Op::pending(async move {
             blocking(move || {
-                // Moving a document over another must keep its immutable fields too.
-                this.check_immutable(&to, &content)?;
-                let blob = match this.held(&from.path) {
-                    Some(b) => b,
-                    None => this.store(&to, &content)?,
+                let entry = match (&content, this.held(&from.path)) {
+                    (Some(content), held) => {
+                        // Moving a document over another must keep its immutable fields too.
+                        this.check_immutable(&to, content)?;
+                        match held {
+                            Some(e) => e,
+                            None => Entry { blob: this.store(&to, content)?, kind: this.file_kind(&from.path) },
+                        }
+                    }
+                    (None, Some(e)) => e,
+                    (None, None) => return Err(TierError::Backend("a git symlink moved that the tier does not hold".into())),
                 };
-                let from_base = this.held(&from.path);
+                let from_base = this.held_blob(&from.path);
                 // The moved content was made on the version current when its file was
                 // created; without one, on today's.
-                let to_base = base.and_then(|r| Oid::from_str(&r.0).ok()).or_else(|| this.held(&to.path));
+                let to_base = base.and_then(|r| Oid::from_str(&r.0).ok()).or_else(|| this.held_blob(&to.path));
                 this.shared.record(&from.path, from_base, None, false);
-                this.shared.record(&to.path, to_base, Some(blob), false);
+                this.shared.record(&to.path, to_base, Some(entry), false);
                 // No install follows a rename: the tree's file moves as it is.
                 let mut st = this.shared.state.lock();
-                st.hold(&to.path, Some(blob));
+                st.hold(&to.path, Some(entry));
                 st.local.remove(&to.path);
                 Ok(())
             })
@@ -888,9 +943,50 @@ impl Tier for GitTier {
         false
     }
 
+    fn symlink(&self, at: &Target, target: &std::ffi::OsStr) -> Op<Option<Revision>, TierError> {
+        use std::os::unix::ffi::OsStrExt;
+        if let Err(e) = check_storable(&at.path) {
+            return Op::err(e);
+        }
+        let blob = match self.shared.objects.lock().git.blob(target.as_bytes()) {
+            Ok(b) => b,
+            Err(e) => return Op::err(git_error(e)),
+        };
+        let entry = Entry { blob, kind: EntryKind::Link };
+        let base = self.held_blob(&at.path);
+        self.shared.record(&at.path, base, Some(entry), false);
+        // The core makes the link in the tree next; no install follows.
+        let mut st = self.shared.state.lock();
+        st.hold(&at.path, Some(entry));
+        st.local.remove(&at.path);
+        Op::ok(Some(revision(blob)))
+    }
+
+    fn chmod(&self, at: &Target, mode: u32) {
+        let kind = EntryKind::of_file(mode);
+        // The latest content of the path: a change not committed yet, else the tree's.
+        let (current, pending, base) = {
+            let st = self.shared.state.lock();
+            let pending = st.pending.get(&at.path).map(|p| p.blob);
+            (pending.unwrap_or_else(|| st.held.get(&at.path).copied()), pending.is_some(), st.held.get(&at.path).map(|e| e.blob))
+        };
+        // A file no close committed yet takes its mode at its commit.
+        let Some(current) = current.filter(|e| e.kind.is_file() && e.kind != kind) else { return };
+        let entry = Entry { blob: current.blob, kind };
+        self.shared.record(&at.path, base, Some(entry), false);
+        let mut st = self.shared.state.lock();
+        if st.held.get(&at.path).is_some_and(|e| e.blob == current.blob) {
+            st.hold(&at.path, Some(entry));
+        }
+        if !pending {
+            // Nothing is installed for a mode change; a commit being installed keeps its entry.
+            st.local.remove(&at.path);
+        }
+    }
+
     fn attribute(&self, at: &Target, name: &str) -> Option<Vec<u8>> {
         match name {
-            "user.syncfs.rev" => self.held(&at.path).map(|o| o.to_string().into_bytes()),
+            "user.syncfs.rev" => self.held_blob(&at.path).map(|o| o.to_string().into_bytes()),
             "user.syncfs.node" => {
                 if let Some(w) = self.shared.state.lock().writers.get(&at.path) {
                     return Some(w.clone().into_bytes());

@@ -44,6 +44,69 @@ pub fn is_file_mode(mode: i32) -> bool {
     mode == i32::from(git2::FileMode::Blob) || mode == i32::from(git2::FileMode::BlobExecutable)
 }
 
+/// How git stores a path's blob: the three kinds of tree entry syncfs syncs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EntryKind {
+    /// A regular file (100644).
+    File,
+    /// A regular file with the executable bit (100755).
+    Exec,
+    /// A symbolic link (120000); the blob holds its target.
+    Link,
+}
+
+impl EntryKind {
+    /// The tree entry mode.
+    pub fn mode(self) -> git2::FileMode {
+        match self {
+            EntryKind::File => git2::FileMode::Blob,
+            EntryKind::Exec => git2::FileMode::BlobExecutable,
+            EntryKind::Link => git2::FileMode::Link,
+        }
+    }
+
+    /// The kind of a tree entry mode, if syncfs syncs it (not trees or submodules).
+    pub fn of_mode(mode: i32) -> Option<EntryKind> {
+        match mode {
+            m if m == i32::from(git2::FileMode::Blob) => Some(EntryKind::File),
+            m if m == i32::from(git2::FileMode::BlobExecutable) => Some(EntryKind::Exec),
+            m if m == i32::from(git2::FileMode::Link) => Some(EntryKind::Link),
+            _ => None,
+        }
+    }
+
+    /// The kind of a regular file with permission bits `mode`: executable when its owner may
+    /// execute it, as git decides.
+    pub fn of_file(mode: u32) -> EntryKind {
+        if mode & 0o100 != 0 {
+            EntryKind::Exec
+        } else {
+            EntryKind::File
+        }
+    }
+
+    /// A regular file (plain or executable).
+    pub fn is_file(self) -> bool {
+        self != EntryKind::Link
+    }
+}
+
+/// What a tree holds for a path: a blob, and whether it is a file, a program or a link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Entry {
+    /// The content (a link's target).
+    pub blob: Oid,
+    /// How it is stored.
+    pub kind: EntryKind,
+}
+
+impl Entry {
+    /// A plain regular file.
+    pub fn file(blob: Oid) -> Entry {
+        Entry { blob, kind: EntryKind::File }
+    }
+}
+
 impl Repo {
     /// Opens the bare repository at `dir`, creating it on first use.
     pub fn open(dir: &Path) -> Result<Repo, git2::Error> {
@@ -92,27 +155,37 @@ impl Repo {
         (entry.kind() == Some(ObjectType::Blob) && is_file_mode(entry.filemode())).then(|| entry.id())
     }
 
+    /// The entry at `path` in `tree`: a regular file or a symlink.
+    pub fn entry_at(tree: Option<&Tree<'_>>, path: &Path) -> Option<Entry> {
+        let entry = tree?.get_path(path).ok()?;
+        let kind = EntryKind::of_mode(entry.filemode()).filter(|_| entry.kind() == Some(ObjectType::Blob))?;
+        Some(Entry { blob: entry.id(), kind })
+    }
+
     /// A blob's bytes.
     pub fn read_blob(&self, id: Oid) -> Result<Vec<u8>, git2::Error> {
         Ok(self.git.find_blob(id)?.content().to_vec())
     }
 
-    /// Every regular file of a tree, by path.
-    pub fn files(tree: &Tree<'_>) -> HashMap<PathBuf, Oid> {
+    /// Every regular file and symlink of a tree, by path.
+    pub fn files(tree: &Tree<'_>) -> HashMap<PathBuf, Entry> {
         let mut out = HashMap::new();
         let _ = tree.walk(TreeWalkMode::PreOrder, |dir, entry| {
-            if entry.kind() == Some(ObjectType::Blob) && is_file_mode(entry.filemode()) {
-                use std::os::unix::ffi::OsStrExt;
-                let name = std::ffi::OsStr::from_bytes(entry.name_bytes());
-                out.insert(Path::new(dir).join(name), entry.id());
+            if entry.kind() == Some(ObjectType::Blob) {
+                if let Some(kind) = EntryKind::of_mode(entry.filemode()) {
+                    use std::os::unix::ffi::OsStrExt;
+                    let name = std::ffi::OsStr::from_bytes(entry.name_bytes());
+                    out.insert(Path::new(dir).join(name), Entry { blob: entry.id(), kind });
+                }
             }
             TreeWalkResult::Ok
         });
         out
     }
 
-    /// The files that differ between two trees: path and new blob (`None`: gone).
-    pub fn changes(&self, old: Option<&Tree<'_>>, new: Option<&Tree<'_>>) -> Result<Vec<(PathBuf, Option<Oid>)>, git2::Error> {
+    /// The files and symlinks that differ between two trees (content or kind): path and new
+    /// entry (`None`: gone).
+    pub fn changes(&self, old: Option<&Tree<'_>>, new: Option<&Tree<'_>>) -> Result<Vec<(PathBuf, Option<Entry>)>, git2::Error> {
         let mut opts = DiffOptions::new();
         opts.include_typechange(true);
         let diff = self.git.diff_tree_to_tree(old, new, Some(&mut opts))?;
@@ -120,13 +193,13 @@ impl Repo {
         for delta in diff.deltas() {
             let new_file = delta.new_file();
             let old_file = delta.old_file();
-            let file_now = delta.status() != git2::Delta::Deleted && is_file_mode(i32::from(new_file.mode()));
+            let now = EntryKind::of_mode(i32::from(new_file.mode())).filter(|_| delta.status() != git2::Delta::Deleted);
             let path = new_file.path().or(old_file.path());
             let Some(path) = path else { continue };
-            let was_file = delta.status() != git2::Delta::Added && is_file_mode(i32::from(old_file.mode()));
-            if file_now {
-                out.push((path.to_path_buf(), Some(new_file.id())));
-            } else if was_file {
+            let was = delta.status() != git2::Delta::Added && EntryKind::of_mode(i32::from(old_file.mode())).is_some();
+            if let Some(kind) = now {
+                out.push((path.to_path_buf(), Some(Entry { blob: new_file.id(), kind })));
+            } else if was {
                 out.push((path.to_path_buf(), None));
             }
         }

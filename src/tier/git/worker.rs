@@ -21,10 +21,10 @@ use std::sync::{Arc, Once};
 use std::time::{Duration, Instant, SystemTime};
 
 use git2::build::TreeUpdateBuilder;
-use git2::{FileMode, Oid, Tree};
+use git2::{Oid, Tree};
 
 use super::remote::{Pushed, Remote};
-use super::repo::{Repo, MAIN, ORIGIN, TREE};
+use super::repo::{Entry, EntryKind, Repo, MAIN, ORIGIN, TREE};
 use super::{GitSettings, Pending, Quarantined, Shared, DELETED};
 use crate::hlc::{Clock, Stamp};
 use crate::merge::{self, Side};
@@ -44,8 +44,8 @@ pub(crate) enum Cmd {
     Shutdown(mpsc::Sender<()>),
 }
 
-/// One entry of a tree update: a path and its new blob (`None`: removed).
-type Edit = (PathBuf, Option<Oid>);
+/// One entry of a tree update: a path and its new entry (`None`: removed).
+type Edit = (PathBuf, Option<Entry>);
 
 /// One path's part of a commit or a merge: its tree edits and its lines in the message.
 struct Planned {
@@ -100,7 +100,7 @@ pub(crate) fn last_writer(repo: &Repo, path: &Path) -> Option<String> {
         }
         let tree = commit.tree().ok()?;
         let parent = commit.parent(0).ok().and_then(|p| p.tree().ok());
-        if Repo::blob_at(Some(&tree), path) != Repo::blob_at(parent.as_ref(), path) {
+        if Repo::entry_at(Some(&tree), path) != Repo::entry_at(parent.as_ref(), path) {
             return Some(Repo::node_of(&commit));
         }
     }
@@ -314,10 +314,16 @@ impl Worker {
     }
 
     /// Merges one path both sides changed; checks a merged result against the path's schema.
-    fn merge_path(&self, path: &Path, base: Option<Oid>, ours: Side<'_>, theirs: Side<'_>) -> Result<merge::Outcome, git2::Error> {
+    /// A symlink on either side is never merged as text: the newer side wins, the other is
+    /// kept as a conflict file.
+    fn merge_path(&self, path: &Path, base: Option<Oid>, ours: Side<'_>, theirs: Side<'_>, links: bool) -> Result<merge::Outcome, git2::Error> {
         let policy = self.shared.policies.resolve(path);
         let base = base.map(|b| self.repo.read_blob(b)).transpose()?;
-        let mut outcome = merge::merge_file(path, policy.consistency, &policy.merge_rules, base.as_deref(), ours, theirs);
+        let mut outcome = if links {
+            merge::keep_newer(ours, theirs, "a symbolic link changed on both sides")
+        } else {
+            merge::merge_file(path, policy.consistency, &policy.merge_rules, base.as_deref(), ours, theirs)
+        };
         if let Some(content) = &outcome.content {
             let merged = Some(content.as_slice()) != ours.content && Some(content.as_slice()) != theirs.content;
             if merged {
@@ -339,18 +345,31 @@ impl Worker {
     }
 
     /// The tree edits of a merge outcome at `path`, and the conflict file's path, if any.
-    /// `present`: the path is in the tree the edits apply to.
-    fn outcome_edits(&self, path: &Path, outcome: &merge::Outcome, present: bool) -> Result<(Vec<Edit>, Option<PathBuf>), git2::Error> {
+    /// `present`: the path is in the tree the edits apply to. The result takes the kind of
+    /// the side whose content it is (ours for a merged result).
+    fn outcome_edits(&self, path: &Path, outcome: &merge::Outcome, present: bool, ours: Option<Entry>, theirs: Option<Entry>) -> Result<(Vec<Edit>, Option<PathBuf>), git2::Error> {
         let mut edits = Vec::new();
         match &outcome.content {
-            Some(content) => edits.push((path.to_path_buf(), Some(self.repo.git.blob(content)?))),
+            Some(content) => {
+                let blob = self.repo.git.blob(content)?;
+                let kind = [ours, theirs]
+                    .into_iter()
+                    .flatten()
+                    .find(|e| e.blob == blob)
+                    .or(ours)
+                    .or(theirs)
+                    .map_or(EntryKind::File, |e| e.kind);
+                // A merged text is a file, even where one side was a link.
+                let kind = if kind == EntryKind::Link && ![ours, theirs].iter().flatten().any(|e| e.blob == blob) { EntryKind::File } else { kind };
+                edits.push((path.to_path_buf(), Some(Entry { blob, kind })));
+            }
             None if present => edits.push((path.to_path_buf(), None)),
             None => {}
         }
         let Some(conflict) = &outcome.conflict else { return Ok((edits, None)) };
         let at = merge::conflict_path(path, &conflict.loser_stamp);
         let blob = self.repo.git.blob(&merge::conflict_content(path, conflict))?;
-        edits.push((at.clone(), Some(blob)));
+        edits.push((at.clone(), Some(Entry::file(blob))));
         Ok((edits, Some(at)))
     }
 
@@ -363,9 +382,9 @@ impl Worker {
 
     fn updated_tree(&self, base: &Tree<'_>, edits: &[Edit]) -> Result<Oid, git2::Error> {
         let mut update = TreeUpdateBuilder::new();
-        for (path, blob) in edits {
-            match blob {
-                Some(b) => update.upsert(path, *b, FileMode::Blob),
+        for (path, entry) in edits {
+            match entry {
+                Some(e) => update.upsert(path, e.blob, e.kind.mode()),
                 None => update.remove(path),
             };
         }
@@ -403,8 +422,8 @@ impl Worker {
     /// What committing one pending change writes: the change itself, or its merge with the
     /// branch's version when the branch moved since the writer started. `None`: nothing.
     fn plan_local(&self, path: &Path, change: &Pending, head: Option<Oid>, head_tree: Option<&Tree<'_>>, stamp: &Stamp, local_label: &str) -> Result<Option<Planned>, git2::Error> {
-        let on_branch = Repo::blob_at(head_tree, path);
-        if on_branch == change.base || on_branch == change.blob {
+        let on_branch = Repo::entry_at(head_tree, path);
+        if on_branch.map(|e| e.blob) == change.base || on_branch == change.blob {
             let edit = match (change.blob, on_branch) {
                 (Some(blob), _) => (path.to_path_buf(), Some(blob)),
                 (None, Some(_)) => (path.to_path_buf(), None),
@@ -421,16 +440,18 @@ impl Worker {
             None => None,
         };
         let (theirs_stamp, theirs_commit) = theirs_at.unwrap_or_else(|| (stamp.clone(), Oid::ZERO_SHA1));
-        let ours_content = change.blob.map(|b| self.repo.read_blob(b)).transpose()?;
-        let theirs_content = on_branch.map(|b| self.repo.read_blob(b)).transpose()?;
+        let ours_content = change.blob.map(|e| self.repo.read_blob(e.blob)).transpose()?;
+        let theirs_content = on_branch.map(|e| self.repo.read_blob(e.blob)).transpose()?;
         let theirs_label = theirs_commit.to_string();
+        let links = [change.blob, on_branch].iter().flatten().any(|e| e.kind == EntryKind::Link);
         let outcome = self.merge_path(
             path,
             change.base,
             Side { content: ours_content.as_deref(), stamp, commit: local_label },
             Side { content: theirs_content.as_deref(), stamp: &theirs_stamp, commit: &theirs_label },
+            links,
         )?;
-        let (edits, conflict) = self.outcome_edits(path, &outcome, on_branch.is_some())?;
+        let (edits, conflict) = self.outcome_edits(path, &outcome, on_branch.is_some(), change.blob, on_branch)?;
         let mut lines = vec![format!("merged {}", path.display())];
         if let Some(c) = conflict {
             lines.push(format!("conflict {}", c.display()));
@@ -501,7 +522,7 @@ impl Worker {
                 // committed; otherwise the next one is made on what the branch has).
                 Some(current) => {
                     if why.is_none() {
-                        current.base = change.blob;
+                        current.base = change.blob.map(|e| e.blob);
                     }
                 }
                 None => {}
@@ -590,8 +611,8 @@ impl Worker {
         let base_tree = self.repo.tree_of(base)?;
         let ours_tree = self.repo.tree_of(Some(main))?.expect("a commit has a tree");
         let theirs_tree = self.repo.tree_of(Some(origin))?.expect("a commit has a tree");
-        let ours: BTreeMap<PathBuf, Option<Oid>> = self.repo.changes(base_tree.as_ref(), Some(&ours_tree))?.into_iter().collect();
-        let theirs: BTreeMap<PathBuf, Option<Oid>> = self.repo.changes(base_tree.as_ref(), Some(&theirs_tree))?.into_iter().collect();
+        let ours: BTreeMap<PathBuf, Option<Entry>> = self.repo.changes(base_tree.as_ref(), Some(&ours_tree))?.into_iter().collect();
+        let theirs: BTreeMap<PathBuf, Option<Entry>> = self.repo.changes(base_tree.as_ref(), Some(&theirs_tree))?.into_iter().collect();
         let both: HashSet<PathBuf> = theirs
             .iter()
             .filter(|(p, t)| ours.get(*p).is_some_and(|o| o != *t))
@@ -610,8 +631,8 @@ impl Worker {
             let Some(t) = theirs.get(path) else {
                 // Only ours changed it; theirs still has the base's version, if any.
                 let edit = match o {
-                    Some(blob) => (path.clone(), Some(*blob)),
-                    None if Repo::blob_at(Some(&theirs_tree), path).is_some() => (path.clone(), None),
+                    Some(entry) => (path.clone(), Some(*entry)),
+                    None if Repo::entry_at(Some(&theirs_tree), path).is_some() => (path.clone(), None),
                     None => continue,
                 };
                 planned.push(Planned { path: path.clone(), edits: vec![edit], lines: Vec::new() });
@@ -622,16 +643,18 @@ impl Worker {
             }
             let (os, oc) = &ours_at[path];
             let (ts, tc) = &theirs_at[path];
-            let ours_content = o.map(|b| self.repo.read_blob(b)).transpose()?;
-            let theirs_content = t.map(|b| self.repo.read_blob(b)).transpose()?;
+            let ours_content = o.map(|e| self.repo.read_blob(e.blob)).transpose()?;
+            let theirs_content = t.map(|e| self.repo.read_blob(e.blob)).transpose()?;
             let (oc, tc) = (oc.to_string(), tc.to_string());
+            let links = [*o, *t].iter().flatten().any(|e| e.kind == EntryKind::Link);
             let outcome = self.merge_path(
                 path,
-                base_tree.as_ref().and_then(|bt| Repo::blob_at(Some(bt), path)),
+                base_tree.as_ref().and_then(|bt| Repo::entry_at(Some(bt), path)).map(|e| e.blob),
                 Side { content: ours_content.as_deref(), stamp: os, commit: &oc },
                 Side { content: theirs_content.as_deref(), stamp: ts, commit: &tc },
+                links,
             )?;
-            let (edits, conflict) = self.outcome_edits(path, &outcome, t.is_some())?;
+            let (edits, conflict) = self.outcome_edits(path, &outcome, t.is_some(), *o, *t)?;
             let mut lines = vec![format!("merged {}", path.display())];
             if let Some(c) = conflict {
                 lines.push(format!("conflict {}", c.display()));
@@ -706,8 +729,14 @@ impl Worker {
                     st.applying.insert(path.clone(), *blob);
                 }
                 let (change, rev) = match blob {
-                    Some(b) => match self.installable(path, *b) {
-                        Ok(bytes) => (RemoteChange::File(bytes), Revision(b.to_string())),
+                    Some(e) => match self.installable(path, e.blob) {
+                        Ok(bytes) => {
+                            let change = match e.kind {
+                                EntryKind::Link => RemoteChange::Symlink(bytes),
+                                kind => RemoteChange::Program { bytes, executable: kind == EntryKind::Exec },
+                            };
+                            (change, Revision(e.blob.to_string()))
+                        }
                         Err(why) => {
                             // One path's version must not hold up the others'.
                             tracing::warn!(path = %path.display(), reason = %why, "the branch's version is not installed");
