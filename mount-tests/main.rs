@@ -10,6 +10,7 @@ mod damage;
 mod disk;
 mod errors;
 mod fast;
+mod flock;
 mod faults;
 mod git;
 mod gitfaults;

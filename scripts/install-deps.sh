@@ -6,9 +6,10 @@ set -euo pipefail
 # fuse3: fusermount3 and /etc/fuse.conf; attr: getfattr/setfattr; util-linux: setpriv;
 # bindfs: the benchmark's FUSE baseline; gcc/libc6-dev: crates that build C code;
 # pkg-config/libssl-dev: libgit2's https and ssh transports; libacl1-dev: pjdfstest's ACL
-# bindings (exacl) link libacl.
+# bindings (exacl) link libacl; sqlite3: the cross-node database test; util-linux also gives
+# flock(1), the lock tests' tool.
 PACKAGES=(fuse3 attr git bindfs python3 util-linux coreutils gcc libc6-dev ca-certificates curl debian-archive-keyring
-          pkg-config libssl-dev libacl1-dev)
+          pkg-config libssl-dev libacl1-dev sqlite3)
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then

@@ -61,6 +61,8 @@ pub struct MountConfig {
     pub stream: StreamSettings,
     /// The blob tier: object store, cache and collection (`nats.object_store.*`, `cache.*`).
     pub blob: BlobSettings,
+    /// How long a dead mount's `flock`/`fcntl` locks last (`locks.lease_ms`).
+    pub lock_lease: Duration,
 }
 
 /// Values read from a config file; `None` where the file is silent.
@@ -90,6 +92,8 @@ pub struct FileConfig {
     pub stream: StreamSettings,
     /// `nats.object_store.*` and `cache.*`
     pub blob: BlobSettings,
+    /// `locks.lease_ms`
+    pub lock_lease_ms: Option<u64>,
 }
 
 fn at(file: &Path, node: &Node, reason: impl std::fmt::Display) -> anyhow::Error {
@@ -313,6 +317,20 @@ impl FileConfig {
                         }
                     }
                 }
+                "locks" => {
+                    for (k, v) in entries(file, value, "`locks`")? {
+                        match k.as_str().unwrap_or("") {
+                            "lease_ms" => {
+                                let n = number(file, v, "locks.lease_ms")?;
+                                if n < 1000 {
+                                    return Err(at(file, v, "`locks.lease_ms` must be at least 1000"));
+                                }
+                                cfg.lock_lease_ms = Some(n);
+                            }
+                            other => return Err(at(file, k, format!("unknown key `locks.{other}` (expected lease_ms)"))),
+                        }
+                    }
+                }
                 "git" => {
                     let g = &mut cfg.git;
                     for (k, v) in entries(file, value, "`git`")? {
@@ -347,7 +365,7 @@ impl FileConfig {
                         key,
                         format!(
                             "unknown key `{other}` (expected node, state, allow_other, log, \
-                             policies_seed, fuse, nats, git, cache)"
+                             policies_seed, fuse, nats, git, cache, locks)"
                         ),
                     ))
                 }
@@ -418,6 +436,7 @@ impl MountConfig {
             git,
             stream: file.stream.clone(),
             blob: file.blob.clone(),
+            lock_lease: file.lock_lease_ms.map(Duration::from_millis).unwrap_or(crate::lock::DEFAULT_LEASE),
         })
     }
 }

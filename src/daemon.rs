@@ -467,6 +467,12 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
             .map_err(|e| anyhow!("cannot open the state directory: {e}"))?,
     );
     core.start_tiers();
+    if let Some(nats) = &nats {
+        match runtime.block_on(crate::lock::Locks::shared(&cfg.node, nats, cfg.lock_lease)) {
+            Ok(locks) => core.set_locks(locks),
+            Err(e) => tracing::warn!(error = %e, "flock and fcntl locks stay on this node: the lock buckets cannot be opened"),
+        }
+    }
     if let Some(git) = &git {
         // A remote that does not answer holds the mount at most this long (libgit2's own
         // connect timeout is 10 s); its files then arrive once it does.
@@ -703,9 +709,11 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
         let _ = g.wait();
     }
     tracing::info!(mountpoint = %cfg.mountpoint.display(), "unmounted");
-    // Release what this mount holds (ephemeral claims), then stop.
+    // Release what this mount holds (locks, ephemeral claims), then stop.
     let shutdown = core.shutdown();
+    let locks = core.locks().clone();
     let finished = runtime.block_on(async move {
+        let _ = tokio::time::timeout(Duration::from_secs(5), locks.release_all()).await;
         let done = tokio::time::timeout(Duration::from_secs(10), shutdown.into_future()).await;
         if let Some(nats) = &nats {
             // Flushes what is in flight and closes the connection, so no client task outlives

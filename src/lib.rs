@@ -16,6 +16,7 @@ pub mod fs;
 pub mod fuse;
 pub mod guard;
 pub mod hlc;
+pub mod lock;
 pub mod logging;
 pub mod merge;
 pub mod moves;

@@ -48,6 +48,15 @@ impl<T: Send + 'static, E: Send + 'static> Op<T, E> {
         }
     }
 
+    /// Runs the op `next` makes of this one's outcome, success or failure: at once if both
+    /// are ready, else in one future.
+    pub fn then<U: Send + 'static, E2: Send + 'static>(self, next: impl FnOnce(Result<T, E>) -> Op<U, E2> + Send + 'static) -> Op<U, E2> {
+        match self {
+            Op::Ready(result) => next(result),
+            Op::Pending(future) => Op::pending(async move { next(future.await).into_future().await }),
+        }
+    }
+
     /// Calls `f` with the error, if the outcome is one.
     pub fn inspect_err(self, f: impl FnOnce(&E) + Send + 'static) -> Self {
         match self {

@@ -25,6 +25,9 @@ pub enum FsError {
     /// A tier refused or failed.
     #[error(transparent)]
     Tier(#[from] TierError),
+    /// A `flock`/`fcntl` lock was not granted.
+    #[error(transparent)]
+    Lock(#[from] crate::lock::LockError),
     /// Content that this path's policy validates is invalid; the old content is kept.
     #[error("{path}: {reason}")]
     InvalidContent {
@@ -102,6 +105,8 @@ impl FsError {
                 TierError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
                 TierError::Backend(_) => libc::EIO,
             },
+            FsError::Lock(crate::lock::LockError::Conflict(_)) => libc::EAGAIN,
+            FsError::Lock(crate::lock::LockError::Unavailable(_)) => libc::ENOLCK,
             FsError::InvalidContent { .. } => libc::EINVAL,
             FsError::CrossTier { .. } => libc::EXDEV,
             FsError::Unsupported { .. } => libc::EPERM,

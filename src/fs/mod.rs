@@ -21,11 +21,12 @@ pub mod error;
 pub mod handle;
 pub mod inode;
 mod io;
+mod locks;
 mod remote;
 pub mod tree;
 mod xattr;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
 use std::num::NonZeroUsize;
@@ -300,6 +301,10 @@ pub struct Core {
     /// Counts other nodes' changes applied to the tree: an operation that saw it move while
     /// its tier worked must drop the kernel's entries it may have left stale.
     remote_applies: AtomicU64,
+    /// Where `flock` and `fcntl` locks are kept (set by the daemon; this mount's own until then).
+    locks: OnceLock<Arc<crate::lock::Locks>>,
+    /// The locks taken through each file handle, released when it is.
+    lock_handles: Mutex<HashMap<u64, HashSet<(crate::lock::LockKey, u64)>>>,
 }
 
 /// Read and write requests served by the core, for `syncfs status`.
@@ -388,6 +393,8 @@ impl Core {
             counters,
             io: IoCounters::default(),
             remote_applies: AtomicU64::new(0),
+            locks: OnceLock::new(),
+            lock_handles: Mutex::new(HashMap::new()),
         })
     }
 

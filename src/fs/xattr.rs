@@ -90,6 +90,8 @@ impl Core {
                 .map(String::into_bytes)
                 .or_else(|| self.tier(&target).attribute(&target, name)),
             "content" => None,
+            // The fencing revision of this mount's lock on the file, while it holds one.
+            "lock" => self.lock_fence(&target).map(|f| f.to_string().into_bytes()),
             _ => {
                 let tier = self.tier(&target);
                 match tier.attribute(&target, name) {

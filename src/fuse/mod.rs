@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 use fuser::{
     AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock,
     ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use parking_lot::Mutex;
@@ -334,6 +334,9 @@ impl Filesystem for FuseAdapter {
             InitFlags::FUSE_DO_READDIRPLUS,
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_CACHE_SYMLINKS,
+            // Locks are the filesystem's: the cluster's on synced paths (crate::lock).
+            InitFlags::FUSE_POSIX_LOCKS,
+            InitFlags::FUSE_FLOCK_LOCKS,
         ] {
             let _ = config.add_capabilities(flag);
         }
@@ -593,9 +596,54 @@ impl Filesystem for FuseAdapter {
         }
     }
 
-    fn flush(&self, req: &Request, ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(&self, req: &Request, ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
         let _s = tracing::debug_span!("flush", pid = req.pid(), ino = ino.0, fh = fh.0).entered();
-        self.answer(self.core.flush(fh.0), "flush", move |r| match r {
+        // What the process wrote is committed before its locks go: the next holder reads it.
+        let core = self.core.clone();
+        let op = self.core.flush(fh.0).then(move |flushed| {
+            let unlocked = core.unlock_owner(ino.0, lock_owner.0);
+            unlocked.then(move |u| Op::Ready(flushed.and(u)))
+        });
+        self.answer(op, "flush", move |r| match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        });
+    }
+
+    fn getlk(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        _pid: u32,
+        reply: ReplyLock,
+    ) {
+        let _s = tracing::debug_span!("getlk", pid = req.pid(), ino = ino.0).entered();
+        self.answer(self.core.getlk(ino.0, lock_owner.0, start, end, typ), "getlk", move |r| match r {
+            Ok(l) => reply.locked(l.start, l.end, l.typ, l.pid),
+            Err(e) => reply.error(e),
+        });
+    }
+
+    fn setlk(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        let _s = tracing::debug_span!("setlk", pid = req.pid(), ino = ino.0, typ, sleep).entered();
+        self.answer(self.core.setlk(ino.0, fh.0, lock_owner.0, start, end, typ, pid, sleep), "setlk", move |r| match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         });
@@ -613,7 +661,11 @@ impl Filesystem for FuseAdapter {
     ) {
         let _s = tracing::debug_span!("release", pid = req.pid(), ino = ino.0, fh = fh.0).entered();
         self.release_backing(ino.0, fh.0);
-        self.answer(self.core.release(fh.0), "release", move |r| match r {
+        let core = self.core.clone();
+        let op = self.core.release(fh.0).then(move |released| {
+            core.unlock_handle(fh.0).then(move |u| Op::Ready(released.and(u)))
+        });
+        self.answer(op, "release", move |r| match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         });

@@ -277,6 +277,25 @@ pub trait Tier: Send + Sync + 'static {
         })
     }
 
+    /// Whether `flock`/`fcntl` locks on this tier's paths are the cluster's (held in NATS,
+    /// seen by every node) rather than this mount's.
+    fn shares_locks(&self) -> bool {
+        false
+    }
+
+    /// Makes this node's changes visible to other nodes now: called before a lock on a path
+    /// of a tier that [shares locks](Tier::shares_locks) is released, so the next holder can
+    /// read them (git pushes what is pending; KV writes are on the server at their close).
+    fn publish(&self) -> Op<(), TierError> {
+        Op::ok(())
+    }
+
+    /// Brings the tree up to what the backend holds now: a program that just acquired a lock
+    /// reads what the last holder wrote (on any of this tier's paths) before releasing it.
+    fn settle(&self, _at: &Target) -> Op<(), TierError> {
+        Op::ok(())
+    }
+
     /// The permission bits of the regular file at `at` changed to `mode` (after the tree's
     /// file took them). Tiers that store the executable bit (git) record it; others keep
     /// modes node-local.
@@ -475,6 +494,11 @@ impl Tiers {
     /// Adds a tier.
     pub fn add(&mut self, tier: Arc<dyn Tier>) {
         self.tiers.push((tier.kind(), tier));
+    }
+
+    /// Every tier of the mount.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<dyn Tier>> {
+        self.tiers.iter().map(|(_, t)| t)
     }
 
     /// The tier of a kind, if this mount has it.

@@ -53,6 +53,9 @@ use crate::nats::{Nats, Secret};
 use crate::op::Op;
 use crate::policy::{Consistency, MergeRule, PolicyTable, TierKind, POLICY_FILE};
 
+/// How long a lock's release waits for its push, and its grant for the fetch.
+const LOCK_SYNC_WAIT: Duration = Duration::from_secs(10);
+
 /// The largest document whose immutable fields are checked at write time.
 const MAX_CHECKED_SIZE: u64 = 16 << 20;
 
@@ -688,6 +691,26 @@ impl GitTier {
         *ready
     }
 
+    /// Runs one worker cycle now for a lock: commit and push what is pending, and with `fetch`
+    /// also fetch and install the remote's changes. Waits at most [`LOCK_SYNC_WAIT`].
+    fn sync_now(&self, fetch: bool) -> Op<(), TierError> {
+        if self.remote.is_none() {
+            return Op::ok(());
+        }
+        let shared = self.shared.clone();
+        Op::pending(async move {
+            blocking(move || {
+                let (ack, done) = mpsc::channel();
+                shared.send(Cmd::Sync { fetch, ack });
+                if done.recv_timeout(LOCK_SYNC_WAIT).is_err() {
+                    tracing::warn!(fetch, "the git cycle a lock asked for did not finish within {LOCK_SYNC_WAIT:?}; the other node may read older versions");
+                }
+                Ok(())
+            })
+            .await
+        })
+    }
+
     /// Asks the worker to fetch now (another node pushed).
     pub fn fetch_now(&self) {
         self.shared.send(Cmd::Fetch);
@@ -941,6 +964,18 @@ impl Tier for GitTier {
 
     fn supports_hard_links(&self) -> bool {
         false
+    }
+
+    fn shares_locks(&self) -> bool {
+        true
+    }
+
+    fn publish(&self) -> Op<(), TierError> {
+        self.sync_now(false)
+    }
+
+    fn settle(&self, _at: &Target) -> Op<(), TierError> {
+        self.sync_now(true)
     }
 
     fn symlink(&self, at: &Target, target: &std::ffi::OsStr) -> Op<Option<Revision>, TierError> {

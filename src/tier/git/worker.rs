@@ -40,6 +40,15 @@ pub(crate) enum Cmd {
     CommitNow(mpsc::Sender<()>),
     /// Another node pushed.
     Fetch,
+    /// A lock is about to be released (`fetch: false`: commit and push what is pending) or was
+    /// just granted (`fetch: true`: also fetch and install the remote's changes); answered
+    /// once the cycle that does it is over.
+    Sync {
+        /// Also fetch and install.
+        fetch: bool,
+        /// Answered after the cycle.
+        ack: mpsc::Sender<()>,
+    },
     /// Unmount: commit, push once, then answer and stop.
     Shutdown(mpsc::Sender<()>),
 }
@@ -182,6 +191,8 @@ impl Worker {
         let mut shutdown: Option<mpsc::Sender<()>> = None;
         // fsyncs waiting for the next commit.
         let mut waiting: Vec<mpsc::Sender<()>> = Vec::new();
+        // Lock calls waiting for a whole cycle (commit, push, fetch, install).
+        let mut syncs: Vec<mpsc::Sender<()>> = Vec::new();
         loop {
             let now = Instant::now();
             if let Some((first, last)) = dirty {
@@ -237,6 +248,9 @@ impl Worker {
             // (a program that sees the file and then asks must not get an older list).
             self.update_info();
             self.apply_to_tree();
+            for ack in syncs.drain(..) {
+                let _ = ack.send(());
+            }
             {
                 let (lock, cond) = &self.shared.ready;
                 let mut ready = lock.lock();
@@ -278,6 +292,18 @@ impl Worker {
                     Cmd::Fetch => {
                         fetch_at = now;
                         retry_at = None;
+                    }
+                    Cmd::Sync { fetch, ack } => {
+                        if !self.shared.state.lock().pending.is_empty() {
+                            dirty = Some(dirty.map_or((now, now), |(f, _)| (f, now)));
+                            commit_now = true;
+                        }
+                        if fetch {
+                            fetch_at = now;
+                        }
+                        push |= self.ahead();
+                        retry_at = None;
+                        syncs.push(ack);
                     }
                     Cmd::Shutdown(ack) => {
                         if !self.shared.state.lock().pending.is_empty() {

@@ -66,6 +66,8 @@ const NODE_HEADER: &str = "Syncfs-Node";
 const KV_OPERATION: &str = "KV-Operation";
 /// Room left under the server's `max_payload` for the headers syncfs adds.
 const HEADER_ROOM: usize = 1024;
+/// How long a lock holder waits for a bucket's watch to reach the server's last message.
+const SETTLE_WAIT: Duration = Duration::from_secs(2);
 
 /// One bucket: the policy it serves and where its paths live.
 #[derive(Debug)]
@@ -142,6 +144,9 @@ pub(crate) struct Inner {
     streams: Mutex<Vec<Option<Stream>>>,
     /// Buckets whose view is complete in the current connection.
     synced: watch::Sender<Vec<bool>>,
+    /// The last stream sequence each bucket's watch has applied: a lock holder waits for the
+    /// server's last one (see [`Tier::settle`]).
+    handled: watch::Sender<Vec<u64>>,
     /// Timers, the supervisor, and the current connection's work (replay, then the watches).
     tasks: Tasks,
     rt: tokio::runtime::Handle,
@@ -237,6 +242,7 @@ impl KvTier {
                 sink: OnceLock::new(),
                 streams: Mutex::new(vec![None; n]),
                 synced: watch::channel(vec![false; n]).0,
+                handled: watch::channel(vec![0; n]).0,
                 tasks: Tasks::default(),
                 rt,
                 ids: MsgIds::new(node),
@@ -802,6 +808,36 @@ impl Tier for KvTier {
 
     fn supports_hard_links(&self) -> bool {
         false
+    }
+
+    fn shares_locks(&self) -> bool {
+        true
+    }
+
+    fn settle(&self, _at: &Target) -> Op<(), TierError> {
+        let inner = self.inner.clone();
+        Op::pending(async move {
+            // Every bucket, not only the locked file's: the last holder may have written any
+            // file before it released. What the server held when the lock was granted is in
+            // each stream by then; the watches apply in stream order.
+            for bucket in 0..inner.buckets.len() {
+                let Some(stream) = inner.stream(bucket) else { continue };
+                let info = tokio::time::timeout(SETTLE_WAIT, stream.get_info())
+                    .await
+                    .map_err(|_| unavailable("the bucket's state did not come"))?
+                    .map_err(|e| unavailable(format!("the bucket's state: {e}")))?;
+                if info.state.messages == 0 {
+                    continue;
+                }
+                let last = info.state.last_sequence;
+                let mut handled = inner.handled.subscribe();
+                // The newest message may have expired since (a TTL): then no watch brings it.
+                if tokio::time::timeout(SETTLE_WAIT, handled.wait_for(|h| h[bucket] >= last)).await.is_err() {
+                    tracing::debug!(bucket = %inner.buckets[bucket].name, last, "the watch did not reach the bucket's last message in time");
+                }
+            }
+            Ok(())
+        })
     }
 
     fn attribute(&self, at: &Target, name: &str) -> Option<Vec<u8>> {

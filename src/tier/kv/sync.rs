@@ -215,7 +215,10 @@ struct Watch {
 
 impl jetstream::LastValues for Watch {
     fn handle(&self, message: &async_nats::Message, seq: u64, created: SystemTime) -> Option<PathBuf> {
-        handle(&self.inner, self.bucket, message, seq, created)
+        let path = handle(&self.inner, self.bucket, message, seq, created);
+        let bucket = self.bucket;
+        self.inner.handled.send_modify(|h| h[bucket] = h[bucket].max(seq));
+        path
     }
 
     fn caught_up(&self, seen: &HashSet<PathBuf>) {
