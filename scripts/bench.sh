@@ -398,6 +398,7 @@ print(f"| in-memory merge of one YAML document, 1000 fields edited (500 per side
 n, secs = g["converge"]
 print(f"| {n} issues edited on both nodes offline (different fields), remote back: until both agree | {float(secs):.2f} s |")
 PY
+{ printf '\n### Locks (scripts/lockbench.sh)\n\n'; bash scripts/lockbench.sh "$SYNCFS"; } >> "$work/benchmarks.md" 2>>"$errors"
 out=docs/benchmarks.md
 [ "$BENCH_ON" = tmpfs ] || out=docs/benchmarks-disk.md
 # The measured part goes between the markers; hand-written notes around it stay.

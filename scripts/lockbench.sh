@@ -80,7 +80,7 @@ ho = {
     "handover A -> B, syncfs `flock` (B blocked in `flock -x`)":
         handover("flock -x fast/casual/lock sh -c 'echo held; sleep 0.5; date +%s%N'", "flock -x fast/casual/lock date +%s%N"),
     "handover A -> B, `etcdctl lock` (B blocked in `etcdctl lock`)":
-        handover(f"{etcd} lock hand sh -c 'echo held; sleep 0.5; date +%s%N'", f"{etcd} lock hand date +%s%N"),
+        handover(f"{etcd} lock hand -- sh -c 'echo held; sleep 0.5; date +%s%N'", f"{etcd} lock hand -- date +%s%N"),
 }
 print("| lock operation (one command per acquisition) | p50 | p90 |")
 print("|---|---|---|")
