@@ -28,4 +28,5 @@ mod posix;
 mod proxy;
 mod reads;
 mod stream;
+mod tbd;
 mod tools;

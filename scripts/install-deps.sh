@@ -86,6 +86,17 @@ for tool in "${POSIX_TOOLS[@]}"; do
   fi
 done
 
+# tbd (npm get-tbd), pinned: the end-to-end test of the issue tracker on two nodes
+# (mount-tests/tbd.rs). It needs node and git >= 2.42; npm comes with Debian's nodejs.
+TBD_VERSION=0.2.3
+TBD_ROOT=$TOOLS_ROOT/tbd
+if [ "$("$TBD_ROOT/node_modules/.bin/tbd" --version 2>/dev/null)" != "$TBD_VERSION" ]; then
+  command -v npm >/dev/null || { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nodejs npm >/dev/null; }
+  echo "install-deps: installing get-tbd $TBD_VERSION into $TBD_ROOT"
+  $SUDO mkdir -p "$TBD_ROOT"
+  $SUDO npm install --silent --no-audit --no-fund --prefix "$TBD_ROOT" "get-tbd@$TBD_VERSION"
+fi
+
 if [ ! -e /dev/fuse ]; then
   echo "install-deps: warning: /dev/fuse is missing; mounting will fail (load the fuse module, or run the container with --device /dev/fuse)" >&2
 fi
