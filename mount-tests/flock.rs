@@ -313,3 +313,75 @@ fn sqlite3_on_two_nodes_keeps_every_row_it_reported_stored() {
         eprintln!("sqlite: node {n}: {} retried transactions", errors.lines().count());
     }
 }
+
+const CRITICAL: &str = r#"
+import fcntl, json, os, random, sys, time
+lock, value, node, rounds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+random.seed(node)
+fd = os.open(lock, os.O_RDWR)
+for i in range(rounds):
+    fcntl.lockf(fd, fcntl.LOCK_EX)
+    t0 = time.time_ns()
+    with open(value) as f:
+        seen = f.read().strip()
+    wrote = '%s-%d' % (node, i)
+    with open(value, 'w') as f:
+        f.write(wrote + '\n')
+    t1 = time.time_ns()
+    fcntl.lockf(fd, fcntl.LOCK_UN)
+    print(json.dumps([t0, t1, seen, wrote]), flush=True)
+    time.sleep(random.random() * 0.05)
+"#;
+
+#[test]
+fn lock_histories_of_three_nodes_show_one_holder_at_a_time_and_each_reads_the_last_write() {
+    // A checker, not a scenario: every holder records when it held the lock (inside the
+    // critical section, by one machine's clock), what it read and what it wrote. Sorted by
+    // start, no two sections overlap, and each reads what the previous holder wrote.
+    let (server, remote) = (NatsServer::start(), Remote::new());
+    let (a, b) = two_nodes(&server, &remote);
+    let c = node("c", &server, &remote);
+    a.sh_ok("echo init > fast/casual/value");
+    for m in [&b, &c] {
+        assert!(wait_for(Duration::from_secs(20), || m.path("fast/casual/lock").exists()
+            && std::fs::read_to_string(m.path("fast/casual/value")).is_ok_and(|v| v == "init\n")));
+    }
+    const ROUNDS: usize = 12;
+    let runners: Vec<(String, Child)> = [("a", &a), ("b", &b), ("c", &c)]
+        .iter()
+        .map(|(n, m)| {
+            let child = Command::new("python3")
+                .args(["-c", CRITICAL, "fast/casual/lock", "fast/casual/value", n, &ROUNDS.to_string()])
+                .current_dir(m.path(""))
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            (n.to_string(), child)
+        })
+        .collect();
+    let mut sections: Vec<(u128, u128, String, String, String)> = Vec::new();
+    for (n, child) in runners {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "node {n}'s holder failed");
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let (t0, t1, seen, wrote): (u128, u128, String, String) = serde_json::from_str(line).unwrap();
+            sections.push((t0, t1, seen, wrote, n.clone()));
+        }
+    }
+    assert_eq!(sections.len(), 3 * ROUNDS);
+    sections.sort();
+    let mut violations = Vec::new();
+    let mut last = "init".to_string();
+    for (i, (t0, t1, seen, wrote, n)) in sections.iter().enumerate() {
+        if let Some(next) = sections.get(i + 1) {
+            if next.0 < *t1 {
+                violations.push(format!("two holders: {n} held {t0}..{t1}, {} took it at {}", next.4, next.0));
+            }
+        }
+        if *seen != last {
+            violations.push(format!("{n} read {seen:?} under the lock at {t0}; the last holder wrote {last:?}"));
+        }
+        last = wrote.clone();
+    }
+    assert!(violations.is_empty(), "{} violations:\n{}", violations.len(), violations.join("\n"));
+}
