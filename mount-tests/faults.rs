@@ -2060,7 +2060,7 @@ fn k9_writers<'s>(s: &'s std::thread::Scope<'s, '_>, rec: &'s Recorder, node: &'
 /// After the last remount, observer B (never killed) must show the same for everything but
 /// the local tier, and every node's KV view must equal the server's. One nats-server and one
 /// git remote for the whole run. 100 kill points in all (1,000 with `SYNCFS_SOAK`), asserted;
-/// a time budget (5 min; 30 min with soak) only stops a run that cannot make progress. The
+/// a time budget (5 min; 50 min with soak) only stops a run that cannot make progress. The
 /// first failing remount stops the run.
 #[test]
 fn kill9_of_the_daemon_at_random_points_loses_no_acknowledged_write() {
