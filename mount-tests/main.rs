@@ -9,6 +9,7 @@ mod crash;
 mod damage;
 mod disk;
 mod errors;
+mod events;
 mod fast;
 mod flock;
 mod faults;

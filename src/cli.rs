@@ -60,6 +60,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Follow changes as they happen on this node and as other nodes' changes arrive.
+    Watch {
+        /// Only paths matching one of these globs (relative to the sync root; `**` crosses
+        /// directories). None: every path.
+        globs: Vec<String>,
+        /// The mount [default: the syncfs mount holding the current directory].
+        #[arg(long, value_name = "MOUNTPOINT")]
+        mount: Option<PathBuf>,
+        /// Print each event as its JSON line (the format of `.syncfs/events`).
+        #[arg(long)]
+        json: bool,
+        /// Start with the events the feed still holds, not only new ones.
+        #[arg(long)]
+        all: bool,
+    },
     /// Work with policy tables.
     Policy {
         #[command(subcommand)]
@@ -150,19 +165,34 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Status { mountpoint, json } => {
             let mountpoint = crate::config::absolute(&mountpoint)?;
-            match daemon::probe(&mountpoint)? {
-                MountState::Syncfs(status) => {
+            // Exit codes (docs/OPERATIONS.md): 0 healthy, 1 degraded, 2 not a running mount.
+            let not_running = |message: String| {
+                eprintln!("syncfs: {message}");
+                Ok(ExitCode::from(2))
+            };
+            match daemon::probe(&mountpoint) {
+                Ok(MountState::Syncfs(status)) => {
                     if json {
                         println!("{}", serde_json::to_string_pretty(&status)?);
                     } else {
                         print!("{}", status.render());
                     }
-                    Ok(ExitCode::SUCCESS)
+                    let healthy = status.problems(std::time::SystemTime::now()).is_empty();
+                    Ok(if healthy { ExitCode::SUCCESS } else { ExitCode::from(1) })
                 }
-                MountState::Stale => bail!("{}", daemon::stale_message(&mountpoint)),
-                MountState::NotMounted => bail!("{} is not mounted", mountpoint.display()),
-                MountState::OtherMount => bail!("{} is not a syncfs mount", mountpoint.display()),
+                Ok(MountState::Stale) => not_running(daemon::stale_message(&mountpoint)),
+                Ok(MountState::NotMounted) => not_running(format!("{} is not mounted", mountpoint.display())),
+                Ok(MountState::OtherMount) => not_running(format!("{} is not a syncfs mount", mountpoint.display())),
+                Err(e) => not_running(format!("{}: {e:#}", mountpoint.display())),
             }
+        }
+        Command::Watch { globs, mount, json, all } => {
+            let mountpoint = match mount {
+                Some(m) => crate::config::absolute(&m)?,
+                None => find_mount(&std::env::current_dir()?)?,
+            };
+            watch(&mountpoint, &globs, json, all)?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Policy {
             command: PolicyCommand::Check { file },
@@ -193,6 +223,83 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The syncfs mount holding `dir`: the nearest directory up from it that is a mount's root.
+fn find_mount(dir: &Path) -> anyhow::Result<PathBuf> {
+    let mut at = Some(dir);
+    while let Some(d) = at {
+        if let Ok(MountState::Syncfs(_)) = daemon::probe(d) {
+            return Ok(d.to_path_buf());
+        }
+        at = d.parent();
+    }
+    bail!("{} is not inside a syncfs mount; give --mount", dir.display())
+}
+
+/// `syncfs watch`: follows the mount's `.syncfs/events` (from its end, or its start with
+/// `all`) and prints the events whose path matches a glob. Runs until interrupted.
+fn watch(mountpoint: &Path, globs: &[String], json: bool, all: bool) -> anyhow::Result<()> {
+    use std::io::{BufRead, Seek, SeekFrom, Write};
+    let mut set = globset::GlobSetBuilder::new();
+    for g in globs {
+        let glob = globset::GlobBuilder::new(g)
+            .literal_separator(true)
+            .build()
+            .with_context(|| format!("invalid glob `{g}`"))?;
+        set.add(glob);
+    }
+    let set = set.build()?;
+    let path = mountpoint.join(crate::events::EVENTS_FILE);
+    let file = std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut reader = std::io::BufReader::new(file);
+    let mut at = if all { 0 } else { reader.seek(SeekFrom::End(0))? };
+    let mut line = String::new();
+    let stdout = std::io::stdout();
+    loop {
+        let len = reader.get_ref().metadata()?.len();
+        if len < at {
+            // The feed was emptied (it passed its size limit): go on from its start.
+            at = reader.seek(SeekFrom::Start(0))?;
+        }
+        line.clear();
+        let n = reader.read_line(&mut line)?;
+        if n == 0 || !line.ends_with('\n') {
+            // Nothing new, or a line still being written: read it whole later.
+            reader.seek(SeekFrom::Start(at))?;
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            continue;
+        }
+        at += n as u64;
+        let Ok(event) = serde_json::from_str::<crate::events::Event>(line.trim_end()) else { continue };
+        if !globs.is_empty() && !set.is_match(&event.path) && !event.to.as_deref().is_some_and(|t| set.is_match(t)) {
+            continue;
+        }
+        let mut out = stdout.lock();
+        let written = if json {
+            out.write_all(line.as_bytes())
+        } else {
+            writeln!(out, "{}", render_event(&event))
+        };
+        if written.and_then(|()| out.flush()).is_err() {
+            // A closed pipe (`syncfs watch | head`): done.
+            return Ok(());
+        }
+    }
+}
+
+/// One event as `syncfs watch` prints it.
+pub fn render_event(e: &crate::events::Event) -> String {
+    let node = e.node.as_deref().unwrap_or("?");
+    let path = match &e.to {
+        Some(to) => format!("{} -> {to}", e.path),
+        None => e.path.clone(),
+    };
+    let mut text = format!("{} {node} {} {} {path} ({})", e.time, e.origin, e.op, e.tier);
+    if let Some(rev) = &e.rev {
+        text.push_str(&format!(" rev {rev}"));
+    }
+    text
 }
 
 /// The table `policy explain` uses, and a name for where it came from.

@@ -52,6 +52,8 @@ pub struct MountConfig {
     pub policies_seed: Option<PathBuf>,
     /// The log filter (`SYNCFS_LOG` wins).
     pub log: String,
+    /// A background mount's log is rotated at this size (`log_max_bytes`).
+    pub log_max_bytes: u64,
     /// NATS: servers (`--nats`, `nats.url`; none means the embedded default), credentials,
     /// TLS and bucket settings.
     pub nats: NatsSettings,
@@ -65,6 +67,9 @@ pub struct MountConfig {
     pub lock_lease: Duration,
 }
 
+/// Where a background mount's log is rotated unless `log_max_bytes` says otherwise.
+pub const DEFAULT_LOG_MAX_BYTES: u64 = 64 << 20;
+
 /// Values read from a config file; `None` where the file is silent.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct FileConfig {
@@ -76,6 +81,8 @@ pub struct FileConfig {
     pub allow_other: Option<bool>,
     /// `log`
     pub log: Option<String>,
+    /// `log_max_bytes`
+    pub log_max_bytes: Option<u64>,
     /// `policies_seed`
     pub policies_seed: Option<PathBuf>,
     /// `fuse.threads`
@@ -153,6 +160,13 @@ impl FileConfig {
                 "state" => cfg.state = Some(base.join(string(file, value, "state")?)),
                 "allow_other" => cfg.allow_other = Some(boolean(file, value, "allow_other")?),
                 "log" => cfg.log = Some(string(file, value, "log")?),
+                "log_max_bytes" => {
+                    let n = number(file, value, "log_max_bytes")?;
+                    if n < 4096 {
+                        return Err(at(file, value, "`log_max_bytes` must be at least 4096"));
+                    }
+                    cfg.log_max_bytes = Some(n);
+                }
                 "policies_seed" => {
                     cfg.policies_seed = Some(base.join(string(file, value, "policies_seed")?))
                 }
@@ -365,7 +379,7 @@ impl FileConfig {
                         key,
                         format!(
                             "unknown key `{other}` (expected node, state, allow_other, log, \
-                             policies_seed, fuse, nats, git, cache, locks)"
+                             log_max_bytes, policies_seed, fuse, nats, git, cache, locks)"
                         ),
                     ))
                 }
@@ -432,6 +446,7 @@ impl MountConfig {
             },
             policies_seed: file.policies_seed.clone(),
             log: file.log.clone().unwrap_or_else(|| "info".into()),
+            log_max_bytes: file.log_max_bytes.unwrap_or(DEFAULT_LOG_MAX_BYTES),
             nats,
             git,
             stream: file.stream.clone(),

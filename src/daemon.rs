@@ -349,9 +349,39 @@ fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
+/// Makes `.syncfs/events` and `.syncfs/status` in the tree (syncfs's own files: the feed
+/// starts empty at each mount, the status is made at each open) and starts the feed.
+fn start_events(core: &Arc<Core>, tree: &Path, node: &str) -> anyhow::Result<()> {
+    let dir = tree.join(".syncfs");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot make {}", dir.display()))?;
+    for name in [crate::events::EVENTS_FILE, crate::status::STATUS_FILE] {
+        let path = tree.join(name);
+        let file = OpenOptions::new().create(true).write(true).truncate(true).mode(0o644).open(&path)
+            .with_context(|| format!("cannot make {}", path.display()))?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+    }
+    let path = tree.join(crate::events::EVENTS_FILE);
+    let file = OpenOptions::new().append(true).open(&path)?;
+    let weak = Arc::downgrade(core);
+    let events = crate::events::Events::start(
+        node.to_string(),
+        file,
+        Box::new(move || {
+            if let Some(core) = weak.upgrade() {
+                core.invalidate_path(Path::new(crate::events::EVENTS_FILE));
+            }
+        }),
+    )?;
+    core.set_events(Arc::new(events));
+    Ok(())
+}
+
 /// Runs a mount in this process until it is unmounted or signalled.
 fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow::Result<()> {
     crate::logging::init(&cfg.log);
+    if !log_file.is_empty() {
+        crate::logging::rotate_at(Path::new(&log_file), cfg.log_max_bytes);
+    }
     // Modes from the kernel are final (it applied the caller's umask already).
     // SAFETY: umask cannot fail.
     unsafe { libc::umask(0) };
@@ -466,6 +496,7 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
         Core::new(&tree, &spool, policies.clone(), tiers, CoreConfig::default())
             .map_err(|e| anyhow!("cannot open the state directory: {e}"))?,
     );
+    start_events(&core, &tree, &cfg.node)?;
     core.start_tiers();
     if let Some(nats) = &nats {
         match runtime.block_on(crate::lock::Locks::shared(&cfg.node, nats, cfg.lock_lease)) {
@@ -645,6 +676,17 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
                 })
                 .unwrap_or_default(),
             journal_damage: status_kv.as_ref().map(|k| k.journal_damage()).unwrap_or_default(),
+            events: core
+                .events()
+                .map(|e| {
+                    let (written, dropped) = e.counts();
+                    crate::status::EventsStatus { written, dropped }
+                })
+                .unwrap_or_default(),
+            log: crate::status::LogStatus {
+                left_out: crate::logging::left_out_lines(),
+                dropped: crate::logging::dropped_lines(),
+            },
         };
         serde_json::to_vec(&status).unwrap_or_default()
     }));

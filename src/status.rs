@@ -9,6 +9,8 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+/// The status as a file (the same JSON), relative to the sync root.
+pub const STATUS_FILE: &str = ".syncfs/status";
 /// The name of the root attribute that carries the status.
 pub const STATUS_XATTR: &str = "user.syncfs.status";
 /// The name of the root attribute that carries the active policy file.
@@ -58,7 +60,34 @@ pub struct Status {
     /// Damage found in the offline KV journal, until the operator removes each report.
     #[serde(default)]
     pub journal_damage: Vec<JournalDamage>,
+    /// The event feed (`.syncfs/events`).
+    #[serde(default)]
+    pub events: EventsStatus,
+    /// The daemon's log.
+    #[serde(default)]
+    pub log: LogStatus,
 }
+
+/// The event feed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct EventsStatus {
+    /// Events written since the mount started.
+    pub written: u64,
+    /// Events left out (the feed's queue was full, or its disk).
+    pub dropped: u64,
+}
+
+/// The daemon's log.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct LogStatus {
+    /// Warning lines left out by the rate limit (at most 20 a minute from one place).
+    pub left_out: u64,
+    /// Lines that could not be written (a full disk).
+    pub dropped: u64,
+}
+
+/// How long commits may wait for the remote before the mount counts as degraded.
+pub const UNPUSHED_DEGRADED_SECS: u64 = 300;
 
 /// Damage found in the offline KV journal when it was opened: what was lost, and where the
 /// damaged bytes are kept. Also the content of the report file (`kv.log.lost-<time>.json`).
@@ -204,9 +233,54 @@ pub struct TierStatus {
 }
 
 impl Status {
+    /// What makes the mount degraded, if anything (empty: healthy). `syncfs status` exits 1
+    /// when there is something.
+    pub fn problems(&self, now: std::time::SystemTime) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.nats.state == "disconnected" {
+            out.push("NATS is disconnected (fast, append and blob paths cannot sync)".to_string());
+        }
+        if self.git.unpushed > 0 {
+            let since = self.git.last_push.as_deref().or(Some(self.started_at.as_str()));
+            let age = since
+                .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
+                .and_then(|t| now.duration_since(t).ok())
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            if age >= UNPUSHED_DEGRADED_SECS {
+                out.push(format!("{} commits not pushed for {} s", self.git.unpushed, age));
+            }
+        }
+        if let Some(e) = &self.git.error {
+            out.push(format!("git remote: {e}"));
+        }
+        if let Some(e) = &self.git.policy_error {
+            out.push(format!("the remote's policy table is not valid: {e}"));
+        }
+        if !self.git.quarantined.is_empty() {
+            out.push(format!("{} paths quarantined by git", self.git.quarantined.len()));
+        }
+        if !self.conflicts.is_empty() {
+            out.push(format!("{} conflict files", self.conflicts.len()));
+        }
+        if !self.nats.lost_claims.is_empty() {
+            out.push(format!("{} claims lost", self.nats.lost_claims.len()));
+        }
+        if !self.journal_damage.is_empty() {
+            out.push("the KV journal was damaged".to_string());
+        }
+        out
+    }
+
     /// The human-readable form.
     pub fn render(&self) -> String {
         let mut s = String::new();
+        let problems = self.problems(std::time::SystemTime::now());
+        if problems.is_empty() {
+            let _ = writeln!(s, "health:       ok");
+        } else {
+            let _ = writeln!(s, "health:       degraded: {}", problems.join("; "));
+        }
         let _ = writeln!(s, "mount point:  {}", self.mountpoint);
         let _ = writeln!(s, "node:         {}", self.node);
         let _ = writeln!(s, "daemon:       pid {}, up since {}", self.pid, self.started_at);

@@ -63,8 +63,8 @@ pub enum FsError {
     /// An `O_TRUNC` open of a file a program on this node is executing.
     #[error("{0} is being executed")]
     TextBusy(PathBuf),
-    /// A read-only path (the history view).
-    #[error("{0} is read-only (syncfs's history view)")]
+    /// A read-only path: syncfs's own files (the history view, the event feed, the status).
+    #[error("{0} is read-only (syncfs writes it)")]
     ReadOnly(PathBuf),
     /// A `user.syncfs.*` attribute that only syncfs sets.
     #[error("{0} is read-only")]
@@ -132,6 +132,8 @@ impl FsError {
                 | libc::EISDIR
                 | libc::ENOTDIR
                 | libc::EOPNOTSUPP
+                // A program writing syncfs's own files: its own mistake, nothing to fix here.
+                | libc::EROFS
         )
     }
 

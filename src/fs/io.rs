@@ -86,6 +86,9 @@ impl Core {
             Ok(t) => t,
             Err(e) => return Op::err(e),
         };
+        if target.path == Path::new(crate::status::STATUS_FILE) {
+            return Op::Ready(self.open_snapshot(ino));
+        }
         let tier = self.tier(&target).clone();
         let read_base = if truncate {
             // Replaced whole: made from what this program read before, if it did.
@@ -125,6 +128,36 @@ impl Core {
             }
         }
         Op::Ready(self.open_handle(ino, &target, Opening { read_base, ..opening(None) }))
+    }
+
+    /// Opens `.syncfs/status`: a handle of its own on the status as it is now (the same JSON
+    /// as `syncfs status --json`), read without the kernel's page cache or size (direct I/O),
+    /// so every open reads a whole, fresh document, like a file of /proc.
+    fn open_snapshot(&self, ino: Ino) -> Result<Opened, FsError> {
+        let mut json = self.status.get().map(|f| f()).unwrap_or_default();
+        json.push(b'\n');
+        // SAFETY: a valid C string; a new fd we own on success.
+        let fd = unsafe { libc::memfd_create(c"syncfs-status".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        // SAFETY: a new fd we own.
+        let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        file.write_all_at(&json, 0)?;
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.inodes.lock().get_mut(ino).ok_or(FsError::UnknownInode(ino))?.opens += 1;
+        let handle = Handle {
+            ino,
+            io: HandleIo::Direct(Arc::new(file)),
+            append: false,
+            writable: false,
+            commits: false,
+            opener: 0,
+            exec: false,
+            refused: Default::default(),
+        };
+        self.handles.lock().insert(fh, Arc::new(handle));
+        Ok(Opened { fh, passthrough: None, keep_cache: false, needs_flush: false, direct_io: true })
     }
 
     fn has_stage(&self, ino: Ino) -> bool {
@@ -178,6 +211,7 @@ impl Core {
                 passthrough: Some(file),
                 keep_cache: true,
                 needs_flush: false,
+                direct_io: false,
             });
         }
 
@@ -199,6 +233,7 @@ impl Core {
                     passthrough: None,
                     keep_cache: false,
                     needs_flush: false,
+                    direct_io: false,
                 });
             }
             // A writer staged the node meanwhile: read through its stage.
@@ -269,6 +304,7 @@ impl Core {
             passthrough: None,
             keep_cache: false,
             needs_flush: true,
+            direct_io: false,
         })
     }
 
@@ -365,6 +401,7 @@ impl Core {
             passthrough: None,
             keep_cache: false,
             needs_flush: writable,
+            direct_io: false,
         })
     }
 
@@ -419,6 +456,7 @@ impl Core {
                 }
             }
             this.clear_refusal(&target);
+            this.report("append", &target, None, None);
             // The tree grew by what was buffered: sizes the kernel fetched meanwhile counted it twice.
             this.invalidate_inode(ino);
             Ok(())
@@ -485,6 +523,9 @@ impl Core {
                     }
                     (file, ino, created)
                 };
+                if created {
+                    this.report("create", &target, rev.as_ref(), None);
+                }
                 let fresh = (created || rev.is_some()).then_some(rev);
                 let opening = Opening { flags, created: Some((file, fresh)), content: None, read_base, opener: caller.pid };
                 let opened = match this.open_handle(ino, &target, opening) {
@@ -687,6 +728,13 @@ impl Core {
             }
             HandleIo::Direct(_) | HandleIo::Current(_) | HandleIo::Append { .. } | HandleIo::Arriving { .. } => (None, false),
         };
+        if matches!(handle.io, HandleIo::Direct(_)) && handle.writable {
+            // An in-place file (the local tier): its writes never reach the core one by one
+            // (passthrough), so the feed reports the close of a writer.
+            if let Ok(target) = self.target_of(ino) {
+                self.report("write", &target, None, None);
+            }
+        }
         // From here on the handle's stage is referenced by `stage` and by other handles only.
         drop(handle);
         match stage {
@@ -932,6 +980,7 @@ impl Core {
             match result {
                 Ok(Installed::Yes(rev)) => {
                     stage.installed();
+                    this.report("write", &target, rev.as_ref(), None);
                     if let Some(opener) = opener {
                         this.note_read(Caller { uid: 0, gid: 0, pid: opener }, &target, rev);
                     }

@@ -202,6 +202,8 @@ pub struct Opened {
     pub keep_cache: bool,
     /// Close must reach the core (a staged file commits at flush).
     pub needs_flush: bool,
+    /// Reads bypass the kernel's page cache and its idea of the size (`.syncfs/status`).
+    pub direct_io: bool,
 }
 
 /// Kernel caches the core asks to drop when content changes behind them. Implementations
@@ -305,6 +307,8 @@ pub struct Core {
     locks: OnceLock<Arc<crate::lock::Locks>>,
     /// The locks taken through each file handle, released when it is.
     lock_handles: Mutex<HashMap<u64, HashSet<(crate::lock::LockKey, u64)>>>,
+    /// The event feed (set by the daemon; no events until then).
+    events: OnceLock<Arc<crate::events::Events>>,
 }
 
 /// Read and write requests served by the core, for `syncfs status`.
@@ -395,6 +399,7 @@ impl Core {
             remote_applies: AtomicU64::new(0),
             locks: OnceLock::new(),
             lock_handles: Mutex::new(HashMap::new()),
+            events: OnceLock::new(),
         })
     }
 
@@ -406,6 +411,34 @@ impl Core {
     /// Sets the producer of the root's `user.syncfs.status` attribute.
     pub fn set_status(&self, status: Box<dyn Fn() -> Vec<u8> + Send + Sync>) {
         let _ = self.status.set(status);
+    }
+
+    /// Starts reporting changes to `events`.
+    pub fn set_events(&self, events: Arc<crate::events::Events>) {
+        let _ = self.events.set(events);
+    }
+
+    /// The event feed, once set.
+    pub fn events(&self) -> Option<&Arc<crate::events::Events>> {
+        self.events.get()
+    }
+
+    /// Reports a change a program on this node made.
+    fn report(&self, op: &str, target: &Target, rev: Option<&Revision>, to: Option<&Path>) {
+        if let Some(events) = self.events.get() {
+            events.report(op, &target.path, target.policy.tier, rev.map(|r| r.0.as_str()), false, None, to);
+        }
+    }
+
+    /// Drops the kernel's cached attributes and pages of the tree file at `path`, if the
+    /// kernel knows it (the daemon changed it behind the kernel: the event feed).
+    pub fn invalidate_path(&self, path: &Path) {
+        let Some((dir, name)) = self.entry(path) else { return };
+        let Ok(st) = tree::lstat_at(dir.as_fd(), &name) else { return };
+        let ino = self.inodes.lock().by_ident(Ident::of(&st));
+        if let Some(ino) = ino {
+            self.invalidate_inode(ino);
+        }
     }
 
     /// The policy table this mount applies.
@@ -748,6 +781,7 @@ impl Core {
             Ok(t) => t,
             Err(e) => return Op::err(e),
         };
+        let reported = target.clone();
         if !matches!(kind, Kind::File | Kind::Dir | Kind::Symlink) {
             // Only the local tier stores inodes; synced tiers store files, links and directories.
             if target.policy.tier != TierKind::Local {
@@ -768,7 +802,7 @@ impl Core {
         };
         agreed
             .err_into()
-            .and_then(move |_rev| {
+            .and_then(move |rev| {
                 let dir = this.dir_fd(parent)?;
                 let cname = tree::cname(&name)?;
                 let parent_st = tree::fstat(dir.as_fd())?;
@@ -787,6 +821,13 @@ impl Core {
                 this.own(&fd, &parent_st, caller)?;
                 let st = tree::fstat(fd.as_fd())?;
                 let ino = table.lookup(parent, &name, Ident::of(&st), Kind::from_mode(st.st_mode));
+                drop(table);
+                let op = match kind {
+                    Kind::Dir => "mkdir",
+                    Kind::Symlink => "symlink",
+                    _ => "create",
+                };
+                this.report(op, &reported, rev.as_ref(), None);
                 Ok(Attr::from_stat(ino, &st))
             })
     }
@@ -880,10 +921,12 @@ impl Core {
         let this = self.clone();
         let name = name.to_os_string();
         let path = target.path.clone();
+        let reported = target.clone();
         self.tier(&target)
             .remove(&target, kind)
             .err_into()
             .and_then(move |()| {
+                this.report(if is_dir { "rmdir" } else { "delete" }, &reported, None, None);
                 let dir = this.dir_fd(parent)?;
                 let cname = tree::cname(&name)?;
                 let mut table = this.inodes.lock();
@@ -986,7 +1029,9 @@ impl Core {
                 };
                 if moved.is_ok() {
                     this.clear_refusal(&to);
-                    this.note_read(caller, &to, this.tier(&to).revision(&to));
+                    let rev = this.tier(&to).revision(&to);
+                    this.report("rename", &from, rev.as_ref(), Some(&to.path));
+                    this.note_read(caller, &to, rev);
                 }
                 if synced && this.remote_applies.load(Ordering::SeqCst) != applies_before {
                     // Another node's change of either name may have landed while the tier

@@ -36,11 +36,11 @@ const NEW_DIR_MODE: u32 = 0o755;
 struct CoreSink(Weak<Core>);
 
 impl RemoteSink for CoreSink {
-    fn apply(&self, path: &Path, change: RemoteChange, rev: Option<Revision>) -> Result<(), String> {
+    fn apply_from(&self, path: &Path, change: RemoteChange, rev: Option<Revision>, node: Option<&str>) -> Result<(), String> {
         let Some(core) = self.0.upgrade() else {
             return Ok(());
         };
-        core.apply_remote(path, change, rev).map_err(|e| e.to_string())
+        core.apply_remote(path, change, rev, node).map_err(|e| e.to_string())
     }
 
     fn validate(&self, path: &Path, content: &[u8]) -> Result<(), String> {
@@ -202,7 +202,7 @@ impl Core {
     }
 
     /// The directory holding `path` and its name there, if the directory exists.
-    fn entry(&self, path: &Path) -> Option<(Arc<OwnedFd>, std::ffi::CString)> {
+    pub(super) fn entry(&self, path: &Path) -> Option<(Arc<OwnedFd>, std::ffi::CString)> {
         let dir = self.existing_dir(path.parent()?).ok()??;
         Some((dir, tree::cname(path.file_name()?).ok()?))
     }
@@ -267,7 +267,7 @@ impl Core {
     }
 
     /// Applies another node's change of `path` (see the module docs).
-    pub fn apply_remote(&self, path: &Path, change: RemoteChange, rev: Option<Revision>) -> Result<(), FsError> {
+    pub fn apply_remote(&self, path: &Path, change: RemoteChange, rev: Option<Revision>, node: Option<&str>) -> Result<(), FsError> {
         self.remote_applies.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let target = self.target(path.to_path_buf());
         let tier = self.tier(&target).clone();
@@ -285,7 +285,7 @@ impl Core {
                 // file replaces it, as a new file.
                 if old.is_some_and(|k| !matches!(k, Kind::File | Kind::Symlink)) {
                     tracing::warn!(path = %path.display(), "a remote file and a local non-file share this name; keeping the local one");
-                    return Ok(());
+                    return Ok(None);
                 }
                 let old_fd = match old {
                     Some(Kind::File) => Some(tree::open_path_at(dir.as_fd(), &cname)?),
@@ -323,33 +323,33 @@ impl Core {
                 if !tier.admit(&target, rev.as_ref()) {
                     drop(table);
                     self.spool.remove(&spool_name);
-                    return Ok(());
+                    return Ok(None);
                 }
                 self.replace_name(&mut table, &dir, name, path, &spool_name, &mut inval)?;
-                Ok(())
+                Ok(Some(if old.is_some() { "write" } else { "create" }))
             }
             RemoteChange::Symlink(link) => {
                 let dir = self.ensure_dir(parent_rel, &mut inval)?;
                 let old = tree::lstat_at(dir.as_fd(), &cname).ok().map(|st| Kind::from_mode(st.st_mode));
                 if old.is_some_and(|k| !matches!(k, Kind::File | Kind::Symlink)) {
                     tracing::warn!(path = %path.display(), "a remote symlink and a local directory share this name; keeping the local one");
-                    return Ok(());
+                    return Ok(None);
                 }
                 let spool_name = self.spool.link(OsStr::from_bytes(&link))?;
                 let mut table = self.inodes.lock();
                 if !tier.admit(&target, rev.as_ref()) {
                     drop(table);
                     self.spool.remove(&spool_name);
-                    return Ok(());
+                    return Ok(None);
                 }
                 self.replace_name(&mut table, &dir, name, path, &spool_name, &mut inval)?;
-                Ok(())
+                Ok(Some("symlink"))
             }
             RemoteChange::Append { at, bytes } => {
                 let dir = self.ensure_dir(parent_rel, &mut inval)?;
                 let table = self.inodes.lock();
                 if !tier.admit(&target, rev.as_ref()) {
-                    return Ok(());
+                    return Ok(None);
                 }
                 let (fd, created) = match tree::open_at(
                     dir.as_fd(),
@@ -365,7 +365,7 @@ impl Core {
                 let st = tree::fstat(file.as_fd())?;
                 if Kind::from_mode(st.st_mode) != Kind::File {
                     tracing::warn!(path = %path.display(), "an appended file and a local non-file share this name; keeping the local one");
-                    return Ok(());
+                    return Ok(None);
                 }
                 let len = st.st_size as u64;
                 if len < at {
@@ -388,61 +388,61 @@ impl Core {
                         }
                     }
                 }
-                Ok(())
+                Ok(Some("append"))
             }
             RemoteChange::Delete => {
                 let Some(dir) = self.existing_dir(parent_rel)? else {
-                    return Ok(());
+                    return Ok(None);
                 };
                 let mut table = self.inodes.lock();
                 if !tier.admit(&target, rev.as_ref()) {
-                    return Ok(());
+                    return Ok(None);
                 }
                 let Ok(st) = tree::lstat_at(dir.as_fd(), &cname) else {
-                    return Ok(());
+                    return Ok(None);
                 };
                 if !matches!(Kind::from_mode(st.st_mode), Kind::File | Kind::Symlink) {
-                    return Ok(());
+                    return Ok(None);
                 }
                 let taken = take_name(&table, &dir, &cname)?;
                 tree::unlink_at(dir.as_fd(), &cname, false)?;
                 self.orphan_taken(&mut table, &dir, name, path, taken, &mut inval);
-                Ok(())
+                Ok(Some("delete"))
             }
             RemoteChange::Dir { created } => {
                 let dir = self.ensure_dir(parent_rel, &mut inval)?;
                 match tree::lstat_at(dir.as_fd(), &cname) {
-                    Ok(st) if Kind::from_mode(st.st_mode) == Kind::Dir => Ok(()),
+                    Ok(st) if Kind::from_mode(st.st_mode) == Kind::Dir => Ok(None),
                     Ok(_) => {
                         tracing::warn!(path = %path.display(), "a remote directory and a local file share this name; keeping the local one");
-                        Ok(())
+                        Ok(None)
                     }
                     Err(_) => {
                         let made = self.ensure_dir(path, &mut inval)?;
                         if let Some(at) = created {
                             tree::utimens_fd(made.as_fd(), tree::SetTime::Omit, tree::SetTime::At(at))?;
                         }
-                        Ok(())
+                        Ok(Some("mkdir"))
                     }
                 }
             }
             RemoteChange::PruneDir => {
                 let Some(dir) = self.existing_dir(parent_rel)? else {
-                    return Ok(());
+                    return Ok(None);
                 };
                 let mut table = self.inodes.lock();
                 let Ok(st) = tree::lstat_at(dir.as_fd(), &cname) else {
-                    return Ok(());
+                    return Ok(None);
                 };
                 if Kind::from_mode(st.st_mode) != Kind::Dir {
-                    return Ok(());
+                    return Ok(None);
                 }
                 let taken = take_name(&table, &dir, &cname)?;
                 match tree::unlink_at(dir.as_fd(), &cname, true) {
                     Ok(()) => {}
                     // Not empty (or busy as a mount point): it stays.
                     Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY) | Some(libc::EEXIST) | Some(libc::EBUSY)) => {
-                        return Ok(());
+                        return Ok(None);
                     }
                     Err(e) => return Err(e.into()),
                 }
@@ -452,10 +452,16 @@ impl Core {
                 if let Some(ino) = gone {
                     self.dir_fds.lock().pop(&ino);
                 }
-                Ok(())
+                Ok(Some("rmdir"))
             }
         })();
         self.send(inval);
-        result
+        let op = result?;
+        if let (Some(op), Some(events)) = (op, self.events.get()) {
+            // A deletion's revision is a marker in the git tier, no version: left out.
+            let rev = rev.as_ref().map(|r| r.0.as_str()).filter(|r| *r != crate::tier::git::DELETED);
+            events.report(op, path, target.policy.tier, rev, true, node, None);
+        }
+        Ok(())
     }
 }

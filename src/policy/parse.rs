@@ -152,6 +152,19 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<PolicyTable, PolicyError>
     let mut history = Policy::builtin("history view", &format!("{HISTORY_DIR}/**"), TierKind::Local, Consistency::None);
     history.read_only = true;
     policies.push(Arc::new(history));
+    // The event feed and the status document are syncfs's own too, written by the daemon.
+    for glob in [crate::events::EVENTS_FILE, crate::status::STATUS_FILE] {
+        globs.add(compile_glob(glob).expect("built-in globs compile"));
+        owners.push(policies.len());
+    }
+    let mut own = Policy::builtin(
+        "syncfs files",
+        &format!("{} | {}", crate::events::EVENTS_FILE, crate::status::STATUS_FILE),
+        TierKind::Local,
+        Consistency::None,
+    );
+    own.read_only = true;
+    policies.push(Arc::new(own));
     // Git's own repositories (`git init`, `git clone` anywhere in the mount) stay on this node:
     // their object files and lock files are no shared content, and a git path cannot hold
     // `.git` at all. The work tree around them syncs by the table.

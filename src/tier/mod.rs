@@ -461,7 +461,13 @@ pub trait RemoteSink: Send + Sync {
     /// Brings the tree's copy of `path` in line with `change` of revision `rev`, unless the
     /// tier does not [`admit`](Tier::admit) it, and drops the kernel's caches of the path.
     /// Does blocking file I/O: call it from a blocking context.
-    fn apply(&self, path: &Path, change: RemoteChange, rev: Option<Revision>) -> Result<(), String>;
+    fn apply(&self, path: &Path, change: RemoteChange, rev: Option<Revision>) -> Result<(), String> {
+        self.apply_from(path, change, rev, None)
+    }
+
+    /// [`RemoteSink::apply`], naming the node that made the change where the tier knows it
+    /// (for the event feed).
+    fn apply_from(&self, path: &Path, change: RemoteChange, rev: Option<Revision>, node: Option<&str>) -> Result<(), String>;
 
     /// The regular files below `dir` in the tree, as paths relative to the sync root (for
     /// sweeping files whose keys vanished while the node was away).

@@ -798,7 +798,7 @@ fn revision(oid: Oid) -> Revision {
 }
 
 /// The revision the worker passes for a deletion it installs.
-const DELETED: &str = "deleted";
+pub const DELETED: &str = "deleted";
 
 impl Tier for GitTier {
     fn kind(&self) -> TierKind {

@@ -173,10 +173,10 @@ async fn replay(inner: &Arc<Inner>) -> anyhow::Result<()> {
 
 /// Applies a change to the tree. KV values are small and the tree is local, so this runs
 /// inline on the watch's task (a hop to the blocking pool costs more than the write).
-fn apply(inner: &Inner, path: &Path, change: RemoteChange, rev: Option<u64>) {
+fn apply(inner: &Inner, path: &Path, change: RemoteChange, rev: Option<u64>, node: Option<&str>) {
     let Some(sink) = inner.sink() else { return };
     let rev = rev.map(|r| Revision(r.to_string()));
-    if let Err(e) = sink.apply(path, change, rev) {
+    if let Err(e) = sink.apply_from(path, change, rev, node) {
         tracing::warn!(path = %path.display(), error = %e, "cannot apply a remote change");
     }
 }
@@ -190,7 +190,7 @@ fn prune(inner: &Inner, bucket: usize, path: &Path) {
             break;
         }
         if !inner.view.lock().is_marked(d) {
-            apply(inner, d, RemoteChange::PruneDir, None);
+            apply(inner, d, RemoteChange::PruneDir, None, None);
         }
         dir = d.parent();
     }
@@ -266,13 +266,13 @@ fn handle(inner: &Inner, bucket: usize, message: &async_nats::Message, rev: u64,
             };
             if fresh && !in_flight {
                 if deleted {
-                    apply(inner, &path, RemoteChange::Delete, Some(rev));
+                    apply(inner, &path, RemoteChange::Delete, Some(rev), node.as_deref());
                     prune(inner, bucket, &path);
                 } else if b.policy.ttl.is_some_and(|ttl| created + ttl <= SystemTime::now()) {
                     // Already past its TTL (a server that has not expired it yet): not visible.
-                    apply(inner, &path, RemoteChange::Delete, Some(rev));
+                    apply(inner, &path, RemoteChange::Delete, Some(rev), node.as_deref());
                 } else {
-                    apply(inner, &path, RemoteChange::File(message.payload.to_vec()), Some(rev));
+                    apply(inner, &path, RemoteChange::File(message.payload.to_vec()), Some(rev), node.as_deref());
                 }
             }
             Some(path)
@@ -288,7 +288,7 @@ fn handle(inner: &Inner, bucket: usize, message: &async_nats::Message, rev: u64,
                     lose(inner, &path, format!("another node ({}) removed the directory at revision {rev}", node.as_deref().unwrap_or("unknown")));
                 }
                 if news && !in_flight {
-                    apply(inner, &path, RemoteChange::PruneDir, None);
+                    apply(inner, &path, RemoteChange::PruneDir, None, node.as_deref());
                     prune(inner, bucket, &path);
                 }
             } else {
@@ -299,7 +299,7 @@ fn handle(inner: &Inner, bucket: usize, message: &async_nats::Message, rev: u64,
                 let past = expires.is_some_and(|at| at <= SystemTime::now());
                 if news && !in_flight && !past {
                     let made = super::dirs::created_at(&message.payload).unwrap_or(created);
-                    apply(inner, &path, RemoteChange::Dir { created: Some(made) }, None);
+                    apply(inner, &path, RemoteChange::Dir { created: Some(made) }, None, node.as_deref());
                 }
             }
             None
@@ -370,7 +370,7 @@ async fn sweep(inner: &Arc<Inner>, bucket: usize, candidates: Vec<PathBuf>) {
             lose(inner, &path, "it vanished from the server while this node was away".into());
         }
         inner.view.lock().remove(&path);
-        apply(inner, &path, RemoteChange::Delete, None);
+        apply(inner, &path, RemoteChange::Delete, None, None);
         prune(inner, bucket, &path);
     }
 }
@@ -384,10 +384,10 @@ async fn expire(inner: Arc<Inner>) {
         for (path, rev, dir) in due {
             tracing::debug!(path = %path.display(), rev, "TTL expired");
             if dir {
-                apply(&inner, &path, RemoteChange::PruneDir, None);
+                apply(&inner, &path, RemoteChange::PruneDir, None, None);
                 continue;
             }
-            apply(&inner, &path, RemoteChange::Delete, Some(rev));
+            apply(&inner, &path, RemoteChange::Delete, Some(rev), None);
             // Bound first: a guard in an `if let` scrutinee lives through the block, and
             // `prune` takes the view's lock again (a subdirectory's expiry deadlocked).
             let bucket = inner.view.lock().get(&path).map(|e| e.bucket);
