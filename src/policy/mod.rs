@@ -4,7 +4,8 @@
 //! tables of cases and can be called on any thread, including FUSE callbacks.
 //!
 //! Matching order is part of the user-facing contract (SPEC section 2):
-//! 0. the built-in history rule: `.syncfs/history/**` is a read-only view syncfs makes, and
+//! 0. the built-in history rule: `.syncfs/history/**` is a read-only view syncfs makes, the
+//!    read-only `.syncfs/events` and `.syncfs/status` are syncfs's own (local) files, and
 //!    the built-in git rule: every `.git` directory and what is below it stays `local`;
 //! 1. the built-in temp-file rule ([`TEMP_FILE_NAMES`] stay `local`), unless the file says
 //!    `local_temp_files: false` (or gives a list of globs of its own instead);
