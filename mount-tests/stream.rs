@@ -272,3 +272,26 @@ fn retention_limits_drop_the_oldest_lines_on_every_node() {
     let c = node_with("c", &server, Some(config));
     assert_eq!(read(&c.path("log/r.log")), want);
 }
+
+/// One write(2) reaches the tier as one append, also when it starts in a page the kernel has
+/// not read: through the page cache the kernel sent such a write as two requests, and a commit
+/// of another handle between them made two messages, with another node's append between them
+/// in every node's file (seen once in `checker::concurrent_appends_have_one_order_on_three_nodes`).
+#[test]
+fn a_write_across_a_page_boundary_arrives_as_one_request() {
+    let server = NatsServer::start();
+    let a = node("a", &server);
+    a.sh_ok("mkdir -p log");
+    let path = a.path("log/pages.log");
+    let mut f = OpenOptions::new().append(true).create(true).open(&path).unwrap();
+    f.write_all(&vec![b'x'; 4000]).unwrap();
+    f.sync_all().unwrap();
+    let requests = || a.status()["fuse"]["write_requests"].as_u64().unwrap();
+    let before = requests();
+    // Bytes 4000..4200: the end of the first page and the start of the second.
+    f.write_all(&[b'y'; 200]).unwrap();
+    let after = requests();
+    assert_eq!(after - before, 1, "a 200-byte write across a page boundary took {} requests", after - before);
+    drop(f);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 4200);
+}
