@@ -69,6 +69,8 @@ pub struct Options {
     pub env: Vec<(String, String)>,
     /// `--git-remote`
     pub git_remote: Option<String>,
+    /// More arguments for `syncfs mount`.
+    pub extra: Vec<String>,
 }
 
 impl Options {
@@ -152,6 +154,7 @@ impl Mount {
         if let Some(remote) = &opts.git_remote {
             args.extend(["--git-remote".into(), remote.clone()]);
         }
+        args.extend(opts.extra.iter().cloned());
         let mut config = opts.config.clone().unwrap_or_default();
         if let Some(policies) = &opts.policies {
             let path = self.base.path().join("policies.yml");

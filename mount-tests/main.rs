@@ -9,7 +9,7 @@ mod crash;
 mod damage;
 mod disk;
 mod errors;
-mod events;
+mod operating;
 mod fast;
 mod flock;
 mod faults;

@@ -40,6 +40,12 @@ enum Command {
         /// This node's name [default: the host name].
         #[arg(long, value_name = "ID")]
         node: Option<String>,
+        /// Where the embedded NATS server listens, `HOST[:PORT]`, so that nodes on other
+        /// machines can join with `--nats nats://HOST:PORT` [default: 127.0.0.1 only]. Off
+        /// loopback, the credentials of the config (nats.user/password or nats.token) are
+        /// required and become the server's.
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
         /// Stay in the foreground, logging to stderr.
         #[arg(long)]
         foreground: bool,
@@ -131,6 +137,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             nats,
             git_remote,
             node,
+            listen,
             foreground,
             options,
         } => {
@@ -150,6 +157,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 git_remote,
                 node,
                 allow_other,
+                listen,
             };
             let cfg = MountConfig::resolve(&flags)?;
             daemon::mount(cfg, foreground)?;

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{anyhow, Context};
+use anyhow::{anyhow, bail, Context};
 
 use crate::nats::{NatsSettings, Secret};
 use crate::tier::blob::BlobSettings;
@@ -205,6 +205,7 @@ impl FileConfig {
                                 None => n.urls.push(string(file, v, "nats.url")?),
                             },
                             "user" => n.user = Some(string(file, v, "nats.user")?),
+                            "listen" => n.listen = Some(string(file, v, "nats.listen")?),
                             "password" => n.password = Some(Secret(string(file, v, "nats.password")?)),
                             "token" => n.token = Some(Secret(string(file, v, "nats.token")?)),
                             "credentials" => n.credentials = Some(path(v, "nats.credentials")?),
@@ -406,6 +407,8 @@ pub struct MountFlags {
     pub node: Option<String>,
     /// `-o allow_other`
     pub allow_other: bool,
+    /// `--listen`
+    pub listen: Option<String>,
 }
 
 impl MountConfig {
@@ -423,6 +426,12 @@ impl MountConfig {
         let mut nats = file.nats.clone();
         if !flags.nats.is_empty() {
             nats.urls = flags.nats.clone();
+        }
+        if flags.listen.is_some() {
+            nats.listen = flags.listen.clone();
+        }
+        if nats.listen.is_some() && !nats.urls.is_empty() {
+            bail!("--listen (nats.listen) is where the embedded server listens; it cannot be combined with --nats (nats.url)");
         }
         let nats = nats.with_env();
         let mut git = file.git.clone();

@@ -416,7 +416,7 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
     let mut embedded = None;
     let nats = if uses_nats {
         let urls = if cfg.nats.urls.is_empty() {
-            let server = Embedded::start(&cfg.state_dir.join("nats"), &cfg.node)?;
+            let server = Embedded::start(&cfg.state_dir.join("nats"), &cfg.node, &cfg.nats)?;
             let urls = vec![server.url.clone()];
             embedded = Some(server);
             urls

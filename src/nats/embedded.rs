@@ -1,12 +1,16 @@
 //! The embedded default: a private `nats-server -js` on loopback, owned by the mount.
 //!
 //! Started when no NATS URL is configured, with its store under `--state/nats`, bound to
-//! 127.0.0.1 only. It keeps the port it had last time when that port is free, so a second
+//! 127.0.0.1 unless `--listen HOST[:PORT]` names another address (for nodes on other
+//! machines). Off loopback it requires the config's credentials (a user and password, or a
+//! token), which become the server's authorization: an open JetStream on a network would let
+//! anyone rewrite the cluster's files. It keeps the port it had last time when that port is free, so a second
 //! node that joined with `--nats` finds it again after a remount. The server dies with the
 //! daemon (`PR_SET_PDEATHSIG`), and a server left over from a daemon that was killed is stopped
 //! before a new one starts on the same store.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -32,12 +36,55 @@ pub struct Embedded {
 }
 
 /// How to start the server: the same every time, so that a restart keeps port and store.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct Spec {
     bin: PathBuf,
     dir: PathBuf,
+    /// The address it binds.
+    host: IpAddr,
     port: u16,
     name: String,
+    /// The `authorization { ... }` block of its config, if any (holds secrets).
+    auth: Option<String>,
+}
+
+impl std::fmt::Debug for Spec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spec").field("dir", &self.dir).field("host", &self.host).field("port", &self.port).finish_non_exhaustive()
+    }
+}
+
+/// Where a client on this machine reaches a server bound to `host`.
+fn reach(host: IpAddr) -> IpAddr {
+    if host.is_unspecified() {
+        if host.is_ipv4() { IpAddr::from([127, 0, 0, 1]) } else { IpAddr::from(std::net::Ipv6Addr::LOCALHOST) }
+    } else {
+        host
+    }
+}
+
+/// `HOST` or `HOST:PORT` (`[V6]:PORT`), as `--listen` takes it.
+pub fn parse_listen(text: &str) -> anyhow::Result<(IpAddr, Option<u16>)> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok((addr.ip(), Some(addr.port()).filter(|p| *p != 0)));
+    }
+    let host = text.trim_start_matches('[').trim_end_matches(']');
+    host.parse::<IpAddr>().map(|ip| (ip, None)).map_err(|_| {
+        anyhow!("--listen {text}: expected an IP address, optionally with a port (0.0.0.0:4222, 10.0.0.5, [::]:4222)")
+    })
+}
+
+/// The server's `authorization` block from the credentials the config gives, as JSON strings.
+fn authorization(settings: &super::NatsSettings) -> anyhow::Result<Option<String>> {
+    let q = |s: &str| serde_json::to_string(s).expect("a string serializes");
+    Ok(match (&settings.user, &settings.password, &settings.token) {
+        (Some(user), Some(password), _) => {
+            Some(format!("authorization {{\n  user: {}\n  password: {}\n}}\n", q(user), q(&password.0)))
+        }
+        (_, _, Some(token)) => Some(format!("authorization {{\n  token: {}\n}}\n", q(&token.0))),
+        (Some(_), None, None) | (None, Some(_), None) => bail!("nats.user and nats.password go together"),
+        (None, None, None) => None,
+    })
 }
 
 impl Spec {
@@ -49,12 +96,22 @@ impl Spec {
         // an acknowledged write survives a crash of the machine, not only of the daemon.
         let conf = dir.join("server.conf");
         let store = serde_json::to_string(&dir.display().to_string())?;
-        std::fs::write(&conf, format!("jetstream {{\n  store_dir: {store}\n  sync_interval: always\n}}\n"))
+        let mut text = format!("jetstream {{\n  store_dir: {store}\n  sync_interval: always\n}}\n");
+        text.push_str(self.auth.as_deref().unwrap_or(""));
+        // Only the daemon's user reads it: it may hold the credentials.
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&conf)
             .with_context(|| format!("cannot write {}", conf.display()))?;
+        std::io::Write::write_all(&mut file, text.as_bytes()).with_context(|| format!("cannot write {}", conf.display()))?;
+        drop(file);
         let mut cmd = Command::new(&self.bin);
         cmd.arg("-c")
             .arg(&conf)
-            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-n"])
+            .args(["-js", "-a", &self.host.to_string(), "-p", &self.port.to_string(), "-n"])
             .arg(format!("syncfs-{}", self.name))
             .arg("-l")
             .arg(&log)
@@ -71,7 +128,7 @@ impl Spec {
         let mut child = cmd.spawn().with_context(|| format!("cannot start {}", self.bin.display()))?;
         std::fs::write(dir.join("pid"), child.id().to_string())?;
         std::fs::write(dir.join("port"), self.port.to_string())?;
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let addr = SocketAddr::from((reach(self.host), self.port));
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
@@ -137,13 +194,13 @@ fn supervise(spec: &Spec, child: &Mutex<Option<Child>>, stopping: &AtomicBool) {
     }
 }
 
-fn free_port(preferred: Option<u16>) -> anyhow::Result<u16> {
+fn free_port(host: IpAddr, preferred: Option<u16>) -> anyhow::Result<u16> {
     if let Some(port) = preferred {
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if TcpListener::bind((host, port)).is_ok() {
             return Ok(port);
         }
     }
-    Ok(TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port())
+    Ok(TcpListener::bind((host, 0))?.local_addr()?.port())
 }
 
 /// The nats-server binary: `SYNCFS_NATS_SERVER`, else `nats-server` on the PATH, checked to be
@@ -203,19 +260,38 @@ fn stop_leftover(dir: &Path) {
 impl Embedded {
     /// Starts a server with its store in `dir`, and the thread that starts it again whenever
     /// it exits until [`Embedded::stop`].
-    pub fn start(dir: &Path, node: &str) -> anyhow::Result<Embedded> {
+    pub fn start(dir: &Path, node: &str, settings: &super::NatsSettings) -> anyhow::Result<Embedded> {
+        let (host, asked_port) = match &settings.listen {
+            Some(text) => parse_listen(text)?,
+            None => (IpAddr::from([127, 0, 0, 1]), None),
+        };
+        let auth = authorization(settings)?;
+        if !host.is_loopback() && auth.is_none() {
+            bail!(
+                "--listen {host} opens the embedded NATS server to the network: give it credentials \
+                 (nats.user and nats.password, or nats.token, in the config; or SYNCFS_NATS_USER and \
+                 SYNCFS_NATS_PASSWORD, or SYNCFS_NATS_TOKEN); every node then uses the same"
+            );
+        }
         let bin = server_binary()?;
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         stop_leftover(dir);
         let previous = std::fs::read_to_string(dir.join("port"))
             .ok()
             .and_then(|p| p.trim().parse().ok());
-        let port = free_port(previous)?;
+        let port = match asked_port {
+            // A port asked for is that port or nothing: other machines were told it.
+            Some(port) => {
+                TcpListener::bind((host, port)).with_context(|| format!("cannot listen on {host}:{port}"))?;
+                port
+            }
+            None => free_port(host, previous)?,
+        };
         let name: String = node
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
             .collect();
-        let spec = Spec { bin, dir: dir.to_path_buf(), port, name };
+        let spec = Spec { bin, dir: dir.to_path_buf(), host, port, name, auth };
         let child = Arc::new(Mutex::new(None));
         let stopping = Arc::new(AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -236,7 +312,10 @@ impl Embedded {
             })?
         };
         rx.recv().map_err(|_| anyhow!("the embedded nats-server's thread ended"))??;
-        let url = format!("nats://127.0.0.1:{port}");
+        let url = format!("nats://{}", SocketAddr::from((reach(host), port)));
+        if !host.is_loopback() {
+            tracing::info!(listen = %SocketAddr::from((host, port)), "the embedded nats-server listens beyond this machine; other nodes join with --nats nats://<this machine's address>:{port}");
+        }
         tracing::info!(%url, store = %dir.display(), "embedded nats-server started");
         Ok(Embedded {
             url,

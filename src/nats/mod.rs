@@ -46,6 +46,9 @@ impl fmt::Debug for Secret {
 pub struct NatsSettings {
     /// Server URLs; empty means the embedded default.
     pub urls: Vec<String>,
+    /// Where the embedded default listens (`--listen`, `nats.listen`): `HOST` or `HOST:PORT`;
+    /// none: 127.0.0.1 only.
+    pub listen: Option<String>,
     /// User name.
     pub user: Option<String>,
     /// Password.
@@ -78,6 +81,7 @@ impl Default for NatsSettings {
     fn default() -> Self {
         NatsSettings {
             urls: Vec::new(),
+            listen: None,
             user: None,
             password: None,
             token: None,

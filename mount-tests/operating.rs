@@ -205,3 +205,62 @@ fn python_open_read_close_and_unmount_write_no_warning() {
     assert!(!after.contains("Failed to umount"), "{after}");
     assert!(!after.contains("Not Implemented"), "{after}");
 }
+
+/// This machine's first address that is not loopback, if it has one.
+fn outside_address() -> Option<String> {
+    let out = Command::new("hostname").arg("-I").output().ok()?;
+    String::from_utf8_lossy(&out.stdout).split_whitespace().find(|a| a.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| !ip.is_loopback())).map(str::to_string)
+}
+
+#[test]
+fn the_embedded_server_listens_where_asked_and_only_with_credentials() {
+    let Some(ip) = outside_address() else {
+        eprintln!("SKIPPED: this machine has no IPv4 address beyond loopback");
+        return;
+    };
+    // Off loopback without credentials: refused, nothing mounted.
+    let mut bare = Mount::prepare();
+    let out = bare.try_mount(&Options { extra: vec!["--listen".into(), "0.0.0.0".into()], policies: Some(TABLE.into()), ..Default::default() });
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("give it credentials"), "{text}");
+    assert!(!crate::harness::is_mounted(&bare.mnt));
+
+    let creds = "nats:\n  user: syncfs\n  password: s3cret-pw\n";
+    let port = {
+        let l = std::net::TcpListener::bind(("0.0.0.0", 0)).unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let a = Mount::with(Options {
+        node: Some("a".into()),
+        extra: vec!["--listen".into(), format!("0.0.0.0:{port}")],
+        config: Some(creds.into()),
+        policies: Some(TABLE.into()),
+        ..Default::default()
+    });
+    assert_eq!(a.status()["nats"]["embedded"], true);
+    // Node b joins through the machine's outside address, as a node on another machine would.
+    let url = format!("nats://{ip}:{port}");
+    let b = Mount::with(Options {
+        node: Some("b".into()),
+        nats: vec![url.clone()],
+        config: Some(creds.into()),
+        policies: Some(TABLE.into()),
+        ..Default::default()
+    });
+    a.sh_ok("mkdir -p fast && echo from-a > fast/x");
+    assert!(crate::harness::wait_content(&b.path("fast/x"), "from-a\n"), "b never saw a's write through {url}");
+    b.sh_ok("echo from-b > fast/y");
+    assert!(crate::harness::wait_content(&a.path("fast/y"), "from-b\n"));
+    // The password is the server's: a client without it is refused, and no log shows it.
+    let mut c = Mount::prepare();
+    let out = c.try_mount(&Options { nats: vec![url], policies: Some(TABLE.into()), ..Default::default() });
+    assert!(!out.status.success(), "a node without the credentials joined");
+    for m in [&a, &b] {
+        let log = std::fs::read_to_string(m.state.join("syncfs.log")).unwrap();
+        assert!(!log.contains("s3cret-pw"), "the password is in a log");
+    }
+    let conf = a.state.join("nats/server.conf");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&conf).unwrap().permissions());
+    assert_eq!(mode & 0o077, 0, "server.conf holds the password: only its owner reads it");
+}
