@@ -264,3 +264,92 @@ fn the_embedded_server_listens_where_asked_and_only_with_credentials() {
     let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&conf).unwrap().permissions());
     assert_eq!(mode & 0o077, 0, "server.conf holds the password: only its owner reads it");
 }
+
+#[test]
+fn fstab_lines_mount_with_mount_t_fuse_syncfs() {
+    // mount(8) runs /sbin/mount.fuse.syncfs for `-t fuse.syncfs`: the binary under that name.
+    let helper = std::path::Path::new("/sbin/mount.fuse.syncfs");
+    let ours = std::fs::read_link(helper).is_ok_and(|t| t.to_string_lossy().contains("syncfs"));
+    if !ours {
+        let _ = std::fs::remove_file(helper);
+        std::os::unix::fs::symlink(bin(), helper).expect("install the mount helper (root)");
+    }
+    let base = tempfile::tempdir().unwrap();
+    let (mnt, state, cfg) = (base.path().join("mnt"), base.path().join("state"), base.path().join("node.yml"));
+    std::fs::create_dir(&mnt).unwrap();
+    std::fs::write(&cfg, "node: fstab-node\n").unwrap();
+    let fstab = base.path().join("fstab");
+    std::fs::write(
+        &fstab,
+        format!("{} {} fuse.syncfs defaults,noauto,_netdev,x-systemd.automount,state={} 0 0\n", cfg.display(), mnt.display(), state.display()),
+    )
+    .unwrap();
+    let out = Command::new("mount").arg("-T").arg(&fstab).arg(&mnt).output().unwrap();
+    assert!(out.status.success(), "mount -T fstab: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(crate::harness::is_mounted(&mnt));
+    let status = syncfs(&["status", mnt.to_str().unwrap(), "--json"]);
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["node"], "fstab-node", "the config named as the fstab source applies");
+    assert_eq!(status["state_dir"], state.display().to_string());
+    std::fs::write(mnt.join("x.txt"), "via fstab\n").unwrap();
+    // An option syncfs does not know fails the mount, in mount(8)'s words.
+    let bad = tempfile::tempdir().unwrap();
+    let out = Command::new("mount").args(["-t", "fuse.syncfs", "-o", "colour=blue", "syncfs"]).arg(bad.path()).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown option `colour"), "{}", String::from_utf8_lossy(&out.stderr));
+    // umount(8) unmounts; the daemon finishes and exits.
+    let out = syncfs(&["umount", mnt.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!crate::harness::is_mounted(&mnt));
+}
+
+#[test]
+fn the_systemd_unit_verifies_and_its_commands_run_a_mount() {
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/systemd/syncfs@.service")).unwrap();
+    let base = tempfile::tempdir().unwrap();
+    let root = base.path();
+    // The unit's paths, moved under a temporary root, and this build's binary.
+    let local = unit
+        .replace("/usr/local/bin/syncfs", bin())
+        .replace("/srv/syncfs", &root.join("srv").display().to_string())
+        .replace("/etc/syncfs", &root.join("etc").display().to_string())
+        .replace("/var/lib/syncfs", &root.join("var").display().to_string());
+    let dir = root.join("units");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("syncfs@.service"), &local).unwrap();
+    if Command::new("systemd-analyze").arg("--version").output().is_ok() {
+        let out = Command::new("systemd-analyze").arg("verify").arg(dir.join("syncfs@t1.service")).output().unwrap();
+        assert!(out.status.success(), "systemd-analyze verify: {}", String::from_utf8_lossy(&out.stderr));
+    } else {
+        eprintln!("systemd-analyze is not installed: the unit is not verified");
+    }
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::write(root.join("etc/t1.yml"), "").unwrap();
+    // Run the Exec lines as systemd would for instance t1 (%I = t1, %H = the host name).
+    let host = syncfs::config::hostname();
+    let exec = |key: &str| -> Vec<String> {
+        local
+            .lines()
+            .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+            .map(|c| c.trim_start_matches('-').replace("%I", "t1").replace("%H", &host))
+            .collect()
+    };
+    for pre in exec("ExecStartPre") {
+        let _ = Command::new("sh").arg("-c").arg(&pre).output().unwrap();
+    }
+    let start = exec("ExecStart").pop().unwrap();
+    let mut daemon = Command::new("sh").arg("-c").arg(format!("exec {start}")).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mnt = root.join("srv/t1");
+    assert!(crate::harness::wait_for(Duration::from_secs(20), || syncfs(&["status", mnt.to_str().unwrap()]).status.code() == Some(0)), "the service's mount never answered");
+    let status: Value = serde_json::from_slice(&syncfs(&["status", mnt.to_str().unwrap(), "--json"]).stdout).unwrap();
+    assert_eq!(status["node"], format!("{host}-t1"));
+    std::fs::write(mnt.join("hello.txt"), "from the service\n").unwrap();
+    for stop in exec("ExecStop") {
+        let out = Command::new("sh").arg("-c").arg(&stop).output().unwrap();
+        assert!(out.status.success(), "{stop}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let exited = crate::harness::wait_for(Duration::from_secs(30), || daemon.try_wait().ok().flatten().is_some());
+    assert!(exited, "the daemon did not exit after ExecStop");
+    assert!(daemon.wait().unwrap().success(), "the foreground daemon exits 0 after a clean stop");
+    assert!(!crate::harness::is_mounted(&mnt));
+}

@@ -116,8 +116,22 @@ enum PolicyCommand {
     },
 }
 
+/// The name `mount(8)` runs for `-t fuse.syncfs` (fstab), when linked to this binary.
+pub const MOUNT_HELPER: &str = "mount.fuse.syncfs";
+
 /// Runs the command line; the process exit code.
 pub fn main() -> ExitCode {
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    if Path::new(&argv0).file_name().is_some_and(|n| n == MOUNT_HELPER) {
+        return match mount_helper(std::env::args().skip(1).collect()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("syncfs: {e:#}");
+                // mount(8)'s "mount failure".
+                ExitCode::from(32)
+            }
+        };
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
@@ -231,6 +245,92 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `mount.fuse.syncfs SOURCE MOUNTPOINT [-o OPTIONS] [-n] [-s] [-f] [-v]`, as `mount(8)`
+/// calls it for an fstab line `SOURCE MOUNTPOINT fuse.syncfs OPTIONS 0 0`. SOURCE is a
+/// config file when it names one (else a label, ignored). syncfs's options: `config=FILE`,
+/// `state=DIR`, `node=ID`, `nats=URL` (repeatable), `git_remote=URL`, `listen=ADDR`,
+/// `allow_other`; the generic ones mount(8) and systemd use (`defaults`, `rw`, `noauto`,
+/// `nofail`, `_netdev`, `x-systemd.*`, ...) are left to them. Mounts in the background and
+/// returns once the filesystem answers, like `syncfs mount`.
+fn mount_helper(args: Vec<String>) -> anyhow::Result<()> {
+    let mut positional = Vec::new();
+    let mut options = Vec::new();
+    let mut it = args.into_iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "-o" => options.extend(it.next().ok_or_else(|| anyhow!("-o needs options"))?.split(',').map(str::to_string)),
+            // Fake (-f), no mtab (-n), sloppy (-s), verbose (-v): nothing to do differently.
+            "-f" => return Ok(()),
+            "-n" | "-s" | "-v" => {}
+            a if a.starts_with("-o") => options.extend(a[2..].split(',').map(str::to_string)),
+            a if a.starts_with('-') => bail!("{MOUNT_HELPER}: unknown flag {a}"),
+            _ => positional.push(arg),
+        }
+    }
+    let [source, mountpoint] = <[String; 2]>::try_from(positional)
+        .map_err(|_| anyhow!("usage: {MOUNT_HELPER} SOURCE MOUNTPOINT [-o OPTIONS]"))?;
+    let mut flags = MountFlags { mountpoint: PathBuf::from(&mountpoint), ..Default::default() };
+    if Path::new(&source).is_file() {
+        flags.config = Some(PathBuf::from(&source));
+    }
+    // The same mount, by the same command line a user would type: `syncfs mount ...`.
+    let mut argv: Vec<std::ffi::OsString> = vec!["mount".into(), mountpoint.into()];
+    for opt in options.iter().map(|o| o.trim()).filter(|o| !o.is_empty()) {
+        let (key, value) = match opt.split_once('=') {
+            Some((k, v)) => (k, Some(v.to_string())),
+            None => (opt, None),
+        };
+        let need = |v: Option<String>| v.ok_or_else(|| anyhow!("{MOUNT_HELPER}: option `{key}` needs a value"));
+        match key {
+            "config" => flags.config = Some(PathBuf::from(need(value)?)),
+            "state" => flags.state = Some(PathBuf::from(need(value)?)),
+            "node" => flags.node = Some(need(value)?),
+            "nats" => flags.nats.push(need(value)?),
+            "git_remote" => flags.git_remote = Some(need(value)?),
+            "listen" => flags.listen = Some(need(value)?),
+            "allow_other" => flags.allow_other = true,
+            // mount(8)'s and systemd's own, and FUSE's that syncfs sets itself.
+            "defaults" | "rw" | "auto" | "noauto" | "nofail" | "_netdev" | "user" | "users" | "nouser"
+            | "suid" | "nosuid" | "dev" | "nodev" | "exec" | "noexec" | "atime" | "noatime" | "relatime"
+            | "default_permissions" => {}
+            k if k.starts_with("x-") || k.starts_with("comment=") => {}
+            other => bail!(
+                "{MOUNT_HELPER}: unknown option `{other}` (syncfs takes config=, state=, node=, nats=, \
+                 git_remote=, listen=, allow_other)"
+            ),
+        }
+    }
+    // Checked here too, so an fstab mistake is reported by mount(8) in its own words.
+    MountConfig::resolve(&flags)?;
+    let pairs = [
+        ("--config", flags.config.map(|p| p.into_os_string())),
+        ("--state", flags.state.map(|p| p.into_os_string())),
+        ("--node", flags.node.map(Into::into)),
+        ("--git-remote", flags.git_remote.map(Into::into)),
+        ("--listen", flags.listen.map(Into::into)),
+    ];
+    for (flag, value) in pairs {
+        if let Some(v) = value {
+            argv.push(flag.into());
+            argv.push(v);
+        }
+    }
+    for url in flags.nats {
+        argv.push("--nats".into());
+        argv.push(url.into());
+    }
+    if flags.allow_other {
+        argv.push("-o".into());
+        argv.push("allow_other".into());
+    }
+    let exe = std::env::current_exe().context("cannot find the syncfs executable")?;
+    let status = std::process::Command::new(exe).args(&argv).status().context("cannot run syncfs mount")?;
+    if !status.success() {
+        bail!("syncfs mount failed ({status})");
+    }
+    Ok(())
 }
 
 /// The syncfs mount holding `dir`: the nearest directory up from it that is a mount's root.

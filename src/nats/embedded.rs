@@ -203,12 +203,20 @@ fn free_port(host: IpAddr, preferred: Option<u16>) -> anyhow::Result<u16> {
     Ok(TcpListener::bind((host, 0))?.local_addr()?.port())
 }
 
-/// The nats-server binary: `SYNCFS_NATS_SERVER`, else `nats-server` on the PATH, checked to be
-/// new enough.
+/// The nats-server binary: `SYNCFS_NATS_SERVER`, else `nats-server` on the PATH (or in
+/// /usr/local/bin, /usr/bin when the PATH has none), checked to be new enough.
 fn server_binary() -> anyhow::Result<PathBuf> {
-    let bin = std::env::var_os("SYNCFS_NATS_SERVER")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("nats-server"));
+    // mount(8) runs its helpers with PATH=/sbin:/bin:/usr/sbin:/usr/bin: fstab mounts must
+    // find the server where scripts/install-deps.sh puts it too.
+    let on_path = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("nats-server").is_file()));
+    let bin = std::env::var_os("SYNCFS_NATS_SERVER").map(PathBuf::from).unwrap_or_else(|| {
+        let fallback = ["/usr/local/bin/nats-server", "/usr/bin/nats-server"].iter().map(PathBuf::from).find(|p| p.is_file());
+        match fallback {
+            Some(p) if !on_path => p,
+            _ => PathBuf::from("nats-server"),
+        }
+    });
     let out = Command::new(&bin).arg("--version").output().map_err(|e| {
         anyhow!(
             "cannot run {} ({e}): the embedded default needs nats-server {}.{} or newer \
