@@ -354,3 +354,51 @@ fn the_systemd_unit_verifies_and_its_commands_run_a_mount() {
     assert!(daemon.wait().unwrap().success(), "the foreground daemon exits 0 after a clean stop");
     assert!(!crate::harness::is_mounted(&mnt));
 }
+
+/// `GET /metrics` on `addr`: the body.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no HTTP answer: {text}"));
+    assert!(head.starts_with("HTTP/1.0 200") && head.contains("text/plain; version=0.0.4"), "{head}");
+    body.to_string()
+}
+
+fn sample(body: &str, prefix: &str) -> Option<f64> {
+    body.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[test]
+fn prometheus_metrics_on_a_loopback_address_follow_the_status() {
+    let nats = NatsServer::start();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let m = Mount::with(Options {
+        node: Some("m1".into()),
+        nats: vec![nats.url()],
+        config: Some(format!("metrics:\n  listen: {addr}\n")),
+        ..Default::default()
+    });
+    let body = scrape(&addr);
+    assert_eq!(sample(&body, "syncfs_up{node=\"m1\"}"), Some(1.0), "{body}");
+    assert_eq!(sample(&body, "syncfs_nats_connected{node=\"m1\"}"), Some(1.0));
+    assert!(body.contains("# TYPE syncfs_commits_total counter"), "{body}");
+    let commits = |b: &str| sample(b, "syncfs_commits_total{node=\"m1\",tier=\"nats-kv\"}").unwrap_or(0.0);
+    let before = commits(&body);
+    m.sh_ok("echo 1 > fast/status/a && echo 2 > fast/status/b");
+    let after = scrape(&addr);
+    assert_eq!(commits(&after), before + 2.0, "{after}");
+    assert!(sample(&after, "syncfs_committed_bytes_total{node=\"m1\",tier=\"nats-kv\"}").unwrap() >= 4.0);
+    assert!(sample(&after, "syncfs_commit_seconds_total{node=\"m1\",tier=\"nats-kv\"}").unwrap() > 0.0);
+    // A lock held shows while it is held.
+    let mut holder = Command::new("flock").args(["-x", "fast/casual/lock", "sleep", "3"]).current_dir(&m.mnt).spawn().unwrap();
+    assert!(crate::harness::wait_for(Duration::from_secs(5), || sample(&scrape(&addr), "syncfs_locks_held{node=\"m1\"}") == Some(1.0)));
+    holder.wait().unwrap();
+    // A bad address stops the mount with the key's line.
+    let mut bad = Mount::prepare();
+    let out = bad.try_mount(&Options { config: Some("metrics:\n  listen: localhost\n".into()), ..Default::default() });
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("metrics.listen"), "{out:?}");
+}

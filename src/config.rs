@@ -65,6 +65,8 @@ pub struct MountConfig {
     pub blob: BlobSettings,
     /// How long a dead mount's `flock`/`fcntl` locks last (`locks.lease_ms`).
     pub lock_lease: Duration,
+    /// Where Prometheus metrics are served (`metrics.listen`), if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Where a background mount's log is rotated unless `log_max_bytes` says otherwise.
@@ -101,6 +103,8 @@ pub struct FileConfig {
     pub blob: BlobSettings,
     /// `locks.lease_ms`
     pub lock_lease_ms: Option<u64>,
+    /// `metrics.listen`
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 fn at(file: &Path, node: &Node, reason: impl std::fmt::Display) -> anyhow::Error {
@@ -332,6 +336,20 @@ impl FileConfig {
                         }
                     }
                 }
+                "metrics" => {
+                    for (k, v) in entries(file, value, "`metrics`")? {
+                        match k.as_str().unwrap_or("") {
+                            "listen" => {
+                                let text = string(file, v, "metrics.listen")?;
+                                let addr = text.parse::<std::net::SocketAddr>().map_err(|_| {
+                                    at(file, v, format!("`metrics.listen` must be IP:PORT (127.0.0.1:9464), not `{text}`"))
+                                })?;
+                                cfg.metrics_listen = Some(addr);
+                            }
+                            other => return Err(at(file, k, format!("unknown key `metrics.{other}` (expected listen)"))),
+                        }
+                    }
+                }
                 "locks" => {
                     for (k, v) in entries(file, value, "`locks`")? {
                         match k.as_str().unwrap_or("") {
@@ -380,7 +398,7 @@ impl FileConfig {
                         key,
                         format!(
                             "unknown key `{other}` (expected node, state, allow_other, log, \
-                             log_max_bytes, policies_seed, fuse, nats, git, cache, locks)"
+                             log_max_bytes, policies_seed, fuse, nats, git, cache, locks, metrics)"
                         ),
                     ))
                 }
@@ -461,6 +479,7 @@ impl MountConfig {
             stream: file.stream.clone(),
             blob: file.blob.clone(),
             lock_lease: file.lock_lease_ms.map(Duration::from_millis).unwrap_or(crate::lock::DEFAULT_LEASE),
+            metrics_listen: file.metrics_listen,
         })
     }
 }

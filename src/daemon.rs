@@ -587,6 +587,8 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
                     TierStatus {
                         commits: c.commits.load(Ordering::Relaxed),
                         refused: c.refused.load(Ordering::Relaxed),
+                        commit_seconds: c.commit_micros.load(Ordering::Relaxed) as f64 / 1e6,
+                        bytes: c.bytes.load(Ordering::Relaxed),
                     },
                 )
             })
@@ -683,6 +685,7 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
                     crate::status::EventsStatus { written, dropped }
                 })
                 .unwrap_or_default(),
+            locks_held: core.locks().held(),
             log: crate::status::LogStatus {
                 left_out: crate::logging::left_out_lines(),
                 dropped: crate::logging::dropped_lines(),
@@ -690,6 +693,13 @@ fn run(cfg: &MountConfig, ready: &mut Option<File>, log_file: String) -> anyhow:
         };
         serde_json::to_vec(&status).unwrap_or_default()
     }));
+
+    if let Some(addr) = cfg.metrics_listen {
+        let weak = Arc::downgrade(&core);
+        let produce: crate::metrics::StatusFn = Arc::new(move || weak.upgrade().map(|c| c.status_json()).unwrap_or_default());
+        let bound = crate::metrics::start(runtime.handle(), addr, produce)?;
+        tracing::info!(%bound, "serving Prometheus metrics");
+    }
 
     // Signals unmount; the session loop below then returns.
     let mountpoint = cfg.mountpoint.clone();

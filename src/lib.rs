@@ -20,6 +20,7 @@ pub mod hlc;
 pub mod lock;
 pub mod logging;
 pub mod merge;
+pub mod metrics;
 pub mod moves;
 pub mod nats;
 pub mod op;

@@ -66,6 +66,9 @@ pub struct Status {
     /// The daemon's log.
     #[serde(default)]
     pub log: LogStatus,
+    /// `flock`/`fcntl` locks this mount holds: files, and owners holding them.
+    #[serde(default)]
+    pub locks_held: (usize, usize),
 }
 
 /// The event feed.
@@ -230,6 +233,12 @@ pub struct TierStatus {
     pub commits: u64,
     /// Staged writes refused or failed.
     pub refused: u64,
+    /// Seconds spent in commits (refused ones included).
+    #[serde(default)]
+    pub commit_seconds: f64,
+    /// Bytes committed.
+    #[serde(default)]
+    pub bytes: u64,
 }
 
 impl Status {

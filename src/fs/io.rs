@@ -449,8 +449,15 @@ impl Core {
             // The handle's target, not the node's current name: a file another node removed
             // meanwhile is appended to again, as the path it was opened at.
             for (id, data) in segments {
+                let (started, len) = (std::time::Instant::now(), data.len());
                 let result = this.tier(&target).append(&target, id, data, durable).into_future().await;
                 this.count(target.policy.tier, result.is_ok());
+                if let Some(c) = this.counters.get(&target.policy.tier) {
+                    c.commit_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    if result.is_ok() {
+                        c.bytes.fetch_add(len, Ordering::Relaxed);
+                    }
+                }
                 match result {
                     Ok(_) => appender.done(id),
                     Err(e) => {
@@ -951,7 +958,17 @@ impl Core {
                     if let Ok(Placement::Named(path) | Placement::Taken(path)) = &placement {
                         let target = this.target(path.clone());
                         if super::validates(&target) {
-                            this.validate(&target, &stage.file())?;
+                            if let Err(e) = this.validate(&target, &stage.file()) {
+                                // Refused for good: the stage goes back to the stored content
+                                // now, not at the release that follows (a reader that opens
+                                // in between read the empty stage: `cp /dev/null` on the
+                                // policy file, then `cat`, read nothing).
+                                if let Some(frozen) = stage.freeze(true) {
+                                    let keeps_content = this.tier(&target).keeps_content();
+                                    this.fall_back(ino, &stage, frozen, keeps_content).await;
+                                }
+                                return Err(e);
+                            }
                         }
                     }
                 }
@@ -975,8 +992,16 @@ impl Core {
                 }
                 Ok(Placement::Named(path) | Placement::Taken(path)) => this.target(path),
             };
+            let started = std::time::Instant::now();
             let result = this.commit_frozen(ino, &target, &stage, &frozen, durable).await;
             this.count(target.policy.tier, result.is_ok());
+            if let Some(c) = this.counters.get(&target.policy.tier) {
+                c.commit_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                if result.is_ok() {
+                    let len = frozen.file.metadata().map(|m| m.len()).unwrap_or(0);
+                    c.bytes.fetch_add(len, Ordering::Relaxed);
+                }
+            }
             match &result {
                 Ok(_) => this.clear_refusal(&target),
                 Err(e) => this.note_refusal(&target, e),

@@ -251,6 +251,10 @@ pub struct Counters {
     pub commits: AtomicU64,
     /// Staged commits that were refused or failed.
     pub refused: AtomicU64,
+    /// Time spent in commits, refused ones included, in microseconds.
+    pub commit_micros: AtomicU64,
+    /// Bytes of the commits that succeeded.
+    pub bytes: AtomicU64,
 }
 
 /// Space usage of the tree's filesystem.
@@ -411,6 +415,11 @@ impl Core {
     /// Sets the producer of the root's `user.syncfs.status` attribute.
     pub fn set_status(&self, status: Box<dyn Fn() -> Vec<u8> + Send + Sync>) {
         let _ = self.status.set(status);
+    }
+
+    /// The status document (JSON), once the daemon set its producer.
+    pub fn status_json(&self) -> Vec<u8> {
+        self.status.get().map(|f| f()).unwrap_or_default()
     }
 
     /// Starts reporting changes to `events`.

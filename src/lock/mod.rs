@@ -109,6 +109,12 @@ async fn timed<T, E: std::fmt::Display>(what: &str, f: impl std::future::Future<
 }
 
 impl Locks {
+    /// Files this mount holds locks on, and the owners holding them (for metrics).
+    pub fn held(&self) -> (usize, usize) {
+        let mine = self.mine.lock();
+        (mine.len(), mine.values().map(HashSet::len).sum())
+    }
+
     /// Locks kept in this mount only (no NATS).
     pub fn local(node: &str) -> Locks {
         Locks {
