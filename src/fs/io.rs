@@ -958,17 +958,7 @@ impl Core {
                     if let Ok(Placement::Named(path) | Placement::Taken(path)) = &placement {
                         let target = this.target(path.clone());
                         if super::validates(&target) {
-                            if let Err(e) = this.validate(&target, &stage.file()) {
-                                // Refused for good: the stage goes back to the stored content
-                                // now, not at the release that follows (a reader that opens
-                                // in between read the empty stage: `cp /dev/null` on the
-                                // policy file, then `cat`, read nothing).
-                                if let Some(frozen) = stage.freeze(true) {
-                                    let keeps_content = this.tier(&target).keeps_content();
-                                    this.fall_back(ino, &stage, frozen, keeps_content).await;
-                                }
-                                return Err(e);
-                            }
+                            this.validate(&target, &stage.file())?;
                         }
                     }
                 }
