@@ -193,15 +193,24 @@ fn python_open_read_close_and_unmount_write_no_warning() {
     m.sh_ok(
         "python3 - <<'EOF'\nfor _ in range(50):\n    for p in ('durable/x.yml', 'notes.txt', '.syncfs/events'):\n        with open(p) as f: f.read()\n    with open('notes.txt', 'rb') as f: f.read()\nEOF",
     );
+    let warnings = |from: usize| -> (usize, Vec<String>) {
+        let text = std::fs::read_to_string(&log).unwrap();
+        let lines = text[from..].lines().filter(|l| l.contains(" WARN ") || l.contains(" ERROR ")).map(str::to_string).collect();
+        (text.len(), lines)
+    };
+    let (after_python, lines) = warnings(before);
+    assert!(lines.is_empty(), "Python's open/read/close logged:\n{}", lines.join("\n"));
     // A retrying program cannot flood the log: 500 refused writes of a read-only file.
     m.sh("for i in $(seq 500); do echo x 2>/dev/null > .syncfs/status; mv notes.txt .syncfs/history/n 2>/dev/null; done; true");
+    let (after_retries, lines) = warnings(after_python);
+    assert!(lines.len() <= 2, "a retrying program wrote:\n{}", lines.join("\n"));
     let mnt = m.mnt.clone();
     m.umount();
     assert!(!crate::harness::is_mounted(&mnt));
+    let (_, lines) = warnings(after_retries);
+    assert!(lines.is_empty(), "the unmount logged:\n{}", lines.join("\n"));
     let text = std::fs::read_to_string(&log).unwrap();
     let after = &text[before..];
-    let warnings: Vec<&str> = after.lines().filter(|l| l.contains(" WARN ") || l.contains(" ERROR ")).collect();
-    assert!(warnings.len() <= 2, "warnings written by ordinary programs and an unmount:\n{}", warnings.join("\n"));
     assert!(!after.contains("Failed to umount"), "{after}");
     assert!(!after.contains("Not Implemented"), "{after}");
 }
